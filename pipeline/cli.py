@@ -1,0 +1,165 @@
+"""Command line: argument parsing only; each command calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from pipeline import __version__
+from pipeline.errors import MedxferError
+
+EPILOG = "Exit codes: 0 success, 1 data error, 2 bad usage or config. Add --debug for a traceback."
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from pipeline.run import demo
+
+    demo(a.out, n=a.n, seed=a.seed)
+    return 0
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from pipeline.synthetic import make_cohort
+
+    c = make_cohort(a.out, kind=a.kind, n=a.n, seed=a.seed, positive_fraction=a.positive_fraction, progress=True)
+    print(f"wrote {c.n_files} files for {c.n_patients} patients ({c.n_positive} positive) to {c.archive_dir}; "
+          f"labels in {c.labels_csv}")
+    return 0
+
+
+def _cmd_ingest(a: argparse.Namespace) -> int:
+    from pipeline.ingest import ingest
+
+    r = ingest(a.source, a.labels, a.out, key_file=a.key_file, val=a.val, test=a.test, seed=a.seed,
+               strict=a.strict, workers=a.workers, progress=True)
+    print(f"{r.n_units} image units, {r.n_quarantined} files quarantined → {r.manifest_dir}")
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.run import train
+
+    print(train(load_config(a.config)))
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.run import evaluate
+
+    metrics = evaluate(load_config(a.config), a.run)
+    for key in ("test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "test_ece", "temperature"):
+        if key in metrics:
+            print(f"{key}: {metrics[key]:.4f}")
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(write_report(a.run, a.out, tracking_uri=a.tracking_uri))
+    return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.run import run
+
+    out = run(load_config(a.config), report=a.report)
+    print(f"run {out['run_id']}: report {out['report']}")
+    return 0
+
+
+def _cmd_score(a: argparse.Namespace) -> int:
+    from pipeline.score import score
+
+    out = score(a.model, a.source, a.out, engine=a.engine, tracking_uri=a.tracking_uri, labels=a.labels)
+    print(f"scored {out['n_ok']} units, {out['n_failed']} failures → {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medxfer", description="Medical-imaging transfer learning pipeline.",
+                                epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"medxfer {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("demo", _cmd_demo, "generate a synthetic chest X-ray cohort and run the whole pipeline on it")
+    sp.add_argument("--out", default="medxfer-demo", help="output folder (default ./medxfer-demo)")
+    sp.add_argument("--n", type=int, default=240, help="patients in the cohort (default 240)")
+    sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("synth", _cmd_synth, "write a synthetic DICOM cohort with a known answer, plus labels.csv")
+    sp.add_argument("--out", required=True, help="output folder (archive/ and labels.csv go here)")
+    sp.add_argument("--kind", default="cxr2d", help="cxr2d (chest X-ray, 2D) or ct3d (chest CT, 3D)")
+    sp.add_argument("--n", type=int, default=200, help="number of patients")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--positive-fraction", type=float, default=0.3)
+
+    sp = add("ingest", _cmd_ingest, "turn a DICOM/NIfTI archive into a pseudonymised manifest")
+    sp.add_argument("source", help="archive folder")
+    sp.add_argument("--labels", help="labels.csv: patient_id,label[,sex,age,site,...]")
+    sp.add_argument("--out", required=True, help="manifest folder, e.g. data_manifests/NAME")
+    sp.add_argument("--key-file", help="pseudonym key (default $MEDXFER_KEY_FILE or ~/.medxfer/pseudonym.key)")
+    sp.add_argument("--val", type=float, default=0.15)
+    sp.add_argument("--test", type=float, default=0.15)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--strict", action="store_true", help="fail if any file is quarantined")
+    sp.add_argument("--workers", type=int, default=1)
+
+    sp = add("train", _cmd_train, "prepare + adapt + fine-tune; prints the MLflow run id")
+    sp.add_argument("config", help="experiment YAML (see configs/)")
+
+    sp = add("evaluate", _cmd_evaluate, "calibrate, measure on the test split, log and register the model")
+    sp.add_argument("config")
+    sp.add_argument("--run", required=True, help="MLflow run id printed by `train`")
+
+    sp = add("report", _cmd_report, "write the HTML audit report of a run")
+    sp.add_argument("--run", required=True, help="MLflow run id")
+    sp.add_argument("--out", required=True, help="report file, e.g. reports/NAME.html")
+    sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+    sp = add("run", _cmd_run, "ingest, train, evaluate and report for one config")
+    sp.add_argument("config")
+    sp.add_argument("--report", help="report file (default reports/<experiment>.html)")
+
+    sp = add("score", _cmd_score, "score an archive with a registered model")
+    sp.add_argument("source", help="archive folder")
+    sp.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME/latest, runs:/ID/model or a path")
+    sp.add_argument("--out", required=True, help="predictions.parquet")
+    sp.add_argument("--engine", choices=["local", "ray"], default="local")
+    sp.add_argument("--labels", help="labels.csv for external validation")
+    sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `medxfer` and `python -m pipeline`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except MedxferError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"medxfer {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"medxfer {args.command}: interrupted; files already written are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Prepare stage: MONAI transform chains per preset and dims, and a cache of prepared tensors.
+
+Every image unit on disk is a RAS NIfTI written by ingest (axes X, Y, Z). A prepared tensor is
+float32 shaped (C, H, W) for ``2d`` and ``2.5d`` and (C, D, H, W) for ``3d``, with D running
+inferior→superior, H anterior→posterior... in array terms: the RAS volume (X, Y, Z) is
+transposed to (Z, Y, X), so H follows Y and W follows X. Intensities end in [0, 1] after the
+preset's window and are then normalised with the backbone's own pretraining mean/std.
+
+Presets (each a documented MONAI chain):
+
+* ``xray``: percentile clip 0.5–99.5 % → [0, 1]. MONOCHROME1 was inverted at ingest.
+* ``ct-lung``: HU window −1000..400 → [0, 1] (clipped).
+* ``ct-soft-tissue``: HU window −160..240 (W 400, L 40) → [0, 1].
+* ``ct-bone``: HU window −450..1050 (W 1500, L 300) → [0, 1].
+* ``mr``: percentile clip 0.5–99.5 % on the volume, z-score on the foreground (non-zero voxels),
+  then −3..3 σ → [0, 1].
+
+``2.5d`` turns a volume into ``slices`` channels: the volume is resized to (slices·m, H, W) and
+each of the ``slices`` contiguous slabs of m slices is reduced to one channel (maximum-intensity
+projection for CT presets, mean otherwise). A 2D image given to a 2.5D model is replicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirst,
+    NormalizeIntensity,
+    Orientation,
+    RandAffine,
+    RandFlip,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    Resize,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    Spacing,
+)
+from monai.data import MetaTensor, NibabelReader
+from torch.utils.data import Dataset
+
+from pipeline.errors import ConfigError, DataError, did_you_mean
+
+# HU windows (a_min, a_max) = (level - width/2, level + width/2).
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "ct-lung": (-1000.0, 400.0),
+    "ct-soft-tissue": (-160.0, 240.0),
+    "ct-bone": (-450.0, 1050.0),
+}
+PRESETS = ("xray", "mr", *CT_WINDOWS)
+# Modalities each preset is meant for; a mismatch is a warning, not an error.
+PRESET_MODALITIES = {"xray": {"DX", "CR", "RG", "MG", "XA"}, "mr": {"MR"}}
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """Everything needed to reproduce preprocessing; saved with the model for scoring."""
+
+    dims: str
+    preset: str
+    size: tuple[int, ...]
+    spacing: tuple[float, ...] | None = None
+    slices: int = 3
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    interpolation: str = "bicubic"
+    version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hash(self) -> str:
+        """sha256 (16 hex) of the spec: the prepare half of the cache key."""
+        blob = json.dumps(self.as_dict(), sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def channels(self) -> int:
+        return self.slices if self.dims == "2.5d" else 1
+
+
+def make_spec(dims: str, preset: str, size: list[int], preprocessing: dict[str, Any], *,
+              spacing: list[float] | None = None, slices: int = 3) -> PrepareSpec:
+    """Build a PrepareSpec; normalisation statistics come from the backbone's metadata.
+
+    A 1-channel input is folded into the first conv by summing its RGB kernels, so the gray
+    image is normalised with the mean of the per-channel statistics.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"prepare.preset: unknown preset '{preset}'{did_you_mean(preset, PRESETS)}; "
+                          f"choose one of {list(PRESETS)}")
+    if dims not in ("2d", "2.5d", "3d"):
+        raise ConfigError(f"prepare.dims: '{dims}' is not one of 2d, 2.5d, 3d{did_you_mean(dims, ['2d', '2.5d', '3d'])}")
+    mean = float(np.mean(preprocessing.get("mean", (0.5,))))
+    std = float(np.mean(preprocessing.get("std", (0.5,))))
+    return PrepareSpec(dims=dims, preset=preset, size=tuple(int(s) for s in size),
+                       spacing=tuple(float(s) for s in spacing) if spacing else None, slices=int(slices),
+                       mean=(mean,), std=(std,), interpolation=str(preprocessing.get("interpolation", "bicubic")))
+
+
+def spec_from_dict(d: dict[str, Any]) -> PrepareSpec:
+    """Inverse of PrepareSpec.as_dict (lists back to tuples)."""
+    d = dict(d)
+    for key in ("size", "spacing", "mean", "std"):
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
+    return PrepareSpec(**d)
+
+
+def _intensity(preset: str) -> list:
+    if preset in CT_WINDOWS:
+        a_min, a_max = CT_WINDOWS[preset]
+        return [ScaleIntensityRange(a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)]
+    if preset == "mr":
+        return [ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=None, b_max=None, clip=True),
+                NormalizeIntensity(nonzero=True),
+                ScaleIntensityRange(a_min=-3.0, a_max=3.0, b_min=0.0, b_max=1.0, clip=True)]
+    return [ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)]
+
+
+def build_transform(spec: PrepareSpec) -> Compose:
+    """Deterministic chain: NIfTI path → normalised tensor of the spec's shape."""
+    steps: list = [_LoadNifti(), EnsureChannelFirst(channel_dim="no_channel"),
+                   Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    if spec.spacing:
+        steps.append(Spacing(pixdim=spec.spacing, mode="bilinear"))
+    steps += _intensity(spec.preset)
+    steps.append(_ToNetworkLayout(spec))
+    steps.append(NormalizeIntensity(subtrahend=spec.mean[0], divisor=spec.std[0]))
+    return Compose(steps)
+
+
+class _LoadNifti:
+    """MONAI's NibabelReader alone (LoadImage would probe every reader, GPU codecs included)."""
+
+    def __init__(self) -> None:
+        self.reader = NibabelReader()
+
+    def __call__(self, path: str) -> MetaTensor:
+        data, meta = self.reader.get_data(self.reader.read(path))
+        return MetaTensor(np.ascontiguousarray(data), meta=meta)
+
+
+class _ToNetworkLayout:
+    """(C, X, Y, Z) RAS → (C, H, W) or (C, D, H, W) resized to the spec (see module docstring)."""
+
+    def __init__(self, spec: PrepareSpec):
+        self.spec = spec
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(img), dtype=torch.float32).permute(0, 3, 2, 1)  # C, Z, Y, X
+        spec = self.spec
+        if spec.dims == "2d":
+            if x.shape[1] != 1:
+                raise DataError(f"a 2D model needs single-slice images, got a volume of {x.shape[1]} slices; "
+                                "use prepare.dims: 3d or 2.5d for volumes")
+            mode = "bicubic" if spec.interpolation == "bicubic" else "bilinear"
+            return _plain(Resize(spec.size, mode=mode)(x[:, 0])).clamp(0.0, 1.0)
+        if spec.dims == "3d":
+            return _plain(Resize(spec.size, mode="trilinear")(x))
+        return self._slab_channels(x)
+
+    def _slab_channels(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        h, w = spec.size[-2:]
+        if x.shape[1] == 1:  # a single image: replicate it into every channel
+            return _plain(Resize((h, w), mode="bilinear")(x[:, 0])).repeat(spec.slices, 1, 1)
+        per_slab = max(1, x.shape[1] // spec.slices)
+        vol = _plain(Resize((spec.slices * per_slab, h, w), mode="trilinear")(x))[0]
+        slabs = vol.reshape(spec.slices, per_slab, h, w)
+        return slabs.amax(dim=1) if spec.preset in CT_WINDOWS else slabs.mean(dim=1)
+
+
+def _plain(t: Any) -> torch.Tensor:
+    """A plain float32 tensor (MONAI returns MetaTensors that carry metadata we do not need)."""
+    t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+    return t.to(torch.float32)
+
+
+def build_augment(dims: str, *, flip: bool, rotate_deg: float, scale: float, intensity: float,
+                  seed: int) -> Compose:
+    """Training-time augmentation on prepared tensors (never used in evaluation); seeded."""
+    ndim = 3 if dims == "3d" else 2
+    rot = float(np.deg2rad(rotate_deg))
+    steps: list = [RandAffine(prob=0.8, rotate_range=(rot,) * (1 if ndim == 2 else 3),
+                              scale_range=(scale,) * ndim, translate_range=(4,) * ndim,
+                              padding_mode="border")]
+    if flip:
+        steps.append(RandFlip(prob=0.5, spatial_axis=ndim - 1))
+    if intensity > 0:
+        steps += [RandScaleIntensity(factors=intensity, prob=0.5), RandShiftIntensity(offsets=intensity, prob=0.5)]
+    chain = Compose(steps)
+    chain.set_random_state(seed=seed)
+    return chain
+
+
+def cache_path(cache_dir: str | Path, spec: PrepareSpec, content_sha256: str) -> Path:
+    """Cache key = (image content sha256, prepare-spec hash)."""
+    return Path(cache_dir) / spec.hash() / f"{content_sha256}.pt"
+
+
+def prepare_image(path: str | Path, spec: PrepareSpec, transform: Compose | None = None) -> torch.Tensor:
+    """Prepare one image unit; errors name the file."""
+    try:
+        out = (transform or build_transform(spec))(str(path))
+    except Exception as exc:  # MONAI's Compose wraps every error in a RuntimeError
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise DataError(f"{path}: {cause}") from None
+        root = exc.__cause__ or exc
+        raise DataError(f"{path}: could not be prepared ({type(root).__name__}: {root}); "
+                        "re-run ingest to rewrite the image") from None
+    return _plain(out).contiguous()
+
+
+def _atomic_save(tensor: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(tensor, tmp)
+    os.replace(tmp, path)
+
+
+def load_or_prepare(path: str | Path, sha: str, spec: PrepareSpec, cache_dir: str | Path | None,
+                    transform: Compose | None = None) -> tuple[torch.Tensor, bool]:
+    """Return (tensor, was_cached). Writes the cache entry atomically on a miss."""
+    if cache_dir:
+        cached = cache_path(cache_dir, spec, sha)
+        if cached.exists():
+            return torch.load(cached, weights_only=True), True
+    tensor = prepare_image(path, spec, transform)
+    if cache_dir:
+        _atomic_save(tensor, cache_path(cache_dir, spec, sha))
+    return tensor, False
+
+
+class PreparedDataset(Dataset):
+    """Prepared tensors for manifest rows (cached), optionally augmented; yields (x, y, index)."""
+
+    def __init__(self, paths: list[str], shas: list[str], labels: list[int], spec: PrepareSpec,
+                 cache_dir: str | Path | None = None, augment: Compose | None = None):
+        self.paths, self.shas, self.labels = list(paths), list(shas), list(labels)
+        self.spec, self.cache_dir, self.augment = spec, cache_dir, augment
+        self._transform: Compose | None = None
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        if self._transform is None:
+            self._transform = build_transform(self.spec)
+        x, hit = load_or_prepare(self.paths[i], self.shas[i], self.spec, self.cache_dir, self._transform)
+        self.hits += int(hit)
+        if self.augment is not None:
+            x = _plain(self.augment(x))
+        return x, int(self.labels[i]), i

@@ -1,0 +1,89 @@
+"""The records that flow between stages: one data contract, written once.
+
+Axis and unit conventions used everywhere in medxfer:
+
+* Volumes on disk (``images/<image_id>.nii.gz``) are RAS-oriented NIfTI; the array axes are
+  (X, Y, Z) as nibabel returns them, the affine maps voxel indices to RAS millimetres.
+  CT values are Hounsfield units (rescale slope/intercept applied); MONOCHROME1 images are
+  inverted at ingest so that larger always means brighter. 2D images are stored as volumes
+  with Z = 1.
+* Prepared tensors (the output of ``prepare``) are float32 torch tensors shaped
+  (C, H, W) for 2D and 2.5D (C = number of slices as channels), and (C, D, H, W) for 3D,
+  where D runs inferior→superior. Intensities are already normalised with the backbone's
+  pretraining mean/std.
+* Spacing is always millimetres, in the array's axis order.
+* Identifiers (image_id, subject_id, study_id, series_id) are keyed-hash pseudonyms: no
+  patient name, ID, date of birth, accession number or UID ever appears in a record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Columns of data_manifests/<name>/manifest.parquet, in order (see data_manifests/README.md).
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "subject_id",
+    "study_id",
+    "series_id",
+    "modality",
+    "source_format",
+    "image_path",
+    "shape",
+    "spacing_mm",
+    "n_files",
+    "content_sha256",
+    "label",
+    "split",
+    "manufacturer",
+    "warnings",
+)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A rejected input file: `path` is relative to the archive root; `reason` is a short code."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class IngestResult:
+    """What `ingest` returns: where the manifest is and what happened."""
+
+    manifest_dir: str
+    n_units: int
+    n_quarantined: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdaptationSummary:
+    """How a pretrained backbone was adapted; logged to MLflow and shown in the report."""
+
+    backbone: str
+    weights: str  # "imagenet", "none" or a path
+    weights_file: str | None  # resolved file actually loaded (None when from scratch)
+    weights_sha256: str | None
+    dims: str  # "2d" | "2.5d" | "3d"
+    in_channels: int
+    channel_method: str  # e.g. "sum-fold RGB->1", "repeat-rescale RGB->5", "none"
+    inflation: str | None  # "i3d-mean" | "i3d-center" | None for 2D
+    num_classes: int
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    total_params: int = 0
+    trainable_params: int = 0
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    input_size: tuple[int, ...] = (224, 224)
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)

@@ -1,0 +1,181 @@
+"""MLflow tracking: the only module that imports mlflow. Store checks, runs, metrics, models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from pipeline.errors import TrackingError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+class CalibratedNet(nn.Module):
+    """The packaged model: a network plus its fitted temperature; outputs calibrated probabilities.
+
+    `forward(x)` takes prepared tensors (B, C, H, W) or (B, C, D, H, W) and returns softmax
+    probabilities (B, num_classes) of logits / temperature. `net` is the uncalibrated network.
+    """
+
+    def __init__(self, net: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x) / self.temperature, dim=1)
+
+
+def resolve_uri(uri: str | None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def connect(uri: str | None) -> str:
+    """Point MLflow at `uri` and fail fast (before any training) when it cannot be used."""
+    uri = resolve_uri(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host, port = parsed.hostname or "localhost", parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+        except OSError as exc:
+            raise TrackingError(
+                f"MLflow server {uri} is unreachable ({exc.strerror or exc}); start it "
+                f"(`mlflow server --host {host} --port {port}`) or set tracking.uri to a sqlite file, "
+                "e.g. sqlite:///mlflow.db") from None
+    elif parsed.scheme == "sqlite":
+        db = Path(uri.replace("sqlite:///", "", 1))
+        if not db.parent.exists():
+            raise TrackingError(f"tracking.uri {uri}: folder {db.parent} does not exist; create it or change the URI")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@contextmanager
+def start_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[str]:
+    """Start (or resume, with `run_id`) a run in `experiment`; yields the run id."""
+    if run_id is None:
+        _ensure_experiment(experiment)
+    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags) as run:
+        yield run.info.run_id
+
+
+def _ensure_experiment(name: str) -> None:
+    """Create the experiment on first use; with a sqlite store, artifacts go next to the database."""
+    uri = mlflow.get_tracking_uri()
+    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
+        root = Path(uri.replace("sqlite:///", "", 1)).resolve().parent / "mlartifacts"
+        mlflow.create_experiment(name, artifact_location=root.as_uri())
+    mlflow.set_experiment(name)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+    mlflow.log_metrics(clean, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    mlflow.log_dict(obj, artifact_file)
+
+
+def log_figure(fig: Any, artifact_file: str) -> None:
+    mlflow.log_figure(fig, artifact_file)
+
+
+def log_model(model: CalibratedNet, input_example: np.ndarray, metadata: dict[str, Any],
+              register_as: str | None = None) -> dict[str, Any]:
+    """Log the packaged model (mlflow.pytorch, signature from the example) and register it.
+
+    Returns {"model_uri", "registered_name", "version"}.
+    """
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(torch.as_tensor(input_example)).numpy()
+    signature = mlflow.models.infer_signature(input_example, output)
+    info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
+                                    metadata={"medxfer": metadata}, pip_requirements=_requirements())
+    out: dict[str, Any] = {"model_uri": info.model_uri, "registered_name": None, "version": None}
+    if register_as:
+        run_uri = f"runs:/{mlflow.active_run().info.run_id}/model"
+        version = mlflow.register_model(run_uri, register_as)
+        out.update(registered_name=register_as, version=version.version)
+    return out
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements for the logged model (avoids MLflow's slow dependency inference)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "timm", "mlflow", "numpy")]
+
+
+def load_model(model_uri: str) -> tuple[CalibratedNet, dict[str, Any]]:
+    """Load a packaged model and its medxfer metadata (prepare spec, classes, operating point)."""
+    try:
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as exc:  # MlflowException, OSError: name the URI and the fix
+        raise TrackingError(f"cannot load model {model_uri}: {exc}. Use models:/NAME/VERSION, "
+                            "models:/NAME/latest, runs:/RUN_ID/model or a local model folder") from None
+    return model, (info.metadata or {}).get("medxfer", {})
+
+
+def get_run(run_id: str) -> dict[str, Any]:
+    """Params, metrics, tags and the metric histories of a run (for the report)."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        raise TrackingError(f"run {run_id} not found in {mlflow.get_tracking_uri()}: {exc}") from None
+    history = {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+               for key in run.data.metrics}
+    return {"run_id": run_id, "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+            "tags": dict(run.data.tags), "history": history, "experiment_id": run.info.experiment_id,
+            "artifact_uri": run.info.artifact_uri, "status": run.info.status}
+
+
+def download_artifacts(run_id: str, path: str, dst: str | Path | None = None) -> Path:
+    """Download one artifact file or folder of a run; returns the local path."""
+    dst = str(dst or tempfile.mkdtemp(prefix="medxfer-"))
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
+
+
+def git_commit() -> str:
+    """The current git commit of the working directory, or 'unknown'."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
