@@ -247,7 +247,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     for name in ("source", "labels", "manifest", "key_file"):
         value = getattr(cfg.data, name)
         if value and not Path(value).is_absolute() and "://" not in value:
-            setattr(cfg.data, name, str(base / value))
+            setattr(cfg.data, name, str((base / value).resolve()))
     return cfg
 
 

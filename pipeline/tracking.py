@@ -179,3 +179,27 @@ def git_commit() -> str:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def search_runs(experiment_id: str, filter_string: str = "", max_results: int = 50) -> list[dict[str, Any]]:
+    """Runs of one experiment matching an MLflow filter, newest first (for the report's baseline).
+
+    Each run is a dict like `get_run` returns, without `history`; a bad filter or store raises
+    TrackingError naming the filter.
+    """
+    try:
+        runs = MlflowClient().search_runs([experiment_id], filter_string=filter_string, max_results=max_results,
+                                          order_by=["attributes.start_time DESC"])
+    except Exception as exc:
+        raise TrackingError(f"cannot search experiment {experiment_id} with filter {filter_string!r}: {exc}") from None
+    return [{"run_id": r.info.run_id, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
+             "tags": dict(r.data.tags), "experiment_id": r.info.experiment_id, "status": r.info.status,
+             "start_time": r.info.start_time, "artifact_uri": r.info.artifact_uri} for r in runs]
+
+
+def experiment_name(experiment_id: str) -> str | None:
+    """The name of an experiment, or None when it cannot be read."""
+    try:
+        return MlflowClient().get_experiment(experiment_id).name
+    except Exception:  # a report must not fail for want of a label
+        return None

@@ -83,8 +83,11 @@ def _autocast(device: torch.device) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-def _cosine_with_warmup(total_steps: int, warmup: int) -> Callable[[int], float]:
+def _cosine_with_warmup(total_steps: int, warmup: int, offset: int = 0) -> Callable[[int], float]:
+    """LR factor per optimizer step: linear warm-up, then cosine to 0; `offset` resumes mid-schedule."""
+
     def factor(step: int) -> float:
+        step += offset
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
@@ -116,7 +119,7 @@ def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, bn, clip=
         nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         optimizer.step()
         scheduler.step()
-        total += float(loss) * len(y)
+        total += loss.item() * len(y)
         seen += len(y)
     return total / max(1, seen), seen
 
@@ -152,9 +155,7 @@ def finetune(model: nn.Module, groups: list[tuple[str, list[str]]], train_ds: Da
             optimizer = torch.optim.AdamW(param_groups(model, groups, trainable, cfg.lr, cfg.layer_lr_decay,
                                                        cfg.head_lr, cfg.weight_decay))
             scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, _cosine_with_warmup(steps, max(1, len(loader) // 2)), last_epoch=-1)
-            for _ in range(epoch * len(loader)):
-                scheduler.step()
+                optimizer, _cosine_with_warmup(steps, max(1, len(loader) // 2), offset=epoch * len(loader)))
             phase_of = phase
         t0 = time.time()
         train_loss, seen = _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, cfg.bn)

@@ -1,0 +1,75 @@
+"""Config loading and validation: unknown keys and bad values are errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import Config, from_dict, load_config
+from pipeline.errors import ConfigError
+
+
+def test_defaults_validate_and_flatten():
+    cfg = from_dict({"experiment": "x"})
+    flat = cfg.flat()
+    assert flat["finetune.strategy"] == "linear-probe"
+    assert flat["prepare.size"] == "[224, 224]"
+    assert all(len(v) <= 500 for v in flat.values())
+    assert cfg.hash() == from_dict({"experiment": "x"}).hash() != from_dict({"experiment": "y"}).hash()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"experimnt": "x"}, r"experimnt: unknown key \(did you mean 'experiment'\?\)"),
+        ({"prepare": {"presett": "xray"}}, r"prepare.presett: unknown key \(did you mean 'preset'\?\)"),
+        ({"prepare": {"preset": "ct-lungs"}}, r"prepare.preset: 'ct-lungs' is not one of .*did you mean 'ct-lung'"),
+        ({"finetune": {"strategy": "gradul"}}, r"did you mean 'gradual'"),
+        ({"finetune": {"lr": "fast"}}, r"finetune.lr: expected a number, got 'fast'"),
+        ({"finetune": {"epochs": 0}}, r"finetune.epochs: must be ≥ 1"),
+        ({"data": {"split": {"val": 0.6, "test": 0.5}}}, r"data.split: .*val \+ test < 1"),
+        ({"prepare": {"dims": "3d", "size": [224, 224]}}, r"prepare.size: 3d needs \[D, H, W\]"),
+    ],
+)
+def test_bad_config_names_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        from_dict({"experimnt": "x", "model": {"backbon": "r"}, "finetune": {"lr": "a"}})
+    text = str(info.value)
+    assert "experimnt" in text and "model.backbon" in text and "finetune.lr" in text
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path: Path):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "e.yaml"
+    path.write_text("experiment: e\ndata: {source: ../archive, labels: ../labels.csv, manifest: m}\n")
+    cfg = load_config(path)
+    assert cfg.data.source == str((tmp_path / "archive").resolve())
+    assert cfg.data.manifest == str((tmp_path / "cfg" / "m").resolve())
+
+
+def test_cli_exits_2_with_message_on_bad_config(tmp_path: Path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("experiment: e\nfinetune: {stratgy: gradual}\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.stratgy: unknown key (did you mean 'strategy'?)" in err
+    assert "Traceback" not in err
+
+
+def test_cli_exits_2_on_missing_config_and_invalid_yaml(tmp_path: Path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("experiment: [unclosed\n")
+    assert main(["train", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_config_is_a_dataclass_with_sections():
+    cfg = Config()
+    assert set(cfg.as_dict()) == {"experiment", "data", "prepare", "model", "finetune", "evaluate", "tracking"}
