@@ -121,11 +121,11 @@ def log_model(model: CalibratedNet, input_example: np.ndarray, metadata: dict[st
         output = model(torch.as_tensor(input_example)).numpy()
     signature = mlflow.models.infer_signature(input_example, output)
     info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
-                                    metadata={"medxfer": metadata}, pip_requirements=_requirements())
+                                    metadata={"medxfer": metadata}, pip_requirements=_requirements(),
+                                    serialization_format="pickle")  # pt2 export would fix the batch size
     out: dict[str, Any] = {"model_uri": info.model_uri, "registered_name": None, "version": None}
     if register_as:
-        run_uri = f"runs:/{mlflow.active_run().info.run_id}/model"
-        version = mlflow.register_model(run_uri, register_as)
+        version = mlflow.register_model(info.model_uri, register_as)
         out.update(registered_name=register_as, version=version.version)
     return out
 
