@@ -1,0 +1,252 @@
+"""Post-hoc calibration of classifier logits: temperature, vector and isotonic scaling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+from sklearn.isotonic import IsotonicRegression
+
+from pipeline.errors import ConfigError, DataError, did_you_mean
+
+_MAX_LOG_T = np.log(1e3)  # T is searched in [1e-3, 1e3]; anything outside is a broken model
+
+
+def softmax(logits: Any) -> np.ndarray:
+    """Row-wise softmax, numerically stable, in float64.
+
+    Args:
+        logits: array-like (N, C) of raw model outputs.
+
+    Returns:
+        (N, C) float64 probabilities whose rows sum to 1.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def check_logits(logits: Any, name: str = "logits") -> np.ndarray:
+    """Validate logits shaped (N, C) with N ≥ 1, C ≥ 2 and finite values; return float64.
+
+    Raises:
+        DataError: naming the argument, the actual shape/values and what is expected.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2 or z.shape[0] == 0:
+        raise DataError(
+            f"{name}: expected an array shaped (N, C) with N ≥ 1 and C ≥ 2 (binary = 2 logits), "
+            f"got shape {z.shape}. Pass the model's raw outputs, one row per image."
+        )
+    if not np.all(np.isfinite(z)):
+        raise DataError(f"{name}: {int((~np.isfinite(z)).sum())} non-finite values (NaN/inf); "
+                        "check the model outputs before calibrating.")
+    return z
+
+
+def check_labels(y: Any, n: int, n_classes: int, name: str = "y") -> np.ndarray:
+    """Validate integer class indices shaped (n,) with values in [0, n_classes); return int64.
+
+    Raises:
+        DataError: naming the argument, the actual shape/values and what is expected.
+    """
+    labels = np.asarray(y)
+    if labels.shape != (n,):
+        raise DataError(f"{name}: expected shape ({n},) to match the predictions, got {labels.shape}.")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_classes:
+        raise DataError(f"{name}: expected integer class indices in [0, {n_classes - 1}], got dtype "
+                        f"{labels.dtype} with values {np.unique(labels)[:10].tolist()}; "
+                        "map label names to indices first.")
+    return labels.astype(np.int64)
+
+
+def _check_xy(logits: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    z = check_logits(logits)
+    return z, check_labels(y, z.shape[0], z.shape[1])
+
+
+class Calibrator:
+    """Common interface: `fit(logits, y) -> self`, `transform(logits) -> probs (N, C)`.
+
+    `n_classes_` is set by `fit`; transform checks it so an unfitted or mismatched use fails loudly.
+    """
+
+    n_classes_: int | None = None
+
+    def fit(self, logits: Any, y: Any) -> Calibrator:
+        """Fit on validation logits (N, C) and labels (N,); returns self."""
+        raise NotImplementedError
+
+    def transform(self, logits: Any) -> np.ndarray:
+        """Return calibrated probabilities (N, C)."""
+        raise NotImplementedError
+
+    def _check_fitted(self, logits: Any) -> np.ndarray:
+        if self.n_classes_ is None:
+            raise ConfigError(f"{type(self).__name__} is not fitted: call fit(logits_val, y_val) "
+                              "before transform(logits).")
+        z = check_logits(logits)
+        if z.shape[1] != self.n_classes_:
+            raise DataError(f"logits: fitted on {self.n_classes_} classes, got {z.shape[1]} columns.")
+        return z
+
+    def fit_transform(self, logits: Any, y: Any) -> np.ndarray:
+        """Fit on (logits, y) and return the calibrated probabilities of the same logits."""
+        return self.fit(logits, y).transform(logits)
+
+
+class TemperatureScaler(Calibrator):
+    """Temperature scaling (Guo et al. 2017): probs = softmax(logits / T), one scalar T > 0.
+
+    T is fitted by minimising the validation NLL with L-BFGS over log T (so T stays positive).
+    Dividing by T never changes the arg-max, so accuracy is unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.temperature_: float = 1.0
+        self.nll_before_: float | None = None
+        self.nll_after_: float | None = None
+
+    @staticmethod
+    def _nll_and_grad(log_t: np.ndarray, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        t = float(np.exp(log_t[0]))
+        logp = _log_softmax(z / t)
+        nll = -float(logp[np.arange(len(y)), y].mean())
+        p = np.exp(logp)
+        # d nll / d log T = mean((z_y - E_p[z]) / T)
+        grad = float(((z[np.arange(len(y)), y] - (p * z).sum(axis=1)) / t).mean())
+        return nll, np.array([grad])
+
+    def fit(self, logits: Any, y: Any) -> TemperatureScaler:
+        """Fit T on validation logits (N, C) and labels (N,); returns self."""
+        z, labels = _check_xy(logits, y)
+        res = minimize(self._nll_and_grad, x0=np.zeros(1), args=(z, labels), jac=True,
+                       method="L-BFGS-B", bounds=[(-_MAX_LOG_T, _MAX_LOG_T)])
+        self.temperature_ = float(np.exp(res.x[0]))
+        self.nll_before_ = self._nll_and_grad(np.zeros(1), z, labels)[0]
+        self.nll_after_ = float(res.fun)
+        self.n_classes_ = z.shape[1]
+        return self
+
+    def transform(self, logits: Any) -> np.ndarray:
+        """Return calibrated probabilities softmax(logits / T), shape (N, C)."""
+        z = self._check_fitted(logits)
+        return softmax(z / self.temperature_)
+
+
+class VectorScaler(Calibrator):
+    """Vector scaling (Guo et al. 2017): probs = softmax(logits * w + b), per-class w and b.
+
+    Fitted by minimising validation NLL with L-BFGS plus a tiny L2 pull towards (w=1, b=0)
+    that keeps the fit finite on separable data. Unlike temperature scaling it can change
+    the arg-max, so accuracy may change.
+    """
+
+    def __init__(self, l2: float = 1e-4) -> None:
+        self.l2 = l2
+        self.scale_: np.ndarray | None = None
+        self.bias_: np.ndarray | None = None
+
+    def _loss(self, theta: np.ndarray, z: np.ndarray, onehot: np.ndarray) -> tuple[float, np.ndarray]:
+        c = z.shape[1]
+        w, b = theta[:c], theta[c:]
+        logp = _log_softmax(z * w + b)
+        resid = np.exp(logp) - onehot  # d nll / d logits, per sample
+        n = len(z)
+        penalty = self.l2 * (np.sum((w - 1.0) ** 2) + np.sum(b**2))
+        loss = -float((logp * onehot).sum()) / n + penalty
+        grad_w = (resid * z).sum(axis=0) / n + 2 * self.l2 * (w - 1.0)
+        grad_b = resid.sum(axis=0) / n + 2 * self.l2 * b
+        return loss, np.concatenate([grad_w, grad_b])
+
+    def fit(self, logits: Any, y: Any) -> VectorScaler:
+        """Fit per-class scale and bias on validation logits (N, C) and labels (N,); returns self."""
+        z, labels = _check_xy(logits, y)
+        c = z.shape[1]
+        onehot = np.eye(c)[labels]
+        x0 = np.concatenate([np.ones(c), np.zeros(c)])
+        res = minimize(self._loss, x0=x0, args=(z, onehot), jac=True, method="L-BFGS-B")
+        self.scale_, self.bias_ = res.x[:c].copy(), res.x[c:].copy()
+        self.n_classes_ = c
+        return self
+
+    def transform(self, logits: Any) -> np.ndarray:
+        """Return calibrated probabilities softmax(logits * scale_ + bias_), shape (N, C)."""
+        z = self._check_fitted(logits)
+        return softmax(z * self.scale_ + self.bias_)
+
+
+class IsotonicCalibrator(Calibrator):
+    """Isotonic regression on the softmax probabilities (scikit-learn `IsotonicRegression`).
+
+    Binary: one monotone map of P(class 1); P(class 0) = 1 − that. Multi-class: one-vs-rest maps
+    per class, then rows renormalised to sum to 1 (a row that maps to all zeros becomes uniform).
+    Isotonic maps are step functions: they may create ties and change accuracy/AUROC slightly.
+    """
+
+    def __init__(self) -> None:
+        self.regressors_: list[IsotonicRegression] = []
+
+    def fit(self, logits: Any, y: Any) -> IsotonicCalibrator:
+        """Fit on validation logits (N, C) and labels (N,); returns self."""
+        z, labels = _check_xy(logits, y)
+        p = softmax(z)
+        cols = [1] if z.shape[1] == 2 else range(z.shape[1])
+        self.regressors_ = [
+            IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(
+                p[:, c], (labels == c).astype(np.float64))
+            for c in cols
+        ]
+        self.n_classes_ = z.shape[1]
+        return self
+
+    def transform(self, logits: Any) -> np.ndarray:
+        """Return calibrated probabilities, shape (N, C), rows summing to 1."""
+        p = softmax(self._check_fitted(logits))
+        if self.n_classes_ == 2:
+            p1 = self.regressors_[0].predict(p[:, 1])
+            return np.column_stack([1.0 - p1, p1])
+        q = np.column_stack([r.predict(p[:, c]) for c, r in enumerate(self.regressors_)])
+        total = q.sum(axis=1, keepdims=True)
+        uniform = np.full_like(q, 1.0 / q.shape[1])
+        return np.where(total > 0, q / np.where(total > 0, total, 1.0), uniform)
+
+
+class _Identity(Calibrator):
+    """No calibration: plain softmax (the `calibration: none` choice)."""
+
+    def fit(self, logits: Any, y: Any) -> _Identity:
+        z, _ = _check_xy(logits, y)
+        self.n_classes_ = z.shape[1]
+        return self
+
+    def transform(self, logits: Any) -> np.ndarray:
+        return softmax(self._check_fitted(logits))
+
+
+CALIBRATORS: dict[str, type[Calibrator]] = {
+    "temperature": TemperatureScaler,
+    "vector": VectorScaler,
+    "isotonic": IsotonicCalibrator,
+    "none": _Identity,
+}
+
+
+def make_calibrator(name: str) -> Calibrator:
+    """Return an unfitted calibrator for `name`: temperature | vector | isotonic | none.
+
+    Raises:
+        ConfigError: for an unknown name, with the valid choices and a "did you mean".
+    """
+    if name not in CALIBRATORS:
+        choices = list(CALIBRATORS)
+        raise ConfigError(f"evaluate.calibration: unknown method '{name}'{did_you_mean(name, choices)}; "
+                          f"expected one of {', '.join(choices)}.")
+    return CALIBRATORS[name]()
