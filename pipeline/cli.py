@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -77,8 +78,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_score(a: argparse.Namespace) -> int:
     from pipeline.score import score
 
-    out = score(a.model, a.source, a.out, engine=a.engine, tracking_uri=a.tracking_uri, labels=a.labels)
-    print(f"scored {out['n_ok']} units, {out['n_failed']} failures → {a.out}")
+    out = score(a.model, a.source, a.out, engine=a.engine, tracking_uri=a.tracking_uri, labels=a.labels,
+                address=a.address, batch_size=a.batch_size, adapt_bn=a.adapt_bn, key_file=a.key_file)
+    print(f"scored {out['n_ok']} units, {out['n_failed']} failures → {a.out} (summary: {out['metrics_file']})")
     return 0
 
 
@@ -141,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--engine", choices=["local", "ray"], default="local")
     sp.add_argument("--labels", help="labels.csv for external validation")
     sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    sp.add_argument("--address", help="Ray cluster for --engine ray, e.g. ray://HEAD:10001 or auto "
+                    "(default: start a local Ray)")
+    sp.add_argument("--batch-size", type=int, default=16, help="image units per forward pass (default 16)")
+    sp.add_argument("--adapt-bn", action="store_true",
+                    help="re-estimate BatchNorm statistics on this archive before scoring (AdaBN)")
+    sp.add_argument("--key-file", help="pseudonym key (default $MEDXFER_KEY_FILE or ~/.medxfer/pseudonym.key)")
     return p
 
 
@@ -148,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `medxfer` and `python -m pipeline`; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return args.func(args)
     except MedxferError as exc:

@@ -149,7 +149,7 @@ class _LoadNifti:
 
     def __call__(self, path: str) -> MetaTensor:
         data, meta = self.reader.get_data(self.reader.read(path))
-        return MetaTensor(np.ascontiguousarray(data), meta=meta)
+        return MetaTensor(np.ascontiguousarray(data, dtype=np.float32), meta=meta)
 
 
 class _ToNetworkLayout:

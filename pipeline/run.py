@@ -145,7 +145,8 @@ def train(cfg: Config, progress: bool = True) -> str:
 def _fit(cfg: Config, cohort: Cohort, model: torch.nn.Module, summary: Any, spec: Any, data: dict) -> Any:
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         tracking.log_metrics(row, step=epoch)
-        log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in row.items()})
+        log.info("epoch %3d  train loss %.4f  val loss %.4f  val AUROC %.4f  (%.0f img/s)", epoch,
+                 row["train_loss"], row["val_loss"], row["val_auroc"], row["images_per_s"])
 
     y_train = cohort.y(cohort.split("train"))
     if cfg.finetune.strategy == "linear-probe" and not cfg.prepare.augment.enabled:

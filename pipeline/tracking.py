@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -120,6 +121,7 @@ def log_model(model: CalibratedNet, input_example: np.ndarray, metadata: dict[st
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     signature = mlflow.models.infer_signature(input_example, output)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # pickle is deliberate (see below)
     info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
                                     metadata={"medxfer": metadata}, pip_requirements=_requirements(),
                                     serialization_format="pickle")  # pt2 export would fix the batch size

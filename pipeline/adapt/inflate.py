@@ -1,0 +1,284 @@
+"""2D → 3D network conversion, module by module, with I3D weight inflation (Carreira & Zisserman 2017)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, Conv2dSame, SelectAdaptivePool2d, SEModule
+from timm.models._efficientnet_blocks import SqueezeExcite
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from pipeline.errors import ConfigError, did_you_mean
+
+INFLATIONS: tuple[str, ...] = ("i3d-mean", "i3d-center")
+
+
+def inflate_conv_weight(weight: torch.Tensor, method: str = "i3d-mean") -> torch.Tensor:
+    """Inflate a 2D kernel (out, in, kh, kw) to 3D (out, in, kh, kh, kw); depth = kernel height.
+
+    ``i3d-mean`` repeats the 2D kernel along depth and divides by the depth, so a volume that is
+    constant along depth gives the 2D response on every slice whose window lies inside the
+    volume. ``i3d-center`` puts the 2D kernel on the central depth slice and zeros elsewhere,
+    so each output slice is the 2D response of its input slice. The input is not modified.
+
+    Raises:
+        ConfigError: unknown method or a kernel that is not 4-dimensional.
+    """
+    _check_method(method)
+    if weight.ndim != 4:
+        raise ConfigError(f"inflate: expected a 2D kernel (out, in, kh, kw), got shape {tuple(weight.shape)}")
+    w = weight.detach()
+    depth = w.shape[2]
+    if method == "i3d-mean":
+        return w.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
+    out = torch.zeros((w.shape[0], w.shape[1], depth, *w.shape[2:]), dtype=w.dtype, device=w.device)
+    out[:, :, depth // 2] = w
+    return out
+
+
+def _check_method(method: str) -> None:
+    if method not in INFLATIONS:
+        raise ConfigError(f"model.inflation: unknown '{method}'{did_you_mean(method, INFLATIONS)}; "
+                          f"use one of {', '.join(INFLATIONS)}")
+
+
+def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    pad = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return pad // 2, pad - pad // 2
+
+
+class Conv3dSame(nn.Conv3d):
+    """TensorFlow-style 'SAME' 3D convolution (the 3D counterpart of timm's Conv2dSame)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for size, k, s, d in reversed(list(zip(x.shape[-3:], self.kernel_size, self.stride, self.dilation,
+                                               strict=True))):
+            pads.extend(_same_pad(int(size), k, s, d))
+        x = F.pad(x, pads)
+        return F.conv3d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class BatchNormAct3d(nn.BatchNorm3d):
+    """BatchNorm3d followed by timm's `drop` and `act` (same state-dict keys as BatchNormAct2d)."""
+
+    def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
+                 track_running_stats: bool, drop: nn.Module, act: nn.Module):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class SqueezeExcite3d(nn.Module):
+    """Squeeze-and-excitation over all spatial axes; keeps the 2D block's submodule names."""
+
+    def __init__(self, path: dict[str, nn.Module], gate: nn.Module, add_maxpool: bool = False):
+        super().__init__()
+        for name, module in path.items():
+            self.add_module(name, module)
+        self.gate = gate
+        self.path = tuple(path)
+        self.add_maxpool = add_maxpool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, x.ndim))
+        s = x.mean(dims, keepdim=True)
+        if self.add_maxpool:
+            s = 0.5 * s + 0.5 * x.amax(dims, keepdim=True)
+        for name in self.path:
+            s = self._modules[name](s)  # type: ignore[misc]
+        return x * self.gate(s)
+
+
+class GlobalPool3d(nn.Module):
+    """Global pooling over all spatial axes (timm pool types avg, max, avgmax, catavgmax)."""
+
+    def __init__(self, pool_type: str = "avg", flatten: bool = True):
+        super().__init__()
+        kind = (pool_type or "").lower().removeprefix("fast") or ("avg" if pool_type else "")
+        if kind not in ("", "avg", "max", "avgmax", "catavgmax"):
+            raise ConfigError(f"inflate: global pool type '{pool_type}' is not supported; "
+                              "use avg, max, avgmax or catavgmax")
+        self.pool_type = kind
+        self.flatten = flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_type:
+            dims = tuple(range(2, x.ndim))
+            avg, mx = x.mean(dims, keepdim=True), x.amax(dims, keepdim=True)
+            x = {"avg": avg, "max": mx, "avgmax": 0.5 * (avg + mx)}.get(self.pool_type)  # type: ignore[assignment]
+            if x is None:
+                x = torch.cat([avg, mx], dim=1)
+        return x.flatten(1) if self.flatten else x
+
+
+def _pad_depth(x: torch.Tensor, kernel: int, padding: int, dilation: int = 1) -> torch.Tensor:
+    """Edge-pad the depth axis when a volume is thinner than the pooling window."""
+    need = dilation * (kernel - 1) + 1 - (x.shape[2] + 2 * padding)
+    if need <= 0:
+        return x
+    return torch.cat([x, x[:, :, -1:].expand(-1, -1, need, -1, -1)], dim=2)
+
+
+class MaxPool3dDepthSafe(nn.MaxPool3d):
+    """MaxPool3d that edge-pads depth when the volume is thinner than the window (few slices)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, p, d = (self.kernel_size, self.padding, self.dilation)
+        x = _pad_depth(x, k[0], p[0], d[0])  # type: ignore[index]
+        return super().forward(x)
+
+
+class AvgPool3dDepthSafe(nn.AvgPool3d):
+    """AvgPool3d that edge-pads depth when the volume is thinner than the window (few slices)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _pad_depth(x, self.kernel_size[0], self.padding[0])  # type: ignore[index]
+        return super().forward(x)
+
+
+def _triple(v: object) -> tuple:
+    h, w = _pair(v)
+    return (h, h, w)
+
+
+def _conv(conv: nn.Conv2d, method: str) -> nn.Conv3d:
+    cls = Conv3dSame if type(conv) is Conv2dSame else nn.Conv3d
+    padding = conv.padding if isinstance(conv.padding, str) else _triple(conv.padding)
+    new = cls(conv.in_channels, conv.out_channels, _triple(conv.kernel_size), stride=_triple(conv.stride),
+              padding=0 if cls is Conv3dSame else padding, dilation=_triple(conv.dilation),
+              groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    new.weight = nn.Parameter(inflate_conv_weight(conv.weight, method).contiguous(),
+                              requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        new.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
+    return new
+
+
+def _batchnorm(bn: nn.BatchNorm2d) -> nn.BatchNorm3d:
+    args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new = BatchNormAct3d(*args, drop=bn.drop, act=bn.act) if type(bn) is BatchNormAct2d else nn.BatchNorm3d(*args)
+    new.load_state_dict(bn.state_dict())
+    for p_new, p_old in zip(new.parameters(recurse=False), bn.parameters(recurse=False), strict=True):
+        p_new.requires_grad_(p_old.requires_grad)
+    return new
+
+
+def _pool(pool: nn.MaxPool2d | nn.AvgPool2d) -> nn.Module:
+    if isinstance(pool, nn.MaxPool2d):
+        return MaxPool3dDepthSafe(_triple(pool.kernel_size), _triple(pool.stride), _triple(pool.padding),
+                                  _triple(pool.dilation), return_indices=pool.return_indices,
+                                  ceil_mode=pool.ceil_mode)
+    kh = _pair(pool.kernel_size)[0]
+    divisor = None if pool.divisor_override is None else pool.divisor_override * kh
+    return AvgPool3dDepthSafe(_triple(pool.kernel_size), _triple(pool.stride), _triple(pool.padding),
+                              ceil_mode=pool.ceil_mode, count_include_pad=pool.count_include_pad,
+                              divisor_override=divisor)
+
+
+def _adaptive(pool: nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d) -> nn.Module:
+    size = pool.output_size
+    h, w = (size, size) if not isinstance(size, tuple | list) else size
+    if isinstance(pool, nn.AdaptiveAvgPool2d):
+        return nn.AdaptiveAvgPool3d((h, h, w))
+    return nn.AdaptiveMaxPool3d((h, h, w))
+
+
+def _select_pool(pool: SelectAdaptivePool2d) -> GlobalPool3d:
+    flatten = isinstance(pool.flatten, nn.Flatten) or getattr(pool.pool, "flatten", False) is True
+    inner_size = getattr(pool.pool, "output_size", 1)
+    if inner_size not in (1, (1, 1), [1, 1]):
+        raise ConfigError(f"inflate: SelectAdaptivePool2d with output size {inner_size} is not supported; "
+                          "only global pooling (output size 1) inflates")
+    return GlobalPool3d(pool.pool_type, flatten=flatten)
+
+
+def _squeeze_excite(se: nn.Module, method: str) -> SqueezeExcite3d:
+    names = ("conv_reduce", "act1", "conv_expand") if type(se) is SqueezeExcite else ("fc1", "bn", "act", "fc2")
+    path = {n: _convert(se.get_submodule(n), method) for n in names}
+    gate = _convert(se.get_submodule("gate"), method)
+    return SqueezeExcite3d(path, gate, add_maxpool=bool(getattr(se, "add_maxpool", False)))
+
+
+def _replacement(m: nn.Module, method: str) -> nn.Module | None:
+    """The 3D counterpart of one module, or None when it has none (recurse into its children).
+
+    Types are matched exactly: a subclass may change `forward` (e.g. timm's MaxPool2dSame), so
+    it is left alone and reported by `_leftover_2d` instead of being converted wrongly.
+    """
+    t = type(m)
+    if isinstance(m, nn.Conv2d) and t in (nn.Conv2d, Conv2dSame):
+        return _conv(m, method)
+    if isinstance(m, nn.BatchNorm2d) and t in (nn.BatchNorm2d, BatchNormAct2d):
+        return _batchnorm(m)
+    if isinstance(m, nn.MaxPool2d | nn.AvgPool2d) and t in (nn.MaxPool2d, nn.AvgPool2d):
+        return _pool(m)
+    if isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d) and t in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
+        return _adaptive(m)
+    if isinstance(m, SelectAdaptivePool2d) and t is SelectAdaptivePool2d:
+        return _select_pool(m)
+    if t in (SqueezeExcite, SEModule):
+        return _squeeze_excite(m, method)
+    if isinstance(m, nn.Dropout2d) and t is nn.Dropout2d:
+        return nn.Dropout3d(m.p, inplace=m.inplace)
+    if isinstance(m, nn.InstanceNorm2d) and t is nn.InstanceNorm2d:
+        new = nn.InstanceNorm3d(m.num_features, m.eps, float(m.momentum or 0.1), m.affine, m.track_running_stats)
+        new.load_state_dict(m.state_dict())
+        return new
+    return None
+
+
+def _convert(m: nn.Module, method: str) -> nn.Module:
+    """Convert `m` in place where it has children; return its replacement."""
+    new = _replacement(m, method)
+    if new is not None:
+        new.train(m.training)
+        return new
+    for name, child in list(m.named_children()):
+        setattr(m, name, _convert(child, method))
+    return m
+
+
+def _leftover_2d(module: nn.Module) -> list[str]:
+    """Names of modules that still look two-dimensional after conversion."""
+    bad_types = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveMaxPool2d, nn.Dropout2d, nn.InstanceNorm2d)
+    return [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
+            if isinstance(m, bad_types) or "2d" in type(m).__name__.lower()]
+
+
+def inflate_to_3d(module: nn.Module, method: str = "i3d-mean") -> nn.Module:
+    """Convert a 2D network into its 3D counterpart, inflating its weights; the input is untouched.
+
+    Converts Conv2d (grouped and depthwise included; timm's ``Conv2dSame`` to TF-'same'
+    ``Conv3dSame``), BatchNorm2d (timm's ``BatchNormAct2d`` too), max/avg pooling, adaptive and
+    timm ``SelectAdaptivePool2d`` global pooling, timm squeeze-excite blocks, Dropout2d and
+    InstanceNorm2d; activations and other modules are kept. Kernels, strides, paddings and
+    dilations gain a depth entry equal to their height entry. Pooling windows edge-pad the depth
+    axis when a volume is thinner than the window, so thin volumes go through.
+
+    Args:
+        module: the 2D network; it is deep-copied first and never modified.
+        method: ``"i3d-mean"`` or ``"i3d-center"`` (see `inflate_conv_weight`).
+
+    Returns:
+        The converted 3D module, in the same train/eval mode as `module`.
+
+    Raises:
+        ConfigError: unknown method, or a module that has no 3D counterpart here (named).
+    """
+    _check_method(method)
+    converted = _convert(copy.deepcopy(module), method)
+    leftover = _leftover_2d(converted)
+    if leftover:
+        raise ConfigError(f"inflate: no 3D counterpart for {len(leftover)} module(s): {', '.join(leftover[:5])}; "
+                          "use dims 2d/2.5d or slicewise=True for this backbone")
+    return converted
