@@ -1,0 +1,455 @@
+"""ingest(): archive (DICOM + NIfTI) → pseudonymised, validated manifest directory; load_manifest, read_volume."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.ingest.dicom import DicomHeader, UnitPlan, decode_plan, plan_units, read_header
+from pipeline.ingest.labels import LabelTable, join_labels, read_labels
+from pipeline.ingest.nifti import (
+    UnitError,
+    atomic_write,
+    bids_modality,
+    check_nifti_header,
+    content_sha256,
+    finish_volume,
+    is_nifti,
+    load_nifti,
+    nifti_bytes,
+    nifti_study,
+    nifti_subject,
+)
+from pipeline.ingest.pseudonym import (
+    digest,
+    key_id,
+    load_or_create_key,
+    pseudonym,
+    resolve_key_file,
+)
+from pipeline.ingest.splits import check_fractions
+from pipeline.records import MANIFEST_COLUMNS, SPLITS, IngestResult, QuarantineEntry
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = ".ingest_cache.json"
+CACHE_VERSION = 1
+_SCAN_BATCH = 32
+_TYPES = {"shape": pa.list_(pa.int64()), "spacing_mm": pa.list_(pa.float64()), "n_files": pa.int64()}
+
+
+def ingest(source: str | Path, labels: str | Path | None, out: str | Path, *, key_file: str | Path | None = None,
+           val: float = 0.15, test: float = 0.15, seed: int = 0, strict: bool = False, workers: int = 1,
+           progress: bool = True) -> IngestResult:
+    """Turn an archive of DICOM series and NIfTI volumes into a pseudonymised manifest directory.
+
+    Writes under `out` (each file atomically, the manifest only once everything succeeded):
+    ``manifest.parquet``, ``images/<image_id>.nii``, ``quarantine.csv`` and ``ingest_report.json``
+    (see data_manifests/README.md). Re-running reuses unchanged units (cache keyed by file
+    size, mtime and path) and keeps image_ids stable.
+
+    Args:
+        source: Archive root folder (searched recursively; hidden files are skipped).
+        labels: labels.csv (patient_id,label[,sex,age,site,...]) or None for an unlabeled archive.
+        out: Manifest directory (created if missing).
+        key_file: Pseudonym key; default $MEDXFER_KEY_FILE, else ~/.medxfer/pseudonym.key.
+        val: Fraction of patients for validation.
+        test: Fraction of patients for test.
+        seed: Split seed.
+        strict: Raise DataError (listing every problem) if any file is quarantined or labels conflict.
+        workers: Processes for scanning and decoding (1 = in-process). Pools use "spawn", so a
+            script calling this with workers > 1 needs an ``if __name__ == "__main__":`` guard.
+        progress: Show progress bars (stderr).
+
+    Returns:
+        IngestResult with the manifest directory, counts and the report dict.
+
+    Raises:
+        ConfigError: Bad fractions, workers, or a key file inside `out`.
+        DataError: Missing source/labels, a malformed labels file, or (strict) quarantined files.
+    """
+    src, out_dir, labels_path = _check_args(source, labels, out, val, test, workers)
+    key, key_notes = load_or_create_key(resolve_key_file(key_file, out_dir))
+    table = read_labels(labels_path, key) if labels_path else None
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    cache = _load_cache(out_dir, key)
+    relpaths = _walk(src, {out_dir, *([labels_path] if labels_path else [])})
+    with _Runner(workers, progress) as run:
+        files = _scan(src, relpaths, key, cache, run)
+        plans, quarantine = _plan_all(files, table, key)
+        built = _build(src, out_dir, plans, files, cache, run)
+    units, quarantine = _collect(plans, built, quarantine)
+    split_notes = join_labels(units, table, key, val=val, test=test, seed=seed)
+    frame = _frame(units, table)
+    _save_cache(out_dir, key, files, built)
+    if strict and (quarantine or (table is not None and table.n_conflicts)):
+        raise DataError(_strict_message(src, quarantine, table))
+    params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": labels_path is not None}
+    report = _report(relpaths, files, units, quarantine, frame, table, key, params)
+    report["warnings"] = key_notes + split_notes + report["warnings"]
+    _write_outputs(out_dir, frame, quarantine, report)
+    _remove_stale_images(out_dir, set(frame["image_id"]))
+    logger.info("ingest: %d image units, %d files quarantined", len(frame), len(quarantine))
+    return IngestResult(str(out_dir), len(frame), len(quarantine), report)
+
+
+def _check_args(source: str | Path, labels: str | Path | None, out: str | Path, val: float, test: float,
+                workers: int) -> tuple[Path, Path, Path | None]:
+    check_fractions(val, test)
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers={workers!r} must be a whole number >= 1 (1 = no process pool)")
+    src = Path(source).expanduser().resolve()
+    if not src.is_dir():
+        raise DataError(f"SOURCE {source} is not a folder; pass the root folder of the DICOM/NIfTI archive")
+    labels_path = Path(labels).expanduser().resolve() if labels else None
+    if labels_path is not None and not labels_path.is_file():
+        raise DataError(f"labels file {labels} not found; pass a CSV with columns patient_id,label[,...] "
+                        "or leave labels out to ingest unlabeled")
+    return src, Path(out).expanduser().resolve(), labels_path
+
+
+def _walk(source: Path, skip: set[Path]) -> list[str]:
+    """Relative posix paths of every non-hidden file under `source`, sorted; `skip` paths left out."""
+    found = []
+    for root, dirs, names in os.walk(source):
+        base = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (base / d).resolve() not in skip)
+        found += [(base / n).relative_to(source).as_posix() for n in names
+                  if not n.startswith(".") and (base / n).resolve() not in skip]
+    return sorted(found)
+
+
+class _Runner:
+    """Runs a function over tasks in-process or in a spawn process pool, with a rich progress bar."""
+
+    def __init__(self, workers: int, progress: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=Console(stderr=True), disable=not progress)
+
+    def __enter__(self) -> _Runner:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def map(self, fn: Callable[..., Any], tasks: list[tuple], description: str, sizes: list[int]) -> list[Any]:
+        task = self.bar.add_task(description, total=sum(sizes))
+        results: list[Any] = [None] * len(tasks)
+        if self.pool is None and self.workers > 1 and len(tasks) > 1:  # started on first real use
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        if self.pool is None:
+            for i, args in enumerate(tasks):
+                results[i] = fn(*args)
+                self.bar.advance(task, sizes[i])
+            return results
+        futures = {self.pool.submit(fn, *args): i for i, args in enumerate(tasks)}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            self.bar.advance(task, sizes[futures[fut]])
+        return results
+
+
+# --------------------------------------------------------------------------------------------- scan
+
+
+def _scan_batch(source: str, relpaths: list[str], key: bytes) -> list[dict[str, Any]]:
+    """Worker: classify and read the header of each file (pseudonymised; safe to cache)."""
+    out = []
+    for rel in relpaths:
+        path = Path(source) / rel
+        entry: dict[str, Any] = {"size": -1, "mtime_ns": -1, "kind": "bad", "header": None}
+        try:
+            st = path.stat()
+            entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+            if is_nifti(rel):
+                entry.update(kind="nifti", header={"shape": list(check_nifti_header(path))})
+            else:
+                entry.update(kind="dicom", header=asdict(read_header(path, rel, key)))
+        except UnitError as exc:
+            entry.update(reason=exc.reason, detail=_clean(exc.detail, source))
+        except OSError as exc:
+            entry.update(reason="unsupported", detail=f"the file cannot be read ({type(exc).__name__})")
+        except Exception as exc:  # an unreadable file must not stop the run
+            entry.update(reason="decode-error", detail=_clean(f"{type(exc).__name__}: {exc}", source))
+        out.append(entry)
+    return out
+
+
+def _scan(src: Path, relpaths: list[str], key: bytes, cache: dict, run: _Runner) -> dict[str, dict[str, Any]]:
+    files: dict[str, dict[str, Any]] = {}
+    todo = []
+    for rel in relpaths:
+        try:
+            st = (src / rel).stat()
+        except OSError:  # a broken link: the worker records why
+            todo.append(rel)
+            continue
+        old = cache["files"].get(_path_key(key, rel))
+        if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
+            files[rel] = {**old, "header": {**old["header"], "relpath": rel} if old["kind"] == "dicom" else old["header"]}
+        else:
+            todo.append(rel)
+    batches = [todo[i:i + _SCAN_BATCH] for i in range(0, len(todo), _SCAN_BATCH)]
+    results = run.map(_scan_batch, [(str(src), b, key) for b in batches], "scanning files", [len(b) for b in batches])
+    for batch, entries in zip(batches, results, strict=True):
+        files.update(zip(batch, entries, strict=True))
+    return dict(sorted(files.items()))
+
+
+def _plan_all(files: dict[str, dict[str, Any]], table: LabelTable | None,
+              key: bytes) -> tuple[list[UnitPlan], list[QuarantineEntry]]:
+    quarantine = [QuarantineEntry(rel, e["reason"], e["detail"]) for rel, e in files.items() if e["kind"] == "bad"]
+    headers = [DicomHeader(**e["header"]) for e in files.values() if e["kind"] == "dicom"]
+    plans, dropped = plan_units(headers, key)
+    plans += [_nifti_plan(rel, table, key) for rel, e in files.items() if e["kind"] == "nifti"]
+    return plans, quarantine + dropped
+
+
+def _nifti_plan(rel: str, table: LabelTable | None, key: bytes) -> UnitPlan:
+    row = table.by_path.get(rel) if table else None
+    if row is not None:
+        subject_id, study = row.subject_id, nifti_study(rel, row.subject_id)
+    else:
+        raw = nifti_subject(rel)
+        subject_id, study = pseudonym(key, "subject", raw), nifti_study(rel, raw)
+        row = table.by_subject.get(subject_id) if table else None
+    modality = (row.modality if row is not None else "") or bids_modality(rel)
+    return UnitPlan(pseudonym(key, "image", f"nifti:{rel}"), subject_id, pseudonym(key, "study", study),
+                    pseudonym(key, "series", f"nifti:{rel}"), modality, "", "nifti", [(rel, -1)], None, [])
+
+
+# -------------------------------------------------------------------------------------------- build
+
+
+def _build_unit(source: str, images: str, plan: UnitPlan) -> dict[str, Any]:
+    """Worker: decode one unit, reorient to RAS, write images/<image_id>.nii; errors become a quarantine reason."""
+    try:
+        if plan.source_format == "nifti":
+            array, affine = load_nifti(Path(source) / plan.frames[0][0])
+        else:
+            array, affine = decode_plan(Path(source), plan), np.asarray(plan.affine)
+        array, affine, spacing = finish_volume(array, affine)
+    except UnitError as exc:
+        return {"error": [exc.reason, _clean(exc.detail, source), exc.relpath or plan.frames[0][0]]}
+    except Exception as exc:  # a decoder crash on one unit must not stop the archive
+        return {"error": ["decode-error", _clean(f"{type(exc).__name__}: {exc}", source), plan.frames[0][0]]}
+    atomic_write(Path(images) / f"{plan.image_id}.nii", nifti_bytes(array, affine))
+    return {"shape": list(array.shape), "spacing_mm": spacing, "content_sha256": content_sha256(array, affine)}
+
+
+def _signature(plan: UnitPlan, files: dict[str, dict[str, Any]]) -> str:
+    stats = [[rel, files[rel]["size"], files[rel]["mtime_ns"]] for rel in plan.files]
+    blob = json.dumps([CACHE_VERSION, plan.source_format, plan.frames, plan.affine, stats])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _build(src: Path, out_dir: Path, plans: list[UnitPlan], files: dict, cache: dict,
+           run: _Runner) -> dict[str, dict[str, Any]]:
+    built: dict[str, dict[str, Any]] = {}
+    todo = []
+    for plan in plans:
+        sig = _signature(plan, files)
+        old = cache["units"].get(plan.image_id)
+        if old and old["sig"] == sig and (out_dir / "images" / f"{plan.image_id}.nii").is_file():
+            built[plan.image_id] = {**old, "reused": True}
+        else:
+            todo.append((plan, sig))
+    tasks = [(str(src), str(out_dir / "images"), plan) for plan, _ in todo]
+    results = run.map(_build_unit, tasks, "decoding image units", [len(p.frames) for p, _ in todo])
+    for (plan, sig), result in zip(todo, results, strict=True):
+        built[plan.image_id] = {**result, "sig": sig, "reused": False}
+    return built
+
+
+def _collect(plans: list[UnitPlan], built: dict, quarantine: list[QuarantineEntry]) -> tuple[list[dict], list[QuarantineEntry]]:
+    """Manifest rows (without labels) for decoded units; quarantine entries for failed ones."""
+    units = []
+    for plan in plans:
+        result = built[plan.image_id]
+        if "error" in result:
+            reason, detail, bad = result["error"]
+            quarantine.append(QuarantineEntry(bad, reason, detail))
+            quarantine += [QuarantineEntry(rel, "inconsistent-series", f"another file of this unit failed ({bad}: {reason})")
+                           for rel in plan.files if rel != bad]
+            continue
+        units.append({"image_id": plan.image_id, "subject_id": plan.subject_id, "study_id": plan.study_id,
+                      "series_id": plan.series_id, "modality": plan.modality, "source_format": plan.source_format,
+                      "image_path": f"images/{plan.image_id}.nii", "shape": result["shape"],
+                      "spacing_mm": result["spacing_mm"], "n_files": len(plan.files),
+                      "content_sha256": result["content_sha256"], "manufacturer": plan.manufacturer,
+                      "warnings": ";".join(plan.warnings), "_path": plan.files[0], "_reused": result["reused"]})
+    return units, sorted(set(quarantine), key=lambda q: (q.path, q.reason))
+
+
+def _frame(units: list[dict], table: LabelTable | None) -> pd.DataFrame:
+    columns = [*MANIFEST_COLUMNS, *(table.carried if table else [])]
+    frame = pd.DataFrame([{c: u[c] for c in columns} for u in units], columns=columns)
+    return frame.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def _report(relpaths: list[str], files: dict, units: list[dict], quarantine: list[QuarantineEntry],
+            frame: pd.DataFrame, table: LabelTable | None, key: bytes, params: dict) -> dict[str, Any]:
+    """ingest_report.json: counts, label problems by line number, warnings by image_id; no paths or IDs."""
+    kinds = Counter(e["kind"] for e in files.values())
+    per_split: dict[str, Any] = {}
+    for split in (*SPLITS, ""):
+        part = frame[frame["split"] == split]
+        per_split[split or "unlabeled"] = {"units": len(part), "subjects": int(part["subject_id"].nunique()),
+                                           "by_label": dict(sorted(Counter(part["label"]).items()))}
+    unit_warnings = [f"{r.image_id}: {w}" for r in frame.itertuples() for w in r.warnings.split(";") if w]
+    labels: dict[str, Any] = {"given": table is not None}
+    if table is not None:
+        unlabeled = frame.loc[frame["label"] == "", "image_id"].tolist()
+        labels.update(rows=table.n_rows, columns=table.columns, carried=table.carried, dropped=table.dropped,
+                      problems=table.problems, problem_counts=dict(Counter(p["problem"] for p in table.problems)),
+                      unlabeled_units=len(unlabeled), unlabeled_image_ids=unlabeled, warnings=table.warnings)
+    warnings = ["no image units found under SOURCE"] if frame.empty else []
+    reused = sum(u["_reused"] for u in units)
+    return {
+        "format": 1, "key_id": key_id(key), "parameters": params,
+        "files_seen": len(relpaths),
+        "files": {"dicom": kinds["dicom"], "nifti": kinds["nifti"], "rejected_at_scan": kinds["bad"]},
+        "units": len(frame), "units_reused": reused, "units_decoded": len(frame) - reused,
+        "subjects": int(frame["subject_id"].nunique()),
+        "units_by_modality": dict(sorted(Counter(frame["modality"]).items())),
+        "units_by_format": dict(sorted(Counter(frame["source_format"]).items())),
+        "quarantined": {"files": len(quarantine), "by_reason": dict(sorted(Counter(q.reason for q in quarantine).items()))},
+        "splits": per_split, "labels": labels, "warnings": warnings, "unit_warnings": unit_warnings,
+        "manifest_sha256": "",
+    }
+
+
+def _write_outputs(out_dir: Path, frame: pd.DataFrame, quarantine: list[QuarantineEntry], report: dict) -> None:
+    fields = [pa.field(c, _TYPES.get(c, pa.string())) for c in frame.columns]
+    table = pa.Table.from_pandas(frame, schema=pa.schema(fields), preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "reason", "detail"])
+    writer.writerows([q.path, q.reason, q.detail] for q in quarantine)
+    report["manifest_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    atomic_write(out_dir / "quarantine.csv", text.getvalue().encode())
+    atomic_write(out_dir / "manifest.parquet", buf.getvalue())
+    atomic_write(out_dir / "ingest_report.json", (json.dumps(report, indent=2) + "\n").encode())
+
+
+def _remove_stale_images(out_dir: Path, keep: set[str]) -> None:
+    for path in (out_dir / "images").iterdir():
+        stale = path.name.endswith(".nii") and path.name[:-4] not in keep and path.name.startswith("img-")
+        if stale or (path.name.startswith(".") and ".tmp-" in path.name):
+            path.unlink(missing_ok=True)
+
+
+def _strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTable | None) -> str:
+    lines = [f"  {q.reason:<20} {q.path}: {q.detail}" for q in quarantine[:50]]
+    if len(quarantine) > 50:
+        lines.append(f"  ... and {len(quarantine) - 50} more")
+    conflicts = [p for p in (table.problems if table else []) if p["problem"] == "conflict"]
+    lines += [f"  labels line {p['line']}: {p['detail']}" for p in conflicts]
+    return (f"strict ingest of {src} stopped: {len(quarantine)} file(s) quarantined and {len(conflicts)} "
+            "conflicting labels row(s); the previous manifest (if any) is unchanged.\n" + "\n".join(lines) +
+            "\nFix: repair or remove these files and rows, or ingest without strict to quarantine them and go on")
+
+
+def _clean(text: str, source: str) -> str:
+    """One line of error text with the absolute SOURCE prefix removed (quarantine paths stay relative)."""
+    line = str(text).replace(str(source), "SOURCE").strip().splitlines()
+    return line[0][:400] if line else ""
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+
+def _load_cache(out_dir: Path, key: bytes) -> dict[str, Any]:
+    empty: dict[str, Any] = {"files": {}, "units": {}}
+    try:
+        cache = json.loads((out_dir / CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return empty
+    if cache.get("version") != CACHE_VERSION or cache.get("key_id") != key_id(key):
+        return empty
+    return {"files": cache.get("files", {}), "units": cache.get("units", {})}
+
+
+def _path_key(key: bytes, relpath: str) -> str:
+    """Cache key of a file: paths can carry identifiers, so the cache stores only their keyed hash."""
+    return digest(key, "path", relpath)[:32]
+
+
+def _save_cache(out_dir: Path, key: bytes, files: dict, built: dict) -> None:
+    """Scan results keyed by hashed path (headers hold pseudonyms only) and decoded-unit results."""
+    units = {i: {k: r[k] for k in ("sig", "shape", "spacing_mm", "content_sha256")}
+             for i, r in built.items() if "error" not in r}
+    entries = {_path_key(key, rel): {**e, "header": {k: v for k, v in e["header"].items() if k != "relpath"}
+                                     if e["kind"] == "dicom" else e["header"]} for rel, e in files.items()}
+    blob = {"version": CACHE_VERSION, "key_id": key_id(key), "files": entries, "units": units}
+    atomic_write(out_dir / CACHE_FILE, json.dumps(blob).encode())
+
+
+# ------------------------------------------------------------------------------------------ readers
+
+
+def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
+    """Read and validate manifest.parquet.
+
+    Returns:
+        The manifest with `shape` and `spacing_mm` as Python lists.
+
+    Raises:
+        DataError: If the file is missing or unreadable, the columns are not MANIFEST_COLUMNS in
+            order, image_ids repeat, or a split value is unknown.
+    """
+    path = Path(manifest_dir) / "manifest.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `medxfer ingest SOURCE --labels CSV --out {manifest_dir}` first")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}); re-run medxfer ingest") from exc
+    found, expected = list(frame.columns), list(MANIFEST_COLUMNS)
+    if found[: len(expected)] != expected:
+        missing = [c for c in expected if c not in found]
+        raise DataError(f"{path} does not start with the manifest columns in order (missing {missing}); found "
+                        f"{found}, expected {expected} then subgroup columns. Fix: re-run medxfer ingest")
+    bad = sorted(set(frame["split"]) - {*SPLITS, ""})
+    if bad or frame["image_id"].duplicated().any():
+        what = f"unknown split value(s) {bad} (expected {list(SPLITS)} or '')" if bad else "repeated image_id values"
+        raise DataError(f"{path} holds {what}; it was not written by medxfer ingest. Fix: re-run medxfer ingest")
+    frame["shape"] = [[int(v) for v in s] for s in frame["shape"]]
+    frame["spacing_mm"] = [[float(v) for v in s] for s in frame["spacing_mm"]]
+    return frame
