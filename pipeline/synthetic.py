@@ -51,7 +51,7 @@ _GIVEN = {"F": "ANNA MARIA SOPHIE EMMA JULIA LAURA ELENA SARAH HANNA CLARA NADIA
 _MONO1_FRACTION = 0.15  # share of radiographs stored MONOCHROME1 (inverted)
 # CXR opacity: peak attenuation added in the lung (lung field ~0.2, soft tissue ~0.5) and radius
 # in units of the thorax scale. Tuned so an ImageNet linear probe reaches AUROC ~0.85-0.9.
-_CXR_OPACITY = (0.16, 0.28)
+_CXR_OPACITY = (0.18, 0.31)
 _CXR_RADIUS = (0.05, 0.10)
 _CXR_FIXED = {"ImageType": ["ORIGINAL", "PRIMARY"], "ViewPosition": "PA",
               "PatientOrientation": ["L", "F"], "BitsStored": 12, "HighBit": 11,

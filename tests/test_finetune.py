@@ -9,7 +9,12 @@ from torch.utils.data import TensorDataset
 from pipeline.config import EarlyStoppingConfig, FinetuneConfig
 from pipeline.errors import ConfigError
 from pipeline.finetune import extract_features, finetune, linear_probe
-from pipeline.finetune.freezing import apply_freezing, group_of, param_groups, trainable_group_indices
+from pipeline.finetune.freezing import (
+    apply_freezing,
+    group_of,
+    param_groups,
+    trainable_group_indices,
+)
 from pipeline.finetune.weighting import class_weights, weighted_sampler
 
 
@@ -138,7 +143,7 @@ def test_linear_probe_on_cached_features(tmp_path):
     torch.manual_seed(0)
     model = Toy()
     frozen = {k: v.clone() for k, v in model.features.state_dict().items()}
-    ds, y = _data()
+    ds, _ = _data()
     cache = tmp_path / "feats.pt"
     feats = extract_features(model.features, ds, torch.device("cpu"), 16, cache)
     assert cache.exists() and feats[0].shape == (48, 8)

@@ -83,7 +83,7 @@ def test_volume_into_2d_model_names_file_and_fix(tmp_path):
 
 
 def test_missing_file_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="missing.nii"):
+    with pytest.raises(DataError, match=r"missing\.nii"):
         prepare_image(tmp_path / "missing.nii", make_spec("2d", "xray", [8, 8], HALF))
 
 
