@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 from collections import defaultdict
@@ -23,6 +24,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGExtended12Bit,
     MediaStorageDirectoryStorage,
+    UID,
 )
 
 from pipeline.ingest.nifti import UnitError
@@ -35,6 +37,9 @@ _NOT_IMAGES = {"RTDOSE": "an RT dose grid", "SEG": "a segmentation mask", "RTSTR
                "REG": "a registration", "RWV": "a real-world value map"}
 _RECOGNISABLE = ("SOPClassUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "Rows")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# the files of one series share these identifiers: hash each distinct one once per process
+_digest = functools.lru_cache(maxsize=4096)(digest)
+_pseudonym = functools.lru_cache(maxsize=4096)(pseudonym)
 
 
 @dataclass
@@ -60,6 +65,7 @@ class DicomHeader:
     frame_ipp: list[list[float]] | None  # per-frame positions of a multi-frame file
     acquisition: str
     warnings: list[str] = field(default_factory=list)
+    pixel: dict[str, Any] | None = None  # where plain native pixel data lies, for decoding without a re-parse
 
 
 @dataclass
@@ -76,6 +82,7 @@ class UnitPlan:
     frames: list[tuple[str, int]]  # (relpath, frame index; -1 = the file's only frame)
     affine: list[list[float]] | None
     warnings: list[str] = field(default_factory=list)
+    pixels: dict[str, dict[str, Any]] = field(default_factory=dict)  # relpath → DicomHeader.pixel
 
     @property
     def files(self) -> list[str]:
@@ -156,17 +163,26 @@ def _check_image(ds: Dataset) -> None:
 
 def _check_decoder(ds: Dataset) -> None:
     tsyntax = ds.file_meta.TransferSyntaxUID
-    try:
-        decoder = get_decoder(tsyntax)
-    except NotImplementedError as exc:
-        raise UnitError("unsupported", f"transfer syntax '{tsyntax.name}' has no pixel decoder "
-                                       "(video and private syntaxes are not ingested)") from exc
-    if not decoder.is_available:
-        raise UnitError("no-decoder", f"no installed decoder for '{tsyntax.name}'; {GPL_HINT} "
-                                      f"(options: {'; '.join(decoder.missing_dependencies)})")
+    problem = _decoder_problem(tsyntax)
+    if problem:
+        raise UnitError(*problem)
     if (tsyntax == JPEGExtended12Bit and int(ds.get("BitsStored") or 8) > 8
             and importlib.util.find_spec("libjpeg") is None):
         raise UnitError("no-decoder", f"12-bit 'JPEG Extended' needs pylibjpeg-libjpeg; {GPL_HINT}")
+
+
+@functools.lru_cache(maxsize=64)
+def _decoder_problem(tsyntax: UID) -> tuple[str, str] | None:
+    """(reason, detail) if no installed pixel decoder handles `tsyntax`, else None (cached per syntax)."""
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        return ("unsupported", f"transfer syntax '{tsyntax.name}' has no pixel decoder "
+                               "(video and private syntaxes are not ingested)")
+    if not decoder.is_available:
+        return ("no-decoder", f"no installed decoder for '{tsyntax.name}'; {GPL_HINT} "
+                              f"(options: {'; '.join(decoder.missing_dependencies)})")
+    return None
 
 
 def _floats(ds: Dataset | None, keyword: str) -> list[float] | None:
@@ -243,7 +259,12 @@ def read_header(path: Path, relpath: str, key: bytes) -> DicomHeader:
         raise UnitError("truncated", f"the file ends inside the pixel data ({size} bytes on disk)")
     try:
         _check_image(ds)
-        return _header_from(ds, relpath, key)
+        header = _header_from(ds, relpath, key)
+        try:
+            header.pixel = _native_pixels(ds, header)
+        except Exception:  # an odd value here is reported (or not) by the full decode, as before
+            header.pixel = None
+        return header
     except UnitError:
         raise
     except Exception as exc:
@@ -256,6 +277,32 @@ def _pixels_cut_short(ds: Dataset, size: int) -> bool:
     if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
         return False
     return ds.file_meta.TransferSyntaxUID != DeflatedExplicitVRLittleEndian and raw.value_tell + raw.length > size
+
+
+def _native_pixels(ds: Dataset, h: DicomHeader) -> dict[str, Any] | None:
+    """Offset, length and dtype of plain little-endian single-frame MONOCHROME2 pixel data, else None.
+
+    Such files are decoded by reading their pixel bytes directly (`decode_native`), exactly as
+    pydicom's native decoder would; everything else goes through a full `dcmread` at decode time.
+    """
+    raw = ds.get_item("PixelData") if "PixelData" in ds else None
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    if (not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF or h.n_frames != 1
+            or tsyntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+            or any(k in ds for k in ("PerFrameFunctionalGroupsSequence", "ModalityLUTSequence", "FloatPixelData",
+                                     "DoubleFloatPixelData", "NumberOfFrames"))
+            or not all(k in ds for k in ("BitsStored", "PixelRepresentation", "SamplesPerPixel"))
+            or str(ds.PhotometricInterpretation).strip().upper() != "MONOCHROME2"):
+        return None
+    allocated, stored, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation)
+    nbytes = h.rows * h.cols * allocated // 8
+    if (allocated not in (8, 16, 32) or not 0 < stored <= allocated or signed not in (0, 1)
+            or raw.length not in (nbytes, nbytes + nbytes % 2) or nbytes == 0):
+        return None
+    rescale = "RescaleSlope" in ds and "RescaleIntercept" in ds
+    return {"offset": int(raw.value_tell), "nbytes": nbytes, "dtype": f"<{'iu'[1 - signed]}{allocated // 8}",
+            "shift": allocated - stored, "rows": h.rows, "cols": h.cols,
+            "rescale": [float(ds.RescaleSlope), float(ds.RescaleIntercept)] if rescale else None}
 
 
 def _header_from(ds: Dataset, relpath: str, key: bytes) -> DicomHeader:
@@ -275,10 +322,10 @@ def _header_from(ds: Dataset, relpath: str, key: bytes) -> DicomHeader:
     iop, spacing, thickness, frame_ipp = _geometry(ds, n_frames)
     acquisition = "|".join(text(k) for k in ("AcquisitionNumber", "EchoNumbers", "TemporalPositionIdentifier"))
     return DicomHeader(
-        relpath=relpath, series_key=digest(key, "series-key", series),
+        relpath=relpath, series_key=_digest(key, "series-key", series),
         sop_key=digest(key, "sop", text("SOPInstanceUID") or relpath)[:32],
-        subject_id=pseudonym(key, "subject", patient), study_id=pseudonym(key, "study", study),
-        series_id=pseudonym(key, "series", series), modality=text("Modality").upper(),
+        subject_id=_pseudonym(key, "subject", patient), study_id=_pseudonym(key, "study", study),
+        series_id=_pseudonym(key, "series", series), modality=text("Modality").upper(),
         manufacturer=text("Manufacturer"), rows=int(ds.Rows), cols=int(ds.Columns), n_frames=n_frames,
         spacing=spacing, thickness=thickness, slice_gap=_first(_floats(ds, "SpacingBetweenSlices")), iop=iop,
         ipp=_floats(ds, "ImagePositionPatient"), frame_ipp=frame_ipp, acquisition=acquisition, warnings=notes)
@@ -379,7 +426,7 @@ def _plan(group: list[DicomHeader], image_id: str) -> UnitPlan:
         frames = [(h.relpath, i if h.n_frames > 1 else -1) for i in range(h.n_frames)]
         affine, more = _flat_affine(h)
     return UnitPlan(image_id, h.subject_id, h.study_id, h.series_id, h.modality, h.manufacturer, "dicom",
-                    frames, affine, notes + more)
+                    frames, affine, notes + more, {m.relpath: m.pixel for m in group if m.pixel})
 
 
 def _in_plane(h: DicomHeader) -> tuple[list[float], list[str]]:
@@ -449,12 +496,39 @@ def decode_plan(source: Path, plan: UnitPlan) -> np.ndarray:
     current, arr = "", np.empty(0)
     for relpath, index in plan.frames:
         if relpath != current:
-            current, arr = relpath, decode_file(source / relpath, relpath)
+            native = plan.pixels.get(relpath)
+            arr = decode_native(source / relpath, native) if native else None
+            current, arr = relpath, decode_file(source / relpath, relpath) if arr is None else arr
         if slices and arr.shape[1:] != slices[0].shape:
             raise UnitError("inconsistent-series", f"pixel data {arr.shape[1:]} differs from the series' "
                                                    f"{slices[0].shape}", relpath)
         slices.append(arr[max(index, 0)])
     return np.ascontiguousarray(np.stack(slices, axis=-1).transpose(1, 0, 2))
+
+
+def decode_native(path: Path, pixel: dict[str, Any]) -> np.ndarray | None:
+    """Frames×rows×cols float32 of a file described by `_native_pixels`, without parsing it again.
+
+    Gives what `decode_file` gives (pydicom's unused-bit correction, then rescale); None when the
+    bytes cannot be read as expected (the file changed), so the caller falls back to `decode_file`.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(pixel["offset"])
+            buf = fh.read(pixel["nbytes"])
+    except OSError:
+        return None
+    if len(buf) != pixel["nbytes"]:
+        return None
+    raw = np.frombuffer(buf, dtype=pixel["dtype"]).reshape(1, pixel["rows"], pixel["cols"])
+    if pixel["shift"]:
+        raw = np.right_shift(np.left_shift(raw, pixel["shift"]), pixel["shift"])
+    if pixel["rescale"] is None:
+        return raw.astype(np.float32)
+    slope, intercept = pixel["rescale"]
+    scaled = raw.astype(np.float64) * slope
+    scaled += intercept
+    return scaled.astype(np.float32)
 
 
 def decode_file(path: Path, relpath: str) -> np.ndarray:

@@ -12,7 +12,6 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +129,14 @@ def _walk(source: Path, skip: set[Path]) -> list[str]:
     found = []
     for root, dirs, names in os.walk(source):
         base = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (base / d).resolve() not in skip)
-        found += [(base / n).relative_to(source).as_posix() for n in names
-                  if not n.startswith(".") and (base / n).resolve() not in skip]
+        real, prefix = base.resolve(), base.relative_to(source).as_posix()
+
+        def resolved(name: str) -> Path:  # what (base / name).resolve() gives, without a realpath per file
+            return (base / name).resolve() if (base / name).is_symlink() else real / name
+
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and resolved(d) not in skip)
+        found += [n if prefix == "." else f"{prefix}/{n}" for n in names
+                  if not n.startswith(".") and resolved(n) not in skip]
     return sorted(found)
 
 
@@ -195,7 +199,7 @@ def _scan_batch(source: str, relpaths: list[str], key: bytes) -> list[dict[str, 
             if is_nifti(rel):
                 entry.update(kind="nifti", header={"shape": list(check_nifti_header(path))})
             else:
-                entry.update(kind="dicom", header=asdict(read_header(path, rel, key)))
+                entry.update(kind="dicom", header=dict(vars(read_header(path, rel, key))))
         except UnitError as exc:
             entry.update(reason=exc.reason, detail=_clean(exc.detail, source))
         except OSError as exc:
