@@ -44,7 +44,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.run import train
 
-    print(train(load_config(a.config)))
+    overrides = {"finetune": {"resume": a.resume}} if a.resume else None
+    run_id = train(load_config(a.config, overrides))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
+        print(run_id)
     return 0
 
 
@@ -120,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strict", action="store_true", help="fail if any file is quarantined")
     sp.add_argument("--workers", type=int, default=1)
 
-    sp = add("train", _cmd_train, "prepare + adapt + fine-tune; prints the MLflow run id")
+    sp = add("train", _cmd_train, "prepare + adapt + fine-tune; prints the MLflow run id. Multi-GPU: "
+             "torchrun --nproc-per-node N -m pipeline train CONFIG (finetune.batch_size is the global batch)")
     sp.add_argument("config", help="experiment YAML (see configs/)")
+    sp.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last finished epoch "
+                    "(same MLflow run; needs the same config)")
 
     sp = add("evaluate", _cmd_evaluate, "calibrate, measure on the test split, log and register the model")
     sp.add_argument("config")

@@ -53,6 +53,7 @@ class PrepareConfig:
     size: list[int] = field(default_factory=lambda: [224, 224])
     spacing: list[float] | None = None
     slices: int = 3  # 2.5d: adjacent slices stacked as channels
+    reduce: Literal["none", "mip", "mean", "center"] = "none"  # 2d on volumes: z projection (none = error)
     cache_dir: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -89,6 +90,14 @@ class FinetuneConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = 2.0  # focal loss: (1 - p)^gamma down-weights easy examples; 0 = cross-entropy
+    head: Literal["linear", "logistic"] = "linear"  # logistic: scikit-learn fit on cached features (linear-probe)
+    logistic_c: float = 1.0  # head logistic: inverse L2 strength on standardised features
+    unfreeze_every: int = 1  # gradual: epochs per phase (one more layer group unfreezes each phase)
+    partial_freeze: int = 2  # partial: layer groups frozen from the stem (the stem counts as one)
+    compile: bool = False  # torch.compile the training model (PyTorch 2; first epoch pays the compile)
+    resume: str | None = None  # MLflow run id of an interrupted run to continue (CLI: train --resume RUN_ID)
 
 
 @dataclass
@@ -206,6 +215,9 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.split: val={split.val}, test={split.test}; each in [0, 1) with val + test < 1")
     if cfg.prepare.dims == "2d" and len(cfg.prepare.size) != 2:
         problems.append(f"prepare.size: 2d needs [H, W], got {cfg.prepare.size}")
+    if cfg.prepare.reduce != "none" and cfg.prepare.dims != "2d":
+        problems.append(f"prepare.reduce: '{cfg.prepare.reduce}' applies to dims 2d only, got dims "
+                        f"{cfg.prepare.dims}; set reduce: none")
     if cfg.prepare.dims == "3d" and len(cfg.prepare.size) != 3:
         problems.append(f"prepare.size: 3d needs [D, H, W], got {cfg.prepare.size}")
     if cfg.prepare.dims == "2.5d" and len(cfg.prepare.size) not in (2, 3):

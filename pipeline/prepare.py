@@ -18,6 +18,10 @@ Presets (each a documented MONAI chain):
 ``2.5d`` turns a volume into ``slices`` channels: the volume is resized to (slices·m, H, W) and
 each of the ``slices`` contiguous slabs of m slices is reduced to one channel (maximum-intensity
 projection for CT presets, mean otherwise). A 2D image given to a 2.5D model is replicated.
+
+``2d`` takes single-slice images. A volume given to a 2D model is an error unless ``reduce``
+collapses its slices first (after the intensity window): ``mip`` (maximum-intensity projection
+along z, e.g. nodules in ``ct-lung``), ``mean`` (average projection) or ``center`` (the middle slice).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor, NibabelReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirst,
@@ -46,7 +51,6 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
     Spacing,
 )
-from monai.data import MetaTensor, NibabelReader
 from torch.utils.data import Dataset
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
@@ -60,6 +64,7 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 PRESETS = ("xray", "mr", *CT_WINDOWS)
 # Modalities each preset is meant for; a mismatch is a warning, not an error.
 PRESET_MODALITIES = {"xray": {"DX", "CR", "RG", "MG", "XA"}, "mr": {"MR"}}
+REDUCTIONS = ("none", "mip", "mean", "center")  # 2d on volumes: how slices become one image
 
 
 @dataclass(frozen=True)
@@ -76,13 +81,20 @@ class PrepareSpec:
     interpolation: str = "bicubic"
     version: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    reduce: str = "none"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def hash(self) -> str:
-        """sha256 (16 hex) of the spec: the prepare half of the cache key."""
-        blob = json.dumps(self.as_dict(), sort_keys=True, default=list).encode()
+        """sha256 (16 hex) of the spec: the prepare half of the cache key.
+
+        ``reduce`` enters the hash only when set, so specs from before it existed keep their key.
+        """
+        d = self.as_dict()
+        if d["reduce"] == "none":
+            del d["reduce"]
+        blob = json.dumps(d, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
@@ -91,22 +103,27 @@ class PrepareSpec:
 
 
 def make_spec(dims: str, preset: str, size: list[int], preprocessing: dict[str, Any], *,
-              spacing: list[float] | None = None, slices: int = 3) -> PrepareSpec:
+              spacing: list[float] | None = None, slices: int = 3, reduce: str = "none") -> PrepareSpec:
     """Build a PrepareSpec; normalisation statistics come from the backbone's metadata.
 
     A 1-channel input is folded into the first conv by summing its RGB kernels, so the gray
-    image is normalised with the mean of the per-channel statistics.
+    image is normalised with the mean of the per-channel statistics. `reduce` (one of
+    `REDUCTIONS`) lets a ``2d`` spec take volumes; other dims need ``"none"``.
     """
     if preset not in PRESETS:
         raise ConfigError(f"prepare.preset: unknown preset '{preset}'{did_you_mean(preset, PRESETS)}; "
                           f"choose one of {list(PRESETS)}")
     if dims not in ("2d", "2.5d", "3d"):
         raise ConfigError(f"prepare.dims: '{dims}' is not one of 2d, 2.5d, 3d{did_you_mean(dims, ['2d', '2.5d', '3d'])}")
+    if reduce not in REDUCTIONS or (reduce != "none" and dims != "2d"):
+        raise ConfigError(f"prepare.reduce: '{reduce}' with dims {dims}{did_you_mean(reduce, REDUCTIONS)}; "
+                          f"reduce is one of {list(REDUCTIONS)} and only 2d takes a value other than 'none'")
     mean = float(np.mean(preprocessing.get("mean", (0.5,))))
     std = float(np.mean(preprocessing.get("std", (0.5,))))
     return PrepareSpec(dims=dims, preset=preset, size=tuple(int(s) for s in size),
                        spacing=tuple(float(s) for s in spacing) if spacing else None, slices=int(slices),
-                       mean=(mean,), std=(std,), interpolation=str(preprocessing.get("interpolation", "bicubic")))
+                       mean=(mean,), std=(std,), interpolation=str(preprocessing.get("interpolation", "bicubic")),
+                       reduce=reduce)
 
 
 def spec_from_dict(d: dict[str, Any]) -> PrepareSpec:
@@ -137,7 +154,7 @@ def build_transform(spec: PrepareSpec) -> Compose:
         steps.append(Spacing(pixdim=spec.spacing, mode="bilinear"))
     steps += _intensity(spec.preset)
     steps.append(_ToNetworkLayout(spec))
-    steps.append(NormalizeIntensity(subtrahend=spec.mean[0], divisor=spec.std[0]))
+    steps.append(NormalizeIntensity(subtrahend=np.asarray(spec.mean[0]), divisor=np.asarray(spec.std[0])))
     return Compose(steps)
 
 
@@ -162,14 +179,25 @@ class _ToNetworkLayout:
         x = torch.as_tensor(np.asarray(img), dtype=torch.float32).permute(0, 3, 2, 1)  # C, Z, Y, X
         spec = self.spec
         if spec.dims == "2d":
-            if x.shape[1] != 1:
-                raise DataError(f"a 2D model needs single-slice images, got a volume of {x.shape[1]} slices; "
-                                "use prepare.dims: 3d or 2.5d for volumes")
             mode = "bicubic" if spec.interpolation == "bicubic" else "bilinear"
-            return _plain(Resize(spec.size, mode=mode)(x[:, 0])).clamp(0.0, 1.0)
+            return _plain(Resize(spec.size, mode=mode)(self._one_slice(x))).clamp(0.0, 1.0)
         if spec.dims == "3d":
             return _plain(Resize(spec.size, mode="trilinear")(x))
         return self._slab_channels(x)
+
+    def _one_slice(self, x: torch.Tensor) -> torch.Tensor:
+        """(C, Z, H, W) → (C, H, W): the only slice, or the volume reduced along z by `spec.reduce`."""
+        reduce = self.spec.reduce
+        if x.shape[1] == 1:
+            return x[:, 0]
+        if reduce == "mip":
+            return x.amax(dim=1)
+        if reduce == "mean":
+            return x.mean(dim=1)
+        if reduce == "center":
+            return x[:, x.shape[1] // 2]
+        raise DataError(f"a 2D model needs single-slice images, got a volume of {x.shape[1]} slices; "
+                        "use prepare.dims: 3d or 2.5d for volumes, or prepare.reduce: mip|mean|center")
 
     def _slab_channels(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec

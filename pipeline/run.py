@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -16,7 +17,9 @@ import pandas as pd
 import torch
 
 from pipeline import tracking
-from pipeline.adapt import build_model, layer_groups
+from pipeline.adapt import MedNet, build_model, layer_groups
+from pipeline.records import AdaptationSummary
+from pipeline.score_ray import reference_stats
 from pipeline.config import Config, save_config
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import (
@@ -27,7 +30,20 @@ from pipeline.evaluate import (
     roc_figure,
     training_curves_figure,
 )
-from pipeline.finetune import extract_features, feature_cache_key, finetune, linear_probe, pick_device, predict_logits
+from pipeline.finetune import (
+    World,
+    check_options,
+    extract_features,
+    feature_cache_key,
+    finetune,
+    init_distributed,
+    linear_probe,
+    logistic_head,
+    pick_device,
+    predict_logits,
+    shutdown,
+)
+from pipeline.finetune.distributed import barrier, broadcast
 from pipeline.ingest import ingest, load_manifest
 from pipeline.prepare import PreparedDataset, build_augment, make_spec, spec_from_dict
 
@@ -105,7 +121,7 @@ def _datasets(cfg: Config, cohort: Cohort, spec: Any, augment: bool) -> dict[str
     return out
 
 
-def _build(cfg: Config, n_classes: int, weights: str | None = None) -> tuple[torch.nn.Module, Any]:
+def _build(cfg: Config, n_classes: int, weights: str | None = None) -> tuple[MedNet, AdaptationSummary]:
     m = cfg.model
     in_channels = cfg.prepare.slices if cfg.prepare.dims == "2.5d" and not m.slicewise else m.in_channels
     return build_model(m.backbone, weights or m.weights, num_classes=n_classes, in_channels=in_channels,
@@ -114,52 +130,147 @@ def _build(cfg: Config, n_classes: int, weights: str | None = None) -> tuple[tor
 
 
 def train(cfg: Config, progress: bool = True) -> str:
-    """prepare + adapt + finetune; logs everything to MLflow and returns the run id."""
-    tracking.connect(cfg.tracking.uri)
-    manifest_dir = ensure_manifest(cfg, progress)
+    """prepare + adapt + finetune; logs everything to MLflow and returns the run id.
+
+    ``cfg.finetune.resume = RUN_ID`` (CLI ``train --resume RUN_ID``) continues an interrupted run:
+    the same MLflow run, the training state from ``<manifest>/checkpoints/<run id>.pt`` (written
+    after every epoch, removed when training ends), and a metric history that goes on without
+    repeating a step. Under ``torchrun --nproc-per-node N`` each process trains its shard of every
+    global batch (DDP); rank 0 alone ingests, logs to MLflow and writes files; all return the run id.
+
+    Raises:
+        ConfigError: bad finetune options, or a run that cannot be resumed (unknown, finished,
+            other settings, checkpoint gone).
+    """
+    world = init_distributed(cfg.finetune.device)
+    check_options(cfg.finetune, world.size, augment=cfg.prepare.augment.enabled)
+    if world.lead:
+        tracking.connect(cfg.tracking.uri)
+        if cfg.finetune.resume:
+            _check_resumable(cfg)
+    manifest_dir = ensure_manifest(cfg, progress) if world.lead else Path(cfg.data.manifest)
+    barrier(world)
     cohort = load_cohort(manifest_dir)
+    torch.manual_seed(cfg.finetune.seed)  # the new head (and a from-scratch backbone) start from the seed
     model, summary = _build(cfg, len(cohort.classes))
     spec = make_spec(cfg.prepare.dims, cfg.prepare.preset, cfg.prepare.size,
                      {"mean": summary.mean, "std": summary.std, "interpolation": "bicubic"},
-                     spacing=cfg.prepare.spacing, slices=cfg.prepare.slices)
+                     spacing=cfg.prepare.spacing, slices=cfg.prepare.slices, reduce=cfg.prepare.reduce)
     data = _datasets(cfg, cohort, spec, augment=True)
-    tags = {"config_hash": cfg.hash(), "manifest_hash": manifest_hash(manifest_dir), "git_commit": tracking.git_commit(),
-            "weights_sha256": summary.weights_sha256 or "none", "prepare_hash": spec.hash(), "stage": "train"}
-    with tracking.start_run(cfg.experiment, tags=tags) as run_id:
-        tracking.log_params({**cfg.flat(), "weights_sha256": summary.weights_sha256 or "none",
-                             "classes": json.dumps(cohort.classes), "n_train": len(data["train"]),
-                             "n_val": len(data["val"]), "n_test": len(data["test"])})
-        tracking.log_json(cfg.as_dict(), "config.json")
-        tracking.log_json(summary.as_dict(), "adaptation_summary.json")
-        tracking.log_json(cohort.frame[["image_id", "subject_id", "split", "label"]].to_dict("list"), "splits.json")
-        result = _fit(cfg, cohort, model, summary, spec, data)
-        tracking.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                              "train_seconds": result.seconds, "stopped_early": float(result.stopped_early)})
-        tracking.log_json({"class_weights": result.class_weights, "trainable_by_phase": result.trainable_by_phase,
-                           "history": result.history, "device": result.device, "platform": platform.platform(),
-                           "torch": torch.__version__}, "training_summary.json")
-        _log_checkpoint(result.model, cfg, cohort.classes, spec, summary)
+    if world.lead:
+        run_id = _train_and_log(cfg, cohort, model, summary, spec, data, world)
+    else:
+        run_id, resume = broadcast(None, world)
+        _fit(cfg, cohort, model, summary, spec, data, world, run_id, resume)
+    barrier(world)
+    shutdown(world)
     return run_id
 
 
-def _fit(cfg: Config, cohort: Cohort, model: torch.nn.Module, summary: Any, spec: Any, data: dict) -> Any:
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
-        tracking.log_metrics(row, step=epoch)
-        log.info("epoch %3d  train loss %.4f  val loss %.4f  val AUROC %.4f  (%.0f img/s)", epoch,
-                 row["train_loss"], row["val_loss"], row["val_auroc"], row["images_per_s"])
+# settings that may differ between an interrupted run and its resumption
+RESUMABLE_PARAMS = ("finetune.resume", "finetune.device", "finetune.num_workers", "finetune.compile",
+                    "data.workers", "tracking.uri", "prepare.cache_dir")
 
-    y_train = cohort.y(cohort.split("train"))
-    if cfg.finetune.strategy == "linear-probe" and not cfg.prepare.augment.enabled:
-        device = pick_device(cfg.finetune.device)
+
+def checkpoint_path(manifest_dir: str | Path, run_id: str) -> Path:
+    """Where `train` keeps the resumable training state of a run."""
+    return Path(manifest_dir) / "checkpoints" / f"{run_id}.pt"
+
+
+def _first_logged(cfg: Config) -> Config:
+    """The config as the run logged it at its start (before any --resume)."""
+    fresh = copy.deepcopy(cfg)
+    fresh.finetune.resume = None
+    return fresh
+
+
+def _check_resumable(cfg: Config) -> None:
+    """Fail fast (before ingest) when `finetune.resume` names a run that cannot be continued."""
+    run_id = cfg.finetune.resume or ""
+    run = tracking.get_run(run_id)  # TrackingError when unknown
+    if run["status"] == "FINISHED":
+        raise ConfigError(f"finetune.resume: run {run_id} finished; there is nothing to resume. Start a new run "
+                          f"without --resume, or evaluate it: medxfer evaluate CONFIG --run {run_id}")
+    logged = run["params"]
+    diffs = [f"{k}: {logged[k]!r} then, {v!r} now" for k, v in _first_logged(cfg).flat().items()
+             if k in logged and k not in RESUMABLE_PARAMS and logged[k] != str(v)[:500]]
+    if diffs:
+        raise ConfigError(f"finetune.resume: the config differs from the one run {run_id} started with:\n  - "
+                          + "\n  - ".join(diffs) + "\nresume with the original config file (only "
+                          f"{', '.join(RESUMABLE_PARAMS[1:])} may change), or start a new run")
+
+
+def _train_and_log(cfg: Config, cohort: Cohort, model: MedNet, summary: Any, spec: Any, data: dict,
+                   world: World) -> str:
+    """Rank 0's part of `train`: open (or reopen) the MLflow run, fit, log the results."""
+    fresh = _first_logged(cfg)
+    tags = {"config_hash": fresh.hash(), "manifest_hash": manifest_hash(cohort.manifest_dir),
+            "git_commit": tracking.git_commit(), "weights_sha256": summary.weights_sha256 or "none",
+            "prepare_hash": spec.hash(), "stage": "train"}
+    resume_id = cfg.finetune.resume
+    with tracking.start_run(cfg.experiment, run_id=resume_id, tags=None if resume_id else tags) as run_id:
+        before = tracking.get_run(run_id) if resume_id else {"params": {}, "metrics": {}, "history": {}}
+        done_steps = len(before["history"].get("epoch_seconds", []))
+        ckpt = checkpoint_path(cohort.manifest_dir, run_id)
+        resume = bool(resume_id) and ckpt.exists()
+        if resume_id and not resume:  # interrupted before its first checkpoint: train from epoch 0 again
+            if done_steps > 1:
+                raise ConfigError(f"finetune.resume: run {run_id} logged {done_steps} epochs but its training state "
+                                  f"{ckpt} is gone; start a new run without --resume")
+            log.warning("run %s has no training checkpoint yet: training restarts from epoch 0 in the same run",
+                        run_id)
+        broadcast((run_id, resume), world)
+        params = {**fresh.flat(), "weights_sha256": summary.weights_sha256 or "none",
+                  "classes": json.dumps(cohort.classes), "n_train": len(data["train"]),
+                  "n_val": len(data["val"]), "n_test": len(data["test"])}
+        new_params = {k: v for k, v in params.items() if k not in before["params"]}  # a param is set once
+        if new_params:
+            tracking.log_params(new_params)
+        tracking.log_json(fresh.as_dict(), "config.json")
+        tracking.log_json(summary.as_dict(), "adaptation_summary.json")
+        tracking.log_json(cohort.frame[["image_id", "subject_id", "split", "label"]].to_dict("list"), "splits.json")
+        result = _fit(cfg, cohort, model, summary, spec, data, world, run_id, resume, done_steps)
+        if "epochs_run" not in before["metrics"]:
+            tracking.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                                  "train_seconds": result.seconds, "stopped_early": float(result.stopped_early)})
+        if resume_id:
+            tracking.set_tags({"resumed_at_epoch": result.resumed_from})
+        tracking.log_json({"class_weights": result.class_weights, "trainable_by_phase": result.trainable_by_phase,
+                           "history": result.history, "device": result.device, "platform": platform.platform(),
+                           "torch": torch.__version__, "world_size": world.size}, "training_summary.json")
+        _log_checkpoint(result.model, fresh, cohort.classes, spec, summary)
+    ckpt.unlink(missing_ok=True)  # training is complete and logged: the resumable state is no longer needed
+    return run_id
+
+
+def _fit(cfg: Config, cohort: Cohort, model: MedNet, summary: Any, spec: Any, data: dict, world: World,
+         run_id: str, resume: bool, done_steps: int = 0) -> Any:
+    """Train with the configured strategy; rank 0 logs each epoch (steps below `done_steps` are already logged)."""
+    ft, n_classes = cfg.finetune, len(cohort.classes)
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if world.lead and epoch >= done_steps:
+            tracking.log_metrics(row, step=epoch)
+            log.info("epoch %3d  train loss %.4f  val loss %.4f  val AUROC %.4f  (%.0f img/s)", epoch,
+                     row["train_loss"], row["val_loss"], row["val_auroc"], row["images_per_s"])
+
+    ckpt = checkpoint_path(cohort.manifest_dir, run_id)
+    if ft.strategy == "linear-probe" and not cfg.prepare.augment.enabled:  # cached features: rank 0 alone
+        if not world.lead:
+            return None
+        device = pick_device(ft.device)
         cache = Path(cfg.prepare.cache_dir or cohort.manifest_dir / "cache") / "features"
         feats = {}
         for name in ("train", "val"):
             key = feature_cache_key(summary.weights_sha256, spec.hash(), data[name].shas)
-            feats[name] = extract_features(model.features, data[name], device, cfg.finetune.batch_size,
+            feats[name] = extract_features(model.features, data[name], device, ft.batch_size,
                                            cache / f"{key}.pt", desc=f"features ({name})")
-        return linear_probe(model, feats["train"], feats["val"], cfg.finetune, len(cohort.classes), on_epoch)
-    return finetune(model, layer_groups(model), data["train"], data["val"], y_train, cfg.finetune,
-                    len(cohort.classes), on_epoch)
+        if ft.head == "logistic":
+            return logistic_head(model, feats["train"], feats["val"], ft, n_classes, on_epoch)
+        return linear_probe(model, feats["train"], feats["val"], ft, n_classes, on_epoch, checkpoint=ckpt,
+                            resume=resume)
+    return finetune(model, layer_groups(model), data["train"], data["val"], cohort.y(cohort.split("train")), ft,
+                    n_classes, on_epoch, checkpoint=ckpt, resume=resume)
 
 
 def _log_checkpoint(model: torch.nn.Module, cfg: Config, classes: list[str], spec: Any, summary: Any) -> None:
@@ -189,7 +300,7 @@ def evaluate(cfg: Config, run_id: str, progress: bool = True) -> dict[str, float
     logits = {name: predict_logits(model, data[name], device, cfg.finetune.batch_size,
                                    desc=f"predict {name}" if progress else None)[0] for name in ("val", "test")}
     with tracking.start_run(cfg.experiment, run_id=run_id):
-        return _evaluate_and_log(cfg, cohort, model, ckpt, logits, run_id)
+        return _evaluate_and_log(cfg, cohort, model, ckpt, logits, run_id, data["train"])
 
 
 def _predictions(frame: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -203,33 +314,52 @@ def _predictions(frame: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes:
 
 
 def _evaluate_and_log(cfg: Config, cohort: Cohort, model: torch.nn.Module, ckpt: dict[str, Any],
-                      logits: dict[str, np.ndarray], run_id: str) -> dict[str, float]:
+                      logits: dict[str, np.ndarray], run_id: str, train_data: Any = None) -> dict[str, float]:
     val, test = cohort.split("val"), cohort.split("test")
     attrs = {a: test[a].astype(str).to_numpy() for a in cfg.evaluate.subgroups if a in test.columns}
     s = evaluation_summary(cohort.y(val), logits["val"], cohort.y(test), logits["test"], test["subject_id"].to_numpy(),
                            operating_points=cfg.evaluate.operating_points, n_boot=cfg.evaluate.bootstrap,
                            seed=cfg.finetune.seed, subgroups=attrs, calibration=cfg.evaluate.calibration)
-    tracking.log_metrics(s["metrics"])
+    metrics = dict(s["metrics"])
+    if "val_auroc" in metrics:  # the per-epoch history owns `val_auroc`; this is the calibrated final value
+        metrics["val_auroc_final"] = metrics.pop("val_auroc")
+    tracking.log_metrics(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         for name, frame, probs in (("val", val, s["probs_val"]), ("test", test, s["probs_test"])):
             path = Path(tmp) / f"{name}.parquet"
             _predictions(frame, cohort.y(frame), probs, cohort.classes).to_parquet(path, index=False)
             tracking.log_artifact(path, "predictions")
     _log_figures(s, cohort, cohort.y(test), run_id)
-    tracking.log_json({"operating_points": s["operating_points"], "subgroups": s["subgroups"], "notes": s["notes"],
-                       "classes": cohort.classes, "discrimination": s["discrimination"],
-                       "reliability": {k: s["reliability"][k] for k in ("n_bins", "before", "after")}},
+    tracking.log_json(_jsonable({"operating_points": s["operating_points"], "subgroups": s["subgroups"],
+                                 "notes": s["notes"], "classes": cohort.classes, "discrimination": s["discrimination"],
+                                 "reliability": {k: s["reliability"][k] for k in ("n_bins", "before", "after")}}),
                       "evaluation.json")
     op = s["operating_points"][0] if s["operating_points"] else {}
     meta = {"prepare": ckpt["prepare"], "classes": cohort.classes, "temperature": s["temperature"] or 1.0,
             "operating_point": {"rule": op.get("rule"), "threshold": op.get("threshold")},
             "adaptation": ckpt["adaptation"], "train_run_id": run_id}
     packaged = tracking.CalibratedNet(model, s["temperature"] or 1.0)
+    meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
+    if train_data is not None:  # intensity and embedding statistics for score's domain-shift check
+        meta["reference_stats"] = _jsonable(reference_stats(packaged, train_data, batch_size=cfg.finetune.batch_size))
     example = data_example(ckpt["prepare"])
     info = tracking.log_model(packaged, example, meta, cfg.tracking.register_as)
     tracking.set_tags({"stage": "evaluated", "model_uri": info["model_uri"],
                        "registered_model": f"{info['registered_name']}/{info['version']}" if info["version"] else ""})
-    return s["metrics"]
+    return metrics
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy arrays and scalars → plain lists and numbers, recursively (for JSON artifacts)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def data_example(prepare: dict[str, Any]) -> np.ndarray:
@@ -269,16 +399,17 @@ def run(cfg: Config, report: str | Path | None = None, progress: bool = True) ->
     return {"run_id": run_id, "metrics": metrics, "report": str(out)}
 
 
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cxr-demo.yaml"
+
+
 def demo_config(root: Path, cohort: Any) -> Config:
     """The demo experiment (configs/cxr-demo.yaml) pointed at a generated cohort under `root`."""
     from pipeline.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "cxr-demo.yaml") \
-        if (Path(__file__).resolve().parent.parent / "configs" / "cxr-demo.yaml").exists() else Config()
+    cfg = load_config(DEMO_CONFIG)
     cfg.data.source, cfg.data.labels = str(cohort.archive_dir), str(cohort.labels_csv)
     cfg.data.manifest, cfg.data.key_file = str(root / "manifest"), str(root / "keys" / "pseudonym.key")
     cfg.tracking.uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
-    cfg.tracking.register_as = cfg.tracking.register_as or "cxr-demo"
     cfg.prepare.cache_dir = str(root / "cache")
     return cfg
 
@@ -297,7 +428,8 @@ def demo(out: str | Path = "medxfer-demo", n: int = 240, seed: int = 0) -> dict[
     m = result["metrics"]
     print(f"\nmedxfer demo finished: test AUROC {m['test_auroc']:.3f} "
           f"(95% CI {m.get('test_auroc_ci_low', float('nan')):.3f}–{m.get('test_auroc_ci_high', float('nan')):.3f}), "
-          f"ECE {m['test_ece']:.3f} after temperature scaling (T = {m.get('temperature', 1.0):.2f})")
+          f"ECE {m['test_ece']:.3f} after temperature scaling (T = {m.get('temperature', 1.0):.2f}; "
+          f"{m['test_ece_uncalibrated']:.3f} before)")
     print(f"  report:       {result['report']}")
     print(f"  MLflow store: {cfg.tracking.uri}  (run {result['run_id']})")
     print(f"  open the UI:  mlflow ui --backend-store-uri {cfg.tracking.uri}")

@@ -1,5 +1,7 @@
 """Fine-tuning: strategies freeze by named group, BN policy, per-group learning rates, class weights."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.config import EarlyStoppingConfig, FinetuneConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.finetune import extract_features, finetune, linear_probe
 from pipeline.finetune.freezing import (
     apply_freezing,
@@ -153,3 +155,145 @@ def test_linear_probe_on_cached_features(tmp_path):
     for k, v in model.features.state_dict().items():
         assert torch.equal(frozen[k], v), k
     assert res.trainable_by_phase == [18]
+
+
+# --- loss, sampler, options, logistic head, multi-class (issue 5) -------------------------------
+
+def test_focal_loss_known_values():
+    from pipeline.finetune import FocalLoss, make_loss
+
+    logits, target = torch.tensor([[0.0, 0.0]]), torch.tensor([1])  # p_y = 0.5
+    assert float(FocalLoss(gamma=2.0)(logits, target)) == pytest.approx(0.25 * math.log(2))
+    assert float(FocalLoss(gamma=0.0)(logits, target)) == pytest.approx(math.log(2))
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(20, 3, generator=g), torch.randint(0, 3, (20,), generator=g)
+    w = np.array([0.5, 1.0, 2.0])
+    ce = make_loss("ce", w)(logits, target)
+    assert float(make_loss("focal", w, gamma=0.0)(logits, target)) == pytest.approx(float(ce), rel=1e-6)
+    assert float(make_loss("focal", w, gamma=2.0)(logits, target)) < float(ce)  # easy examples count less
+    with pytest.raises(ConfigError, match="did you mean 'focal'"):
+        make_loss("focall", w)
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_global_batches():
+    from pipeline.finetune.weighting import EpochSampler
+
+    one = EpochSampler(10, seed=3)
+    first = list(one)
+    assert sorted(first) == list(range(10)) and list(one) == first
+    one.set_epoch(1)
+    assert list(one) != first
+    one.set_epoch(0)
+    shards = [EpochSampler(10, seed=3, rank=r, world=2) for r in range(2)]
+    assert [len(s) for s in shards] == [5, 5]
+    per_rank = [list(s) for s in shards]
+    for b in range(0, 5, 2):  # global batch 4 = 2 per rank: the union is the one-process batch
+        assert sorted(per_rank[0][b:b + 2] + per_rank[1][b:b + 2]) == sorted(first[2 * b:2 * b + 4])
+    odd = [list(EpochSampler(5, seed=0, rank=r, world=2)) for r in range(2)]
+    assert len(odd[0]) == len(odd[1]) == 3 and set(odd[0] + odd[1]) == set(range(5))  # padded by repeating
+
+
+def test_weighted_sampler_shards_keep_the_balance():
+    y = np.array([0] * 90 + [1] * 10)
+    w = class_weights(y, 2, "balanced")
+    shards = [list(weighted_sampler(y, w, seed=0, rank=r, world=2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 50
+    assert 0.35 < np.mean(y[shards[0] + shards[1]]) < 0.65
+
+
+def test_check_options_lists_every_problem():
+    from pipeline.finetune import check_options
+
+    cfg = _cfg(strategy="finetune", head="logistic", focal_gamma=-1.0, unfreeze_every=0, batch_size=15,
+               early_stopping=EarlyStoppingConfig("val_auc", 3))
+    with pytest.raises(ConfigError) as err:
+        check_options(cfg, world_size=2)
+    text = str(err.value)
+    for needle in ("finetune.focal_gamma: must be ≥ 0", "finetune.unfreeze_every", "did you mean 'val_auroc'",
+                   "needs strategy linear-probe", "batch_size: 15 is the global batch"):
+        assert needle in text, needle
+    with pytest.raises(ConfigError, match="unknown 'val_auc'"):
+        finetune(Toy(), GROUPS, *_data()[:1], *_data()[:1], _data()[1], cfg, 2)
+
+
+def test_unfreeze_every_and_partial_freeze_come_from_the_config():
+    ds, y = _data()
+    seen = []
+    finetune(Toy(), GROUPS, ds, ds, y, _cfg(strategy="gradual", epochs=4, unfreeze_every=2,
+                                            early_stopping=EarlyStoppingConfig("val_loss", 9)),
+             2, on_epoch=lambda e, row: seen.append(row["trainable_params"]))
+    assert seen[0] == seen[1] < seen[2] == seen[3]
+    model = Toy()
+    before = model.features[3].weight.clone()
+    finetune(model, GROUPS, ds, ds, y, _cfg(strategy="partial", partial_freeze=2, epochs=1), 2)
+    assert torch.equal(before, model.features[3].weight)  # stem and stage1 frozen: only the head trains
+
+
+def test_compile_option_wraps_the_training_model(monkeypatch):
+    calls = []
+
+    def fake_compile(module):
+        calls.append(type(module).__name__)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    ds, y = _data()
+    finetune(Toy(), GROUPS, ds, ds, y, _cfg(epochs=1), 2)
+    assert calls == []
+    finetune(Toy(), GROUPS, ds, ds, y, _cfg(strategy="gradual", epochs=2, compile=True,
+                                            early_stopping=EarlyStoppingConfig("val_loss", 9)), 2)
+    assert calls == ["Toy", "Toy"]  # once per gradual phase
+
+
+def _three_class(n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    x[:, :, :4] += (y == 1).float().view(-1, 1, 1, 1) * 1.5  # class 1: bright top
+    x[:, :, 4:] += (y == 2).float().view(-1, 1, 1, 1) * 1.5  # class 2: bright bottom
+    return TensorDataset(x, y, torch.arange(n)), y.numpy()
+
+
+def test_multiclass_finetune_with_focal_loss_and_weighted_sampler():
+    torch.manual_seed(0)
+    model = Toy()
+    model.head = nn.Linear(8, 3)
+    ds, y = _three_class()
+    res = finetune(model, GROUPS, ds, ds, y, _cfg(epochs=6, loss="focal", sampler="weighted",
+                                                  early_stopping=EarlyStoppingConfig("val_loss", 9)), 3)
+    assert len(res.class_weights) == 3
+    assert max(res.history["val_auroc"]) > 0.8  # macro one-vs-rest AUROC
+    assert res.history["train_loss"][-1] < res.history["train_loss"][0]
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_logistic_head_equals_sklearn_predict_proba(n_classes):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.finetune import logistic_head
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([i % n_classes if i % 5 else 0 for i in range(90)])  # class 0 over-represented
+    x = torch.randn(90, 8, generator=g) * 3 + 5 + 4 * y.view(-1, 1).float() * torch.linspace(-1, 1, 8)
+    model = Toy()
+    model.head = nn.Linear(8, n_classes)
+    frozen = {k: v.clone() for k, v in model.features.state_dict().items()}
+    seen = []
+    cfg = _cfg(strategy="linear-probe", head="logistic", logistic_c=0.5, class_weights="balanced")
+    res = logistic_head(model, (x, y), (x, y), cfg, n_classes, on_epoch=lambda e, row: seen.append(e))
+    weights = class_weights(y.numpy(), n_classes, "balanced")
+    assert weights[0] < weights[1]
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=5000,
+                                                             class_weight=dict(enumerate(weights))))
+    ref.fit(x.double().numpy(), y.numpy())
+    with torch.no_grad():
+        probs = torch.softmax(model.head(x).double(), dim=1).numpy()
+    np.testing.assert_allclose(probs, ref.predict_proba(x.double().numpy()), atol=1e-5)
+    assert seen == [0] and res.epochs_run == 1 and res.history["val_auroc"][0] > 0.9
+    assert res.trainable_by_phase == [8 * n_classes + n_classes]
+    for k, v in model.features.state_dict().items():
+        assert torch.equal(frozen[k], v), k
+    with pytest.raises(DataError, match="every class needs train images"):
+        logistic_head(model, (x, torch.zeros(90, dtype=torch.long)), (x, y), cfg, n_classes)

@@ -1,14 +1,11 @@
-"""Fine-tuning stage: strategies, imbalance handling and the training loop."""
+"""Fine-tuning stage: strategies, imbalance handling, the training loop, resume and DDP."""
 
-from pipeline.finetune.loop import (
-    TrainResult,
-    extract_features,
-    feature_cache_key,
-    finetune,
-    linear_probe,
-    pick_device,
-    predict_logits,
-)
+from pipeline.finetune.distributed import World, init_distributed, pick_device, shutdown
+from pipeline.finetune.loop import TrainResult, auroc, finetune, predict_logits
+from pipeline.finetune.losses import FocalLoss, make_loss
+from pipeline.finetune.options import check_options
+from pipeline.finetune.probe import extract_features, feature_cache_key, linear_probe, logistic_head
 
-__all__ = ["TrainResult", "extract_features", "feature_cache_key", "finetune", "linear_probe", "pick_device",
-           "predict_logits"]
+__all__ = ["FocalLoss", "TrainResult", "World", "auroc", "check_options", "extract_features", "feature_cache_key",
+           "finetune", "init_distributed", "linear_probe", "logistic_head", "make_loss", "pick_device",
+           "predict_logits", "shutdown"]

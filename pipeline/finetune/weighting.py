@@ -1,12 +1,14 @@
-"""Class imbalance: class weights computed on the train split only, and a weighted sampler."""
+"""Class imbalance: class weights computed on the train split only, and the (weighted) epoch sampler."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import Sampler
 
 from pipeline.errors import ConfigError, did_you_mean
 
@@ -40,8 +42,48 @@ def class_weights(y_train: np.ndarray, n_classes: int, mode: Any = "balanced", b
     return w * n_classes / w.sum()
 
 
-def weighted_sampler(y_train: np.ndarray, weights: np.ndarray, seed: int = 0) -> WeightedRandomSampler:
-    """Sample each image with probability ∝ its class weight (with replacement, one epoch's worth)."""
+class EpochSampler(Sampler[int]):
+    """The training order of one epoch as a pure function of (seed, epoch), sharded over processes.
+
+    Uniform: a random permutation. Weighted: `n` draws with replacement, each index with
+    probability ∝ its weight. Under DDP every rank draws the same global order and takes every
+    `world`-th index from position `rank` (padded by repeating the first indices so all ranks
+    get the same count), so rank r's batch b and the other ranks' batch b together are exactly
+    batch b of the one-process order with the same global batch size. Call `set_epoch` before
+    each epoch; a resumed run gets the same order without saving any generator state.
+    """
+
+    def __init__(self, n: int, weights: torch.Tensor | None = None, seed: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.weights, self.seed, self.rank, self.world = n, weights, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=gen)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
+        pad = len(self) * self.world - self.n
+        if pad:
+            order = torch.cat([order, order.repeat(math.ceil(pad / self.n))[:pad]])
+        return iter(order[self.rank::self.world].tolist())
+
+
+def weighted_sampler(y_train: np.ndarray, weights: np.ndarray, seed: int = 0, rank: int = 0,
+                     world: int = 1) -> EpochSampler:
+    """Sample each image with probability ∝ its class weight (with replacement, one epoch's worth).
+
+    Args:
+        y_train: integer train labels.
+        weights: per-class weights (from `class_weights`).
+        seed: base seed; each epoch's order also depends on the epoch set by `set_epoch`.
+        rank, world: this process and the number of processes (DDP).
+    """
     per_sample = torch.as_tensor(weights[np.asarray(y_train, dtype=int)], dtype=torch.double)
-    gen = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(per_sample, num_samples=len(per_sample), replacement=True, generator=gen)
+    return EpochSampler(len(per_sample), per_sample, seed, rank, world)
