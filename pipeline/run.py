@@ -18,8 +18,6 @@ import torch
 
 from pipeline import tracking
 from pipeline.adapt import MedNet, build_model, layer_groups
-from pipeline.records import AdaptationSummary
-from pipeline.score_ray import reference_stats
 from pipeline.config import Config, save_config
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import (
@@ -46,6 +44,8 @@ from pipeline.finetune import (
 from pipeline.finetune.distributed import barrier, broadcast
 from pipeline.ingest import ingest, load_manifest
 from pipeline.prepare import PreparedDataset, build_augment, make_spec, spec_from_dict
+from pipeline.records import AdaptationSummary
+from pipeline.score_ray import reference_stats
 
 log = logging.getLogger("medxfer")
 

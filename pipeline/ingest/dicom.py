@@ -18,13 +18,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGExtended12Bit,
     MediaStorageDirectoryStorage,
-    UID,
 )
 
 from pipeline.ingest.nifti import UnitError
@@ -497,8 +497,8 @@ def decode_plan(source: Path, plan: UnitPlan) -> np.ndarray:
     for relpath, index in plan.frames:
         if relpath != current:
             native = plan.pixels.get(relpath)
-            arr = decode_native(source / relpath, native) if native else None
-            current, arr = relpath, decode_file(source / relpath, relpath) if arr is None else arr
+            fast = decode_native(source / relpath, native) if native else None
+            current, arr = relpath, decode_file(source / relpath, relpath) if fast is None else fast
         if slices and arr.shape[1:] != slices[0].shape:
             raise UnitError("inconsistent-series", f"pixel data {arr.shape[1:]} differs from the series' "
                                                    f"{slices[0].shape}", relpath)

@@ -131,7 +131,7 @@ def _walk(source: Path, skip: set[Path]) -> list[str]:
         base = Path(root)
         real, prefix = base.resolve(), base.relative_to(source).as_posix()
 
-        def resolved(name: str) -> Path:  # what (base / name).resolve() gives, without a realpath per file
+        def resolved(name: str, base: Path = base, real: Path = real) -> Path:  # realpath only for symlinks
             return (base / name).resolve() if (base / name).is_symlink() else real / name
 
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and resolved(d) not in skip)
