@@ -112,8 +112,12 @@ def test_medxfer_run_each_dims_on_ct3d(ct3d, tmp_path, capsys, name, epochs, min
         overrides["finetune"] = {"epochs": epochs}
     cfg = load_config(CONFIGS / f"{name}.yaml", overrides)
     save_config(cfg, tmp_path / "config.yaml")
-    torch.set_num_threads(1)  # two busy cores: one thread each is faster than contending
-    assert main(["-q", "run", str(tmp_path / "config.yaml"), "--report", str(tmp_path / "report.html")]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two busy cores: one thread is faster than two contending
+    try:
+        assert main(["-q", "run", str(tmp_path / "config.yaml"), "--report", str(tmp_path / "report.html")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     run_id = re.search(r"^run (\w+): report ", capsys.readouterr().out, re.M).group(1)
     tracking.connect(uri)
     run = tracking.get_run(run_id)
