@@ -276,6 +276,14 @@ def _reading(summary: list[dict[str, Any]]) -> list[str]:
             f"differences at: {', '.join(clear) if clear else 'no size'}. Best mean AUROC: ImageNet "
             f"{best_i['imagenet_mean']:.3f} (n={best_i['n_patients']}), scratch {best_s['scratch_mean']:.3f} "
             f"(n={best_s['n_patients']}).")
+        if best_i["imagenet_mean"] < 0.65 and best_s["scratch_mean"] < 0.65:
+            lines.append(f"  Neither arm learns the {dims.upper()} task reliably within this budget (no mean AUROC "
+                         "reaches 0.65), so this gain is not distinguishable from zero.")
+        elif best_s["scratch_mean"] < 0.6:
+            lines.append("  From scratch stays near chance at every size: within this budget it has not started "
+                         "to learn, so the gain is the whole of what the ImageNet arm learned, not a comparison "
+                         "of two trained models; it grows with the cohort because only the ImageNet arm uses "
+                         "the extra data.")
     return lines
 
 
