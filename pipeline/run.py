@@ -45,6 +45,7 @@ from pipeline.finetune.distributed import barrier, broadcast
 from pipeline.ingest import ingest, load_manifest
 from pipeline.prepare import PreparedDataset, build_augment, make_spec, spec_from_dict
 from pipeline.records import AdaptationSummary
+from pipeline.score import jsonable
 from pipeline.score_ray import reference_stats
 
 log = logging.getLogger("medxfer")
@@ -330,7 +331,7 @@ def _evaluate_and_log(cfg: Config, cohort: Cohort, model: torch.nn.Module, ckpt:
             _predictions(frame, cohort.y(frame), probs, cohort.classes).to_parquet(path, index=False)
             tracking.log_artifact(path, "predictions")
     _log_figures(s, cohort, cohort.y(test), run_id)
-    tracking.log_json(_jsonable({"operating_points": s["operating_points"], "subgroups": s["subgroups"],
+    tracking.log_json(jsonable({"operating_points": s["operating_points"], "subgroups": s["subgroups"],
                                  "notes": s["notes"], "classes": cohort.classes, "discrimination": s["discrimination"],
                                  "reliability": {k: s["reliability"][k] for k in ("n_bins", "before", "after")}}),
                       "evaluation.json")
@@ -341,25 +342,12 @@ def _evaluate_and_log(cfg: Config, cohort: Cohort, model: torch.nn.Module, ckpt:
     packaged = tracking.CalibratedNet(model, s["temperature"] or 1.0)
     meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
     if train_data is not None:  # intensity and embedding statistics for score's domain-shift check
-        meta["reference_stats"] = _jsonable(reference_stats(packaged, train_data, batch_size=cfg.finetune.batch_size))
+        meta["reference_stats"] = jsonable(reference_stats(packaged, train_data, batch_size=cfg.finetune.batch_size))
     example = data_example(ckpt["prepare"])
     info = tracking.log_model(packaged, example, meta, cfg.tracking.register_as)
     tracking.set_tags({"stage": "evaluated", "model_uri": info["model_uri"],
                        "registered_model": f"{info['registered_name']}/{info['version']}" if info["version"] else ""})
     return metrics
-
-
-def _jsonable(obj: Any) -> Any:
-    """numpy arrays and scalars → plain lists and numbers, recursively (for JSON artifacts)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def data_example(prepare: dict[str, Any]) -> np.ndarray:

@@ -151,7 +151,7 @@ def _finish(pkg: Packaged, plan: _Plan, out: Path, engine: str, adabn: dict | No
     if labelled:
         summary["external_validation"] = external_metrics(table, plan.frame, pkg)
     metrics_file = Path(f"{out}.metrics.json")
-    _atomic_write(metrics_file, (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+    _atomic_write(metrics_file, (json.dumps(jsonable(summary), indent=2) + "\n").encode())
     for warning in summary["domain_shift"].get("warnings", []):
         log.warning("score: %s", warning)
     return {"n_ok": summary["n_ok"], "n_failed": len(table) - summary["n_ok"], "out": str(out),
@@ -362,7 +362,7 @@ def _assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) 
 def _write_table(table: pd.DataFrame, out: Path, summary: dict[str, Any]) -> None:
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     meta = dict(arrow.schema.metadata or {})
-    meta[b"medxfer"] = json.dumps(_jsonable({k: v for k, v in summary.items() if k != "archive_stats"})).encode()
+    meta[b"medxfer"] = json.dumps(jsonable({k: v for k, v in summary.items() if k != "archive_stats"})).encode()
     sink = pa.BufferOutputStream()
     pq.write_table(arrow.replace_schema_metadata(meta), sink)
     _atomic_write(out, sink.getvalue().to_pybytes())
@@ -416,12 +416,12 @@ def external_metrics(table: pd.DataFrame, frame: pd.DataFrame, pkg: Packaged, n_
     return out
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON values: numpy scalars/arrays to Python, NaN/inf to None."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | np.ndarray):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not np.isfinite(obj):
