@@ -64,6 +64,7 @@ class ModelConfig:
     weights: str = "imagenet"
     in_channels: int = 1
     inflation: Literal["i3d-mean", "i3d-center"] = "i3d-mean"
+    depth_padding: Literal["replicate", "zeros"] = "replicate"  # 3d: how inflated convs pad along depth
     weights_dir: str | None = None
     slicewise: bool = False
 

@@ -75,6 +75,7 @@ class AdaptationSummary:
     channel_method: str  # e.g. "sum-fold RGB->1", "repeat-rescale RGB->5", "none"
     inflation: str | None  # "i3d-mean" | "i3d-center" | None for 2D
     num_classes: int
+    depth_padding: str | None = None  # "replicate" | "zeros" for 3D, None for 2D
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     total_params: int = 0

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from pipeline import tracking
-from pipeline.adapt import MedNet, build_model, layer_groups
+from pipeline.adapt import MedNet, build_model, get_spec, layer_groups, resolve_weights
 from pipeline.config import Config, save_config
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import (
@@ -127,7 +127,8 @@ def _build(cfg: Config, n_classes: int, weights: str | None = None) -> tuple[Med
     in_channels = cfg.prepare.slices if cfg.prepare.dims == "2.5d" and not m.slicewise else m.in_channels
     return build_model(m.backbone, weights or m.weights, num_classes=n_classes, in_channels=in_channels,
                        dims="2d" if cfg.prepare.dims == "2.5d" and not m.slicewise else cfg.prepare.dims,
-                       inflation=m.inflation, weights_dir=m.weights_dir, slicewise=m.slicewise)
+                       inflation=m.inflation, depth_padding=m.depth_padding, weights_dir=m.weights_dir,
+                       slicewise=m.slicewise)
 
 
 def train(cfg: Config, progress: bool = True) -> str:
@@ -145,6 +146,8 @@ def train(cfg: Config, progress: bool = True) -> str:
     """
     world = init_distributed(cfg.finetune.device)
     check_options(cfg.finetune, world.size, augment=cfg.prepare.augment.enabled)
+    get_spec(cfg.model.backbone)  # an unknown backbone or absent weights fail before a long ingest
+    resolve_weights(cfg.model.backbone, cfg.model.weights, cfg.model.weights_dir)
     if world.lead:
         tracking.connect(cfg.tracking.uri)
         if cfg.finetune.resume:
@@ -263,7 +266,7 @@ def _fit(cfg: Config, cohort: Cohort, model: MedNet, summary: Any, spec: Any, da
         cache = Path(cfg.prepare.cache_dir or cohort.manifest_dir / "cache") / "features"
         feats = {}
         for name in ("train", "val"):
-            key = feature_cache_key(summary.weights_sha256, spec.hash(), data[name].shas)
+            key = feature_cache_key(model.features, spec.hash(), data[name].shas)
             feats[name] = extract_features(model.features, data[name], device, ft.batch_size,
                                            cache / f"{key}.pt", desc=f"features ({name})")
         if ft.head == "logistic":

@@ -15,8 +15,8 @@ from pipeline.adapt import build_model, inflate_conv_weight, inflate_to_3d
 from pipeline.adapt.inflate import (
     AvgPool3dDepthSafe,
     BatchNormAct3d,
-    Conv3dSame,
     GlobalPool3d,
+    InflatedConv3d,
     SqueezeExcite3d,
 )
 from pipeline.errors import ConfigError
@@ -39,6 +39,14 @@ def _left_pad(conv: nn.Conv2d, size: int) -> int:
     return conv.padding[0]
 
 
+def _out_len(conv: nn.Conv2d, size: int) -> int:
+    """Output length along an axis of `size`, as the 2D conv computes it along its height."""
+    k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+    if type(conv) is Conv2dSame or conv.padding == "same":
+        return math.ceil(size / s)
+    return (size + 2 * conv.padding[0] - d * (k - 1) - 1) // s + 1
+
+
 CONVS = {
     "plain": lambda: nn.Conv2d(4, 6, 3, padding=1),
     "strided-7x7": lambda: nn.Conv2d(4, 6, 7, stride=2, padding=3, bias=False),
@@ -54,11 +62,11 @@ CONVS = {
 
 
 @pytest.mark.parametrize("kind", list(CONVS))
-def test_i3d_mean_conv_equals_2d_on_interior_slices(kind: str) -> None:
+def test_i3d_mean_conv_with_zero_depth_padding_equals_2d_on_interior_slices(kind: str) -> None:
     torch.manual_seed(0)
     conv = CONVS[kind]()
-    conv3 = inflate_to_3d(conv, "i3d-mean")
-    assert isinstance(conv3, Conv3dSame if type(conv) is Conv2dSame else nn.Conv3d)
+    conv3 = inflate_to_3d(conv, "i3d-mean", depth_padding="zeros")
+    assert isinstance(conv3, InflatedConv3d)
     x = torch.randn(2, 4, 13, 12)
     with torch.no_grad():
         ref, out = conv(x), conv3(_volume(x))
@@ -70,6 +78,36 @@ def test_i3d_mean_conv_equals_2d_on_interior_slices(kind: str) -> None:
         torch.testing.assert_close(out[:, :, o], ref, rtol=1e-5, atol=1e-5)
     if k > 1:  # the border slices see zero padding in depth: they differ
         assert not torch.allclose(out[:, :, 0], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5, DEPTH])
+@pytest.mark.parametrize("kind", list(CONVS))
+def test_i3d_mean_conv_with_replicate_depth_padding_equals_2d_on_every_slice(kind: str, depth: int) -> None:
+    torch.manual_seed(4)
+    conv = CONVS[kind]()
+    conv3 = inflate_to_3d(conv, "i3d-mean")  # replicate is the default
+    x = torch.randn(2, 4, 13, 12)
+    with torch.no_grad():
+        ref, out = conv(x), conv3(_volume(x, depth))
+    assert out.shape[2] == _out_len(conv, depth)
+    for o in range(out.shape[2]):  # border slices included, even when the volume is thinner than the kernel
+        torch.testing.assert_close(out[:, :, o], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_replicate_depth_padding_does_not_leak_into_the_plane() -> None:
+    """In-plane padding stays zero: the border pixels of each slice equal the 2D conv's."""
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    out = inflate_to_3d(conv)(torch.ones(1, 1, 3, 4, 4))
+    # corner: 4 of the 9 in-plane taps are inside (zero padding in-plane); depth sums to 1 (i3d-mean)
+    assert out[0, 0, 0, 0, 0].item() == pytest.approx(4.0)
+    assert out[0, 0, 0, 1, 1].item() == pytest.approx(9.0)
+
+
+def test_unknown_depth_padding_is_named() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'replicate'"):
+        inflate_to_3d(nn.Conv2d(1, 1, 3), depth_padding="replicat")
 
 
 @pytest.mark.parametrize("kind", list(CONVS))
@@ -177,6 +215,38 @@ def test_whole_network_i3d_center_gives_2d_features_on_depth_constant_volume(nam
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not any(isinstance(m, nn.Conv3d) for m in f2.modules())
+
+
+@pytest.mark.parametrize("depth", [1, 3, 16, 32])
+def test_whole_network_i3d_mean_gives_2d_features_on_depth_constant_volume(depth: int) -> None:
+    """With replicate depth padding the inflated lite0 sees a depth-constant volume as its slice.
+
+    With zero padding the same check fails badly at these depths (max error about 6 on features
+    of size about 0.2): each strided stage shrinks depth and the border error compounds through
+    the ImageNet BatchNorm statistics, so the features of a thin volume collapse to near-constant.
+    """
+    torch.manual_seed(5)
+    f2, num_features = _features2d("tf_efficientnet_lite0")
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        ref = f2(x)
+        out = inflate_to_3d(f2, "i3d-mean")(_volume(x, depth))
+        zeros = inflate_to_3d(f2, "i3d-mean", depth_padding="zeros")(_volume(x, depth))
+    assert out.shape == (2, num_features)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+    assert (zeros - ref).abs().max() > 1.0
+
+
+def test_inflated_features_vary_across_thin_volumes() -> None:
+    """Eval-mode features of different 16-slice volumes differ (they collapsed with zero padding)."""
+    torch.manual_seed(6)
+    f2, _ = _features2d("tf_efficientnet_lite0")
+    x = torch.randn(6, 1, 16, 64, 64)
+    with torch.no_grad():
+        spread = inflate_to_3d(f2, "i3d-mean")(x).std(dim=0).mean().item()
+        collapsed = inflate_to_3d(f2, "i3d-mean", depth_padding="zeros")(x).std(dim=0).mean().item()
+    assert spread > 0.01
+    assert collapsed < spread / 100
 
 
 @pytest.mark.parametrize(("name", "num_features"),

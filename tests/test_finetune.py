@@ -297,3 +297,24 @@ def test_logistic_head_equals_sklearn_predict_proba(n_classes):
         assert torch.equal(frozen[k], v), k
     with pytest.raises(DataError, match="every class needs train images"):
         logistic_head(model, (x, torch.zeros(90, dtype=torch.long)), (x, y), cfg, n_classes)
+
+
+def test_feature_cache_key_tells_apart_what_the_weights_file_does_not():
+    """Same weights file, same images: another depth padding, inflation or random init is another key."""
+    from pipeline.adapt import build_model
+    from pipeline.finetune import feature_cache_key
+
+    def key(seed=0, **kw):
+        torch.manual_seed(seed)
+        model, _ = build_model("resnet18", "none", dims="3d", **kw)
+        return feature_cache_key(model.features, "spec", ["a", "b"])
+
+    base = key()
+    assert key() == base  # deterministic
+    assert key(depth_padding="zeros") != base  # same tensors, other structure
+    assert key(inflation="i3d-center") != base
+    assert key(seed=1) != base  # weights "none" with another seed
+    torch.manual_seed(0)
+    model, _ = build_model("resnet18", "none", dims="3d")
+    assert feature_cache_key(model.features, "spec", ["a", "c"]) != base
+    assert feature_cache_key(model.features, "other-spec", ["a", "b"]) != base

@@ -124,3 +124,18 @@ def test_weights_file_of_another_backbone_exits_2(manifest, resnet18_file, tmp_p
                   tmp_path / "mismatch.yaml")
     assert main(["train", str(path)]) == 2
     assert "does not fit backbone 'densenet121'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ({"backbone": "resnet19"}, "did you mean 'resnet18'"),
+    ({"weights": "/nowhere/resnet18.pth"}, "'/nowhere/resnet18.pth' is not an existing file"),
+])
+def test_bad_model_fails_before_ingest(tmp_path, capsys, model, expected):
+    """The model is checked first: the (absent) archive is never reached and no manifest is written."""
+    raw = _raw(tmp_path / "new-manifest", tmp_path, **model)
+    raw["data"].update(source=str(tmp_path / "archive-not-there"), labels=str(tmp_path / "labels.csv"))
+    assert main(["train", str(_write(raw, tmp_path / "early.yaml"))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "archive-not-there" not in err
+    assert not (tmp_path / "new-manifest").exists()

@@ -319,6 +319,9 @@ class Features(nn.Sequential):
         self.in_channels = in_channels
         self.slicewise = slicewise
 
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, slicewise={self.slicewise}"
+
     @property
     def spatial_dims(self) -> int:
         """3 once inflated (the first layer is a Conv3d), else 2."""
@@ -403,7 +406,7 @@ def _check_options(num_classes: int, in_channels: int, dims: str, inflation: str
 
 def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet", *, num_classes: int = 2,
                 in_channels: int = 1, dims: str = "2d", inflation: str = "i3d-mean",
-                weights_dir: str | Path | None = None, slicewise: bool = False) -> tuple[MedNet, AdaptationSummary]:
+                depth_padding: str = "replicate", weights_dir: str | Path | None = None, slicewise: bool = False) -> tuple[MedNet, AdaptationSummary]:
     """Build an ImageNet backbone adapted to a medical input, with a new classification head.
 
     Steps: resolve the local weights file (`resolve_weights`), load it strictly into the RGB
@@ -418,6 +421,8 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
         in_channels: input channels (1 for a gray image; k adjacent slices for 2.5D).
         dims: ``"2d"``, ``"2.5d"`` (a 2D network over k slices as channels) or ``"3d"``.
         inflation: ``"i3d-mean"`` or ``"i3d-center"`` (used for dims ``"3d"`` only).
+        depth_padding: ``"replicate"`` or ``"zeros"``, how inflated convolutions pad along depth
+            (dims ``"3d"`` only; see `inflate_to_3d`).
         weights_dir: extra directory searched first for ``"imagenet"`` weights.
         slicewise: with dims 2.5d/3d, run the 2D network on each slice of a (B, C, D, H, W)
             input and average the pooled features over slices (no inflation).
@@ -448,12 +453,13 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
     features = Features(layers, in_channels, slicewise=slicewise)
     inflated = dims == "3d" and not slicewise
     if inflated:
-        features = cast(Features, inflate_to_3d(features, inflation))
+        features = cast(Features, inflate_to_3d(features, inflation, depth_padding))
     model = MedNet(features, num_features, num_classes, backbone)
     summary = AdaptationSummary(
         backbone=backbone, weights=str(weights), weights_file=str(path) if path else None, weights_sha256=sha,
         dims=dims, in_channels=in_channels, channel_method=channel_method,
-        inflation=inflation if inflated else None, num_classes=num_classes, missing_keys=missing,
+        inflation=inflation if inflated else None, depth_padding=depth_padding if inflated else None,
+        num_classes=num_classes, missing_keys=missing,
         unexpected_keys=unexpected, total_params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         mean=spec.mean, std=spec.std, input_size=spec.input_size)

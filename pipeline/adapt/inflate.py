@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,12 @@ from torch.nn.modules.utils import _pair
 from pipeline.errors import ConfigError, did_you_mean
 
 INFLATIONS: tuple[str, ...] = ("i3d-mean", "i3d-center")
+DEPTH_PADDINGS: tuple[str, ...] = ("replicate", "zeros")
+
+
+class _How(NamedTuple):
+    method: str
+    depth_padding: str
 
 
 def inflate_conv_weight(weight: torch.Tensor, method: str = "i3d-mean") -> torch.Tensor:
@@ -51,16 +58,43 @@ def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, 
     return pad // 2, pad - pad // 2
 
 
-class Conv3dSame(nn.Conv3d):
-    """TensorFlow-style 'SAME' 3D convolution (the 3D counterpart of timm's Conv2dSame)."""
+class InflatedConv3d(nn.Conv3d):
+    """Conv3d inflated from a Conv2d: zero padding in-plane, as the 2D conv had, and replicate or
+    zero padding along depth; TF-'same' padding (timm's Conv2dSame, torch's "same") when `same`.
+
+    Replicate (edge) padding along depth means a volume that is constant along depth gives the
+    2D response on every output slice, border slices included, at any depth and depth stride.
+    With zero padding a thin volume's border slices see a fraction of the kernel, and through
+    the ImageNet BatchNorm statistics of a deep network that error compounds until the features
+    of a 16-32-slice volume barely vary (the eval-mode collapse this padding avoids).
+    """
+
+    def __init__(self, *args, pad: tuple[int, int, int] = (0, 0, 0), same: bool = False,
+                 depth_padding: str = "replicate", spatial_mode: str = "constant", **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+        self.pad, self.same, self.depth_padding, self.spatial_mode = tuple(pad), same, depth_padding, spatial_mode
+
+    def extra_repr(self) -> str:
+        pad = "same" if self.same else self.pad
+        return f"{super().extra_repr()}, pad={pad}, depth_padding={self.depth_padding}"
+
+    def _pads(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        if self.same:
+            return [_same_pad(int(n), k, s, d) for n, k, s, d in
+                    zip(x.shape[-3:], self.kernel_size, self.stride, self.dilation, strict=True)]
+        return [(p, p) for p in self.pad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads: list[int] = []
-        for size, k, s, d in reversed(list(zip(x.shape[-3:], self.kernel_size, self.stride, self.dilation,
-                                               strict=True))):
-            pads.extend(_same_pad(int(size), k, s, d))
-        x = F.pad(x, pads)
-        return F.conv3d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        (d0, d1), (h0, h1), (w0, w1) = self._pads(x)
+        if d0 or d1:
+            mode = "replicate" if self.depth_padding == "replicate" else "constant"
+            x = F.pad(x, (0, 0, 0, 0, d0, d1), mode=mode)
+        inplane = (0, 0)
+        if h0 == h1 and w0 == w1 and self.spatial_mode == "constant":
+            inplane = (h0, w0)  # symmetric zero padding: let the convolution do it
+        elif h0 or h1 or w0 or w1:
+            x = F.pad(x, (w0, w1, h0, h1), mode=self.spatial_mode)
+        return F.conv3d(x, self.weight, self.bias, self.stride, (0, *inplane), self.dilation, self.groups)
 
 
 class BatchNormAct3d(nn.BatchNorm3d):
@@ -150,13 +184,14 @@ def _triple(v: object) -> tuple:
     return (h, h, w)
 
 
-def _conv(conv: nn.Conv2d, method: str) -> nn.Conv3d:
-    cls = Conv3dSame if type(conv) is Conv2dSame else nn.Conv3d
-    padding = conv.padding if isinstance(conv.padding, str) else _triple(conv.padding)
-    new = cls(conv.in_channels, conv.out_channels, _triple(conv.kernel_size), stride=_triple(conv.stride),
-              padding=0 if cls is Conv3dSame else padding, dilation=_triple(conv.dilation),
-              groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
-    new.weight = nn.Parameter(inflate_conv_weight(conv.weight, method).contiguous(),
+def _conv(conv: nn.Conv2d, how: _How) -> nn.Conv3d:
+    same = type(conv) is Conv2dSame or conv.padding == "same"
+    pad = (0, 0, 0) if same or conv.padding == "valid" else _triple(conv.padding)
+    spatial_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    new = InflatedConv3d(conv.in_channels, conv.out_channels, _triple(conv.kernel_size), stride=_triple(conv.stride),
+                         dilation=_triple(conv.dilation), groups=conv.groups, bias=conv.bias is not None,
+                         pad=pad, same=same, depth_padding=how.depth_padding, spatial_mode=spatial_mode)
+    new.weight = nn.Parameter(inflate_conv_weight(conv.weight, how.method).contiguous(),
                               requires_grad=conv.weight.requires_grad)
     if conv.bias is not None:
         new.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
@@ -201,14 +236,14 @@ def _select_pool(pool: SelectAdaptivePool2d) -> GlobalPool3d:
     return GlobalPool3d(pool.pool_type, flatten=flatten)
 
 
-def _squeeze_excite(se: nn.Module, method: str) -> SqueezeExcite3d:
+def _squeeze_excite(se: nn.Module, how: _How) -> SqueezeExcite3d:
     names = ("conv_reduce", "act1", "conv_expand") if type(se) is SqueezeExcite else ("fc1", "bn", "act", "fc2")
-    path = {n: _convert(se.get_submodule(n), method) for n in names}
-    gate = _convert(se.get_submodule("gate"), method)
+    path = {n: _convert(se.get_submodule(n), how) for n in names}
+    gate = _convert(se.get_submodule("gate"), how)
     return SqueezeExcite3d(path, gate, add_maxpool=bool(getattr(se, "add_maxpool", False)))
 
 
-def _replacement(m: nn.Module, method: str) -> nn.Module | None:
+def _replacement(m: nn.Module, how: _How) -> nn.Module | None:
     """The 3D counterpart of one module, or None when it has none (recurse into its children).
 
     Types are matched exactly: a subclass may change `forward` (e.g. timm's MaxPool2dSame), so
@@ -216,7 +251,7 @@ def _replacement(m: nn.Module, method: str) -> nn.Module | None:
     """
     t = type(m)
     if isinstance(m, nn.Conv2d) and t in (nn.Conv2d, Conv2dSame):
-        return _conv(m, method)
+        return _conv(m, how)
     if isinstance(m, nn.BatchNorm2d) and t in (nn.BatchNorm2d, BatchNormAct2d):
         return _batchnorm(m)
     if isinstance(m, nn.MaxPool2d | nn.AvgPool2d) and t in (nn.MaxPool2d, nn.AvgPool2d):
@@ -226,7 +261,7 @@ def _replacement(m: nn.Module, method: str) -> nn.Module | None:
     if isinstance(m, SelectAdaptivePool2d) and t is SelectAdaptivePool2d:
         return _select_pool(m)
     if t in (SqueezeExcite, SEModule):
-        return _squeeze_excite(m, method)
+        return _squeeze_excite(m, how)
     if isinstance(m, nn.Dropout2d) and t is nn.Dropout2d:
         return nn.Dropout3d(m.p, inplace=m.inplace)
     if isinstance(m, nn.InstanceNorm2d) and t is nn.InstanceNorm2d:
@@ -236,14 +271,14 @@ def _replacement(m: nn.Module, method: str) -> nn.Module | None:
     return None
 
 
-def _convert(m: nn.Module, method: str) -> nn.Module:
+def _convert(m: nn.Module, how: _How) -> nn.Module:
     """Convert `m` in place where it has children; return its replacement."""
-    new = _replacement(m, method)
+    new = _replacement(m, how)
     if new is not None:
         new.train(m.training)
         return new
     for name, child in list(m.named_children()):
-        setattr(m, name, _convert(child, method))
+        setattr(m, name, _convert(child, how))
     return m
 
 
@@ -255,11 +290,11 @@ def _leftover_2d(module: nn.Module) -> list[str]:
             if isinstance(m, bad_types) or "2d" in type(m).__name__.lower()]
 
 
-def inflate_to_3d(module: nn.Module, method: str = "i3d-mean") -> nn.Module:
+def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: str = "replicate") -> nn.Module:
     """Convert a 2D network into its 3D counterpart, inflating its weights; the input is untouched.
 
-    Converts Conv2d (grouped and depthwise included; timm's ``Conv2dSame`` to TF-'same'
-    ``Conv3dSame``), BatchNorm2d (timm's ``BatchNormAct2d`` too), max/avg pooling, adaptive and
+    Converts Conv2d (grouped and depthwise included; timm's ``Conv2dSame`` and torch's "same"
+    keep TF-'same' padding) to `InflatedConv3d`, BatchNorm2d (timm's ``BatchNormAct2d`` too), max/avg pooling, adaptive and
     timm ``SelectAdaptivePool2d`` global pooling, timm squeeze-excite blocks, Dropout2d and
     InstanceNorm2d; activations and other modules are kept. Kernels, strides, paddings and
     dilations gain a depth entry equal to their height entry. Pooling windows edge-pad the depth
@@ -268,15 +303,21 @@ def inflate_to_3d(module: nn.Module, method: str = "i3d-mean") -> nn.Module:
     Args:
         module: the 2D network; it is deep-copied first and never modified.
         method: ``"i3d-mean"`` or ``"i3d-center"`` (see `inflate_conv_weight`).
+        depth_padding: ``"replicate"`` (default: a depth-constant volume gives the 2D network's
+            features at any depth, so thin volumes keep ImageNet-like activations) or ``"zeros"``
+            (the original I3D, exact on interior slices only; see `InflatedConv3d`).
 
     Returns:
         The converted 3D module, in the same train/eval mode as `module`.
 
     Raises:
-        ConfigError: unknown method, or a module that has no 3D counterpart here (named).
+        ConfigError: unknown method or depth padding, or a module that has no 3D counterpart here (named).
     """
     _check_method(method)
-    converted = _convert(copy.deepcopy(module), method)
+    if depth_padding not in DEPTH_PADDINGS:
+        raise ConfigError(f"model.depth_padding: unknown '{depth_padding}'{did_you_mean(depth_padding, DEPTH_PADDINGS)}; "
+                          f"use one of {', '.join(DEPTH_PADDINGS)}")
+    converted = _convert(copy.deepcopy(module), _How(method, depth_padding))
     leftover = _leftover_2d(converted)
     if leftover:
         raise ConfigError(f"inflate: no 3D counterpart for {len(leftover)} module(s): {', '.join(leftover[:5])}; "

@@ -52,9 +52,17 @@ def extract_features(features: nn.Module, dataset: Dataset, device: torch.device
     return out
 
 
-def feature_cache_key(weights_sha: str | None, spec_hash: str, shas: list[str]) -> str:
-    """Cache key of a feature table: model weights × prepare spec × the images, in order."""
-    h = hashlib.sha256(f"{weights_sha}|{spec_hash}|".encode())
+def feature_cache_key(features: nn.Module, spec_hash: str, shas: list[str]) -> str:
+    """Cache key of a feature table: the extractor (its structure and every tensor) × prepare spec × the images.
+
+    Hashing the network itself, not the weights file, keeps features apart that the file alone
+    does not tell apart: another inflation or depth padding, slicewise or not, another random
+    initialisation (weights ``none`` with another seed), another channel folding.
+    """
+    h = hashlib.sha256(f"{features!r}|{spec_hash}|".encode())
+    for name, t in features.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     for s in shas:
         h.update(s.encode())
     return h.hexdigest()[:24]

@@ -346,7 +346,7 @@ def model_section(f: Facts) -> dict[str, Any]:
             ("Input", f"{a.get('in_channels')} channel(s), {str(a.get('dims', DASH)).upper()}, "
                       f"{_dims(a.get('input_size'))}"),
             ("Channel adaptation", a.get("channel_method")),
-            ("2D → 3D inflation", a.get("inflation") or "not used"),
+            ("2D → 3D inflation", _inflation(a)),
             ("Output classes", a.get("num_classes")),
             ("Weights not loaded (new layers)", f"{len(missing)}{_keys(missing)}"),
             ("File tensors not used", f"{len(unexpected)}{_keys(unexpected)}"),
@@ -365,6 +365,13 @@ def model_section(f: Facts) -> dict[str, Any]:
         blocks.append(table(["class", "loss weight"], [[n, num(w, 3)] for n, w in zip(names, weights, strict=True)],
                             f"Class weights ({f.setting('finetune.class_weights', DASH)})"))
     return section("model", "Model card", blocks)
+
+
+def _inflation(a: dict[str, Any]) -> str:
+    if not a.get("inflation"):
+        return "not used"
+    pad = a.get("depth_padding")
+    return f"{a['inflation']}, {pad} padding along depth" if pad else str(a["inflation"])
 
 
 def _keys(keys: list[str]) -> str:
