@@ -406,7 +406,8 @@ def _check_options(num_classes: int, in_channels: int, dims: str, inflation: str
 
 def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet", *, num_classes: int = 2,
                 in_channels: int = 1, dims: str = "2d", inflation: str = "i3d-mean",
-                depth_padding: str = "replicate", weights_dir: str | Path | None = None, slicewise: bool = False) -> tuple[MedNet, AdaptationSummary]:
+                depth_padding: str = "replicate", weights_dir: str | Path | None = None,
+                slicewise: bool = False) -> tuple[MedNet, AdaptationSummary]:
     """Build an ImageNet backbone adapted to a medical input, with a new classification head.
 
     Steps: resolve the local weights file (`resolve_weights`), load it strictly into the RGB

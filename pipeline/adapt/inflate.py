@@ -294,8 +294,8 @@ def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: st
     """Convert a 2D network into its 3D counterpart, inflating its weights; the input is untouched.
 
     Converts Conv2d (grouped and depthwise included; timm's ``Conv2dSame`` and torch's "same"
-    keep TF-'same' padding) to `InflatedConv3d`, BatchNorm2d (timm's ``BatchNormAct2d`` too), max/avg pooling, adaptive and
-    timm ``SelectAdaptivePool2d`` global pooling, timm squeeze-excite blocks, Dropout2d and
+    keep TF-'same' padding) to `InflatedConv3d`, BatchNorm2d (timm's ``BatchNormAct2d`` too),
+    max/avg pooling, adaptive and timm ``SelectAdaptivePool2d`` global pooling, timm squeeze-excite blocks, Dropout2d and
     InstanceNorm2d; activations and other modules are kept. Kernels, strides, paddings and
     dilations gain a depth entry equal to their height entry. Pooling windows edge-pad the depth
     axis when a volume is thinner than the window, so thin volumes go through.
@@ -315,8 +315,8 @@ def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: st
     """
     _check_method(method)
     if depth_padding not in DEPTH_PADDINGS:
-        raise ConfigError(f"model.depth_padding: unknown '{depth_padding}'{did_you_mean(depth_padding, DEPTH_PADDINGS)}; "
-                          f"use one of {', '.join(DEPTH_PADDINGS)}")
+        hint = did_you_mean(depth_padding, DEPTH_PADDINGS)
+        raise ConfigError(f"model.depth_padding: unknown '{depth_padding}'{hint}; use one of {', '.join(DEPTH_PADDINGS)}")
     converted = _convert(copy.deepcopy(module), _How(method, depth_padding))
     leftover = _leftover_2d(converted)
     if leftover:
