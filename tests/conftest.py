@@ -29,3 +29,20 @@ def demo_run(tmp_path_factory) -> dict:
     result["root"] = Path(root)
     result["uri"] = f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
     return result
+
+
+# A fixed pseudonym key for tests whose small cohorts need both classes in every split: splits
+# are keyed hashes, so a fresh random key would make such a fixture fail now and then.
+TEST_KEY_HEX = "5a" * 32
+
+
+def fixed_key(path):
+    """Write the fixed test key (mode 0600) at `path` and return the path."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(TEST_KEY_HEX + "\n")
+    os.chmod(path, 0o600)
+    return path

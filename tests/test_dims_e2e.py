@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import fixed_key
 
 from pipeline import tracking
 from pipeline.cli import main
@@ -90,7 +91,7 @@ def ct3d(tmp_path_factory) -> dict:
     """A small ct3d cohort (48 patients, 2 series each), ingested once: {"root", "manifest"}."""
     root = tmp_path_factory.mktemp("ct3d")
     cohort = make_cohort(root / "cohort", kind="ct3d", n=48, seed=5)
-    ingest(cohort.archive_dir, cohort.labels_csv, root / "manifest", key_file=root / "key", val=0.25, test=0.3,
+    ingest(cohort.archive_dir, cohort.labels_csv, root / "manifest", key_file=fixed_key(root / "key"), val=0.25, test=0.3,
            seed=0, progress=False)
     return {"root": root, "manifest": root / "manifest"}
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import fixed_key
 from dicom_factory import write_nifti
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -149,7 +150,7 @@ def resume_setup(tmp_path_factory):
     _cohort(root)
     raw = {"experiment": "resume-test",
            "data": {"source": str(root / "archive"), "labels": str(root / "labels.csv"),
-                    "manifest": str(root / "manifest"), "key_file": str(root / "key"),
+                    "manifest": str(root / "manifest"), "key_file": str(fixed_key(root / "key")),
                     "split": {"val": 0.3, "test": 0.2, "seed": 0}},
            "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32], "cache_dir": str(root / "cache")},
            "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},

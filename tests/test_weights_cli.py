@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from conftest import fixed_key
 
 from pipeline import tracking
 from pipeline.cli import main
@@ -36,7 +37,7 @@ def manifest(tmp_path_factory) -> Path:
     """A tiny ingested cxr2d cohort (24 patients, half positive; both classes in every split) shared here."""
     root = tmp_path_factory.mktemp("cxr")
     cohort = make_cohort(root / "cohort", kind="cxr2d", n=24, seed=3, positive_fraction=0.5)
-    ingest(cohort.archive_dir, cohort.labels_csv, root / "manifest", key_file=root / "key", val=0.25, test=0.25,
+    ingest(cohort.archive_dir, cohort.labels_csv, root / "manifest", key_file=fixed_key(root / "key"), val=0.25, test=0.25,
            seed=0, progress=False)
     return root / "manifest"
 
