@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import tracking
+from pipeline.adapt import state_sha256
 from pipeline.errors import DataError
 from pipeline.prepare import (
     CT_WINDOWS,
@@ -42,7 +42,7 @@ class Packaged:
         threshold = (meta.get("operating_point") or {}).get("threshold")
         self.threshold = None if threshold is None else float(threshold)
         self.reference = meta.get("reference_stats")
-        self.fingerprint = _fingerprint(model)
+        self.fingerprint = state_sha256(model)
         self.version = _version(uri, self.fingerprint)
         preset = self.spec.preset
         default = {"CT"} if preset in CT_WINDOWS else PRESET_MODALITIES.get(preset, set())
@@ -66,14 +66,6 @@ def load_packaged(model_uri: str) -> Packaged:
                         "it was not packaged by `medxfer evaluate`. Fix: score a model logged with "
                         "tracking.log_model(..., metadata={'prepare': ..., 'classes': ...})")
     return Packaged(model, meta, model_uri)
-
-
-def _fingerprint(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _version(uri: str, fingerprint: str) -> str:

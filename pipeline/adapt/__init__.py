@@ -15,6 +15,7 @@ from pipeline.adapt.backbones import (
     lukemelas_to_timm,
     resolve_weights,
     sha256_file,
+    state_sha256,
     weight_dirs,
 )
 from pipeline.adapt.channels import adapt_first_conv, fold_rgb_weight
@@ -40,5 +41,6 @@ __all__ = [
     "lukemelas_to_timm",
     "resolve_weights",
     "sha256_file",
+    "state_sha256",
     "weight_dirs",
 ]

@@ -17,6 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from pipeline.adapt import state_sha256
 from pipeline.errors import ConfigError, DataError
 from pipeline.finetune.loop import EpochHook, TrainResult, _autocast, auroc, finetune
 from pipeline.finetune.losses import make_loss
@@ -59,10 +60,7 @@ def feature_cache_key(features: nn.Module, spec_hash: str, shas: list[str]) -> s
     does not tell apart: another inflation or depth padding, slicewise or not, another random
     initialisation (weights ``none`` with another seed), another channel folding.
     """
-    h = hashlib.sha256(f"{features!r}|{spec_hash}|".encode())
-    for name, t in features.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h = hashlib.sha256(f"{features!r}|{spec_hash}|{state_sha256(features)}|".encode())
     for s in shas:
         h.update(s.encode())
     return h.hexdigest()[:24]
