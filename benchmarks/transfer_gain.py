@@ -338,23 +338,12 @@ def write_markdown(s: dict[str, Any], summary: list[dict[str, Any]], rows: list[
         "- The data are synthetic (`pipeline.synthetic`): a faint round opacity on radiographs, a small solid "
         "nodule in CT. The size of the gain on real scans can differ; what the benchmark shows is that the "
         "pipeline measures it fairly (paired seeds, a fixed test set, one recipe), not its clinical size.",
-        *_features_lines(meta), *_collapse_note(meta),
+        *_features_lines(meta),
         f"- With {s['seeds']} seed(s), a standard deviation is itself uncertain; differences below about one sd "
         "are noise. Per-run test AUROCs with 95% bootstrap CIs (patients resampled) are in the .json file, "
         f"and every run is in the MLflow store {meta['mlflow_store']}.",
         ""])
     path.write_text(text)
-
-
-def _collapse_note(meta: dict[str, Any]) -> list[str]:
-    """Explain a 3D ImageNet network whose eval-mode features barely vary across volumes."""
-    f = meta.get("init_features", {}).get("3d")
-    if not f or f["eval"]["sd_across_units"] >= 0.05 * f["train"]["sd_across_units"]:
-        return []
-    return ["- 3D caveat: in eval mode the inflated ImageNet network's pooled features hardly vary across volumes "
-            "(above). That is the collapse zero padding along depth causes on thin volumes (the deepest layers see "
-            "a depth of 1–2, where zero padding removes most of each depth-averaged kernel, and the error compounds "
-            "through the ImageNet BatchNorm statistics); `model.depth_padding: replicate`, the default, avoids it."]
 
 
 def rows_of(rows: list[dict[str, Any]], dims: str) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from pipeline import tracking
-from pipeline.adapt import MedNet, build_model, get_spec, layer_groups, resolve_weights
+from pipeline.adapt import MedNet, build_model, layer_groups, resolve_weights
 from pipeline.config import Config, save_config
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import (
@@ -146,7 +146,7 @@ def train(cfg: Config, progress: bool = True) -> str:
     """
     world = init_distributed(cfg.finetune.device)
     check_options(cfg.finetune, world.size, augment=cfg.prepare.augment.enabled)
-    get_spec(cfg.model.backbone)  # an unknown backbone or absent weights fail before a long ingest
+    # an unknown backbone (get_spec inside) or absent weights fail before a long ingest
     resolve_weights(cfg.model.backbone, cfg.model.weights, cfg.model.weights_dir)
     if world.lead:
         tracking.connect(cfg.tracking.uri)

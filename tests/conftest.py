@@ -36,11 +36,8 @@ def demo_run(tmp_path_factory) -> dict:
 TEST_KEY_HEX = "5a" * 32
 
 
-def fixed_key(path):
+def fixed_key(path: str | Path) -> Path:
     """Write the fixed test key (mode 0600) at `path` and return the path."""
-    import os
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(TEST_KEY_HEX + "\n")
