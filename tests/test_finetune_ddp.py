@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fixed_key
 
 from pipeline.finetune import finetune
 
@@ -115,7 +116,7 @@ def test_medxfer_train_under_torchrun_logs_one_run(tmp_path):
 
     _cohort(tmp_path)
     raw = {"experiment": "ddp", "data": {"source": str(tmp_path / "archive"), "labels": str(tmp_path / "labels.csv"),
-                                         "manifest": str(tmp_path / "manifest"), "key_file": str(tmp_path / "key"),
+                                         "manifest": str(tmp_path / "manifest"), "key_file": str(fixed_key(tmp_path / "key")),
                                          "split": {"val": 0.3, "test": 0.2, "seed": 0}},
            "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32]},
            "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
