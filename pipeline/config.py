@@ -67,6 +67,8 @@ class ModelConfig:
     depth_padding: Literal["replicate", "zeros"] = "replicate"  # 3d: how inflated convs pad along depth
     weights_dir: str | None = None
     slicewise: bool = False
+    pool: Literal["avg", "max", "catavgmax"] = "avg"  # global pooling of the last feature map
+    inplane_levels: int = 0  # 3d: downsampling levels that halve height and width but keep every slice
 
 
 @dataclass

@@ -192,6 +192,10 @@ def test_misspelled_weights_keyword_suggests_imagenet() -> None:
     ({"num_classes": 0}, "model.num_classes: must be a whole number >= 1, got 0"),
     ({"in_channels": 0}, "model.in_channels: must be a whole number >= 1, got 0"),
     ({"slicewise": True, "dims": "2d"}, "model.slicewise: applies to dims 2.5d or 3d"),
+    ({"pool": "mx"}, "model.pool: unknown 'mx' \\(did you mean 'max'"),
+    ({"inplane_levels": 2}, "model.inplane_levels: applies to inflated 3D networks"),
+    ({"inplane_levels": 2, "dims": "3d", "slicewise": True}, "model.inplane_levels: applies to inflated 3D networks"),
+    ({"inplane_levels": -1, "dims": "3d"}, "model.inplane_levels: expected a whole number >= 0, got -1"),
 ])
 def test_bad_options_are_config_errors(kwargs, match) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -281,6 +285,40 @@ def test_slicewise_is_the_mean_of_per_slice_features(dims: str, in_channels: int
         per_slice = torch.stack([model.features(x[:, :, d]) for d in range(3)], dim=1).mean(dim=1)
     torch.testing.assert_close(pooled, per_slice, rtol=1e-5, atol=1e-5)
     assert pooled.shape == (2, 512)
+
+
+@pytest.mark.parametrize(("name", "pool_layer"),
+                         [("tf_efficientnet_lite0", "global_pool"), ("resnet18", "avgpool"), ("densenet121", "avgpool")])
+def test_pool_max_and_catavgmax_pool_the_last_feature_map(name: str, pool_layer: str) -> None:
+    x = torch.randn(2, 1, 64, 64)
+    seen = []
+    out = {}
+    for pool in ("avg", "max", "catavgmax"):
+        torch.manual_seed(0)  # the same weights for every pool
+        model, s = build_model(name, "none", pool=pool)
+        assert s.pool == pool
+        assert model.head.in_features == model.num_features
+        hook = getattr(model.features, pool_layer).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        with torch.no_grad():
+            out[pool] = model.eval().features(x)
+        hook.remove()
+    fmap = seen[0]
+    assert fmap.ndim == 4
+    torch.testing.assert_close(seen[1], fmap)
+    torch.testing.assert_close(out["avg"], fmap.mean((2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["max"], fmap.amax((2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["catavgmax"], torch.cat([out["avg"], out["max"]], 1), rtol=1e-5, atol=1e-5)
+
+
+def test_slicewise_max_pools_over_slices_too() -> None:
+    model, _ = build_model("resnet18", "none", dims="3d", slicewise=True, pool="max")
+    x = torch.randn(2, 1, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        pooled = model.features(x)
+        model.features.slicewise = False
+        per_slice = torch.stack([model.features(x[:, :, d]) for d in range(3)], dim=1).amax(dim=1)
+    torch.testing.assert_close(pooled, per_slice, rtol=1e-5, atol=1e-5)
 
 
 EXPECTED_GROUPS = {

@@ -15,7 +15,7 @@ from pipeline.adapt import build_model, inflate_conv_weight, inflate_to_3d
 from pipeline.adapt.inflate import (
     AvgPool3dDepthSafe,
     BatchNormAct3d,
-    GlobalPool3d,
+    GlobalPool,
     InflatedConv3d,
     SqueezeExcite3d,
 )
@@ -179,7 +179,7 @@ def test_layer_types_after_conversion() -> None:
     net = nn.Sequential(_bn(lambda c: BatchNormAct2d(c)), SqueezeExcite(6), nn.AvgPool2d(2),
                         SelectAdaptivePool2d(pool_type="avg", flatten=True))
     net3 = inflate_to_3d(net)
-    assert [type(m) for m in net3] == [BatchNormAct3d, SqueezeExcite3d, AvgPool3dDepthSafe, GlobalPool3d]
+    assert [type(m) for m in net3] == [BatchNormAct3d, SqueezeExcite3d, AvgPool3dDepthSafe, GlobalPool]
     assert isinstance(net3[1].conv_reduce, nn.Conv3d)
     assert net3[0].act is not net[0].act
     assert isinstance(net3[0].act, nn.ReLU)
@@ -291,3 +291,48 @@ def test_inflate_does_not_share_tensors_with_the_2d_model() -> None:
     with torch.no_grad():
         conv3.bias.add_(1.0)
     assert not torch.equal(conv3.bias, conv.bias)
+
+
+@pytest.mark.parametrize(("name", "levels"), [("tf_efficientnet_lite0", 5), ("resnet18", 5), ("densenet121", 5)])
+@pytest.mark.parametrize("keep", [0, 1, 3, 5])
+def test_inplane_levels_halves_depth_only_after_the_kept_levels(name: str, levels: int, keep: int) -> None:
+    """Each kept level leaves depth alone, residual shortcuts included, and the input is untouched."""
+    torch.manual_seed(7)
+    f2, _ = _features2d(name)
+    f3 = inflate_to_3d(f2, "i3d-mean", inplane_levels=keep)
+    body = nn.Sequential(*[m for m in f3 if not isinstance(m, GlobalPool | nn.Flatten | nn.AdaptiveAvgPool3d)])
+    with torch.no_grad():
+        fmap = body(torch.randn(1, 1, 32, 64, 64))
+    assert fmap.shape[2:] == (32 // 2 ** (levels - keep), 2, 2)
+    assert not any(isinstance(m, nn.Conv3d) for m in f2.modules())
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
+def test_inplane_levels_still_gives_2d_features_on_depth_constant_volume(name: str) -> None:
+    torch.manual_seed(8)
+    f2, _ = _features2d(name)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        ref = f2(x)
+        out = inflate_to_3d(f2, "i3d-mean", inplane_levels=3)(_volume(x, 12))
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_inplane_levels_covering_every_level_is_the_2d_network_on_each_slice() -> None:
+    """Kept levels use the 2D kernels slice by slice: with every level kept, max pooling over the
+    volume equals the max over slices of the 2D network's max-pooled features; fewer kept levels mix slices."""
+    torch.manual_seed(9)
+    f2, _ = _features2d("tf_efficientnet_lite0")
+    f2.global_pool = GlobalPool("max")
+    vol = torch.randn(2, 1, 5, 64, 64)
+    with torch.no_grad():
+        ref = torch.stack([f2(vol[:, :, d]) for d in range(5)]).amax(dim=0)
+        every = inflate_to_3d(f2, "i3d-mean", inplane_levels=6)(vol)
+        three = inflate_to_3d(f2, "i3d-mean", inplane_levels=3)(vol)
+    torch.testing.assert_close(every, ref, rtol=1e-4, atol=1e-4)
+    assert (three - ref).abs().max() > 0.1
+
+
+def test_inplane_levels_must_be_a_whole_number() -> None:
+    with pytest.raises(ConfigError, match="inplane_levels"):
+        inflate_to_3d(nn.Sequential(nn.Conv2d(1, 2, 3)), inplane_levels=-1)

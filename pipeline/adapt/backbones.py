@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 from pipeline.adapt.channels import adapt_first_conv
-from pipeline.adapt.inflate import INFLATIONS, inflate_to_3d
+from pipeline.adapt.inflate import INFLATIONS, GlobalPool, inflate_to_3d
 from pipeline.errors import ConfigError, DataError, WeightsNotFoundError, did_you_mean
 from pipeline.records import AdaptationSummary
 
@@ -286,6 +286,7 @@ class _Family:
     first_conv: str
     classifier: str  # the ImageNet classifier's key prefix (dropped for the new head)
     groups: dict[str, str]  # body child → layer group ("stage{}": one group per grandchild)
+    pool: str  # the body's global pooling layer (replaced when model.pool is not avg)
 
 
 def _timm_body(net: Any) -> tuple[OrderedDict[str, nn.Module], int]:
@@ -309,27 +310,43 @@ def _densenet_body(net: Any) -> tuple[OrderedDict[str, nn.Module], int]:
 _FAMILIES: dict[str, _Family] = {
     "timm-efficientnet": _Family(lambda a: timm.create_model(a, pretrained=False), _timm_body, "conv_stem",
                                  "classifier", {"conv_stem": "stem", "bn1": "stem", "blocks": "stage{}",
-                                                "conv_head": "head_conv", "bn2": "head_conv"}),
+                                                "conv_head": "head_conv", "bn2": "head_conv"}, "global_pool"),
     "torchvision-resnet": _Family(lambda a: getattr(torchvision.models, a)(weights=None), _resnet_body, "conv1",
-                                  "fc", {"conv1": "stem", "bn1": "stem", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}}),
+                                  "fc", {"conv1": "stem", "bn1": "stem", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}}, "avgpool"),
     "torchvision-densenet": _Family(lambda a: getattr(torchvision.models, a)(weights=None), _densenet_body, "conv0",
                                     "classifier", {"conv0": "stem", "norm0": "stem", "norm5": "denseblock4",
                                                    **{f"{p}{i}": f"denseblock{i}" for i in range(1, 5)
-                                                      for p in ("denseblock", "transition")}}),
+                                                      for p in ("denseblock", "transition")}}, "avgpool"),
 }
+
+
+POOLS: tuple[str, ...] = ("avg", "max", "catavgmax")
+
+
+def _over_slices(pooled: torch.Tensor, pool: str) -> torch.Tensor:
+    """Reduce slicewise features (B, D, F) over slices the way the body pooled each slice."""
+    if pool == "max":
+        return pooled.amax(dim=1)
+    if pool == "catavgmax":
+        avg, mx = pooled.chunk(2, dim=2)
+        return torch.cat([avg.mean(dim=1), mx.amax(dim=1)], dim=1)
+    return pooled.mean(dim=1)
 
 
 class Features(nn.Sequential):
     """Backbone body + global pooling: (B, C, H, W), or (B, C, D, H, W) when 3D or slicewise,
-    to (B, num_features). Slicewise runs the 2D body on every slice and averages over slices."""
+    to (B, num_features). Slicewise runs the 2D body on every slice and pools over slices as
+    the body pools in-plane (mean for avg, max for max)."""
 
-    def __init__(self, layers: OrderedDict[str, nn.Module], in_channels: int, slicewise: bool = False):
+    def __init__(self, layers: OrderedDict[str, nn.Module], in_channels: int, slicewise: bool = False,
+                 pool: str = "avg"):
         super().__init__(layers)
         self.in_channels = in_channels
         self.slicewise = slicewise
+        self.pool = pool
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, slicewise={self.slicewise}"
+        return f"in_channels={self.in_channels}, slicewise={self.slicewise}, pool={self.pool}"
 
     @property
     def spatial_dims(self) -> int:
@@ -346,7 +363,7 @@ class Features(nn.Sequential):
             return super().forward(x)
         b, c, d, h, w = x.shape
         pooled = super().forward(x.transpose(1, 2).reshape(b * d, c, h, w))
-        return pooled.reshape(b, d, -1).mean(dim=1)
+        return _over_slices(pooled.reshape(b, d, -1), self.pool)
 
 
 class MedNet(nn.Module):
@@ -399,7 +416,8 @@ def layer_groups(model: MedNet) -> list[tuple[str, list[str]]]:
     return list(groups.items())
 
 
-def _check_options(num_classes: int, in_channels: int, dims: str, inflation: str, slicewise: bool) -> None:
+def _check_options(num_classes: int, in_channels: int, dims: str, inflation: str, slicewise: bool,
+                   pool: str, inplane_levels: int) -> None:
     for field_name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model.{field_name}: must be a whole number >= 1, got {value!r}")
@@ -411,12 +429,17 @@ def _check_options(num_classes: int, in_channels: int, dims: str, inflation: str
     if slicewise and dims == "2d":
         raise ConfigError("model.slicewise: applies to dims 2.5d or 3d (a stack of slices), not 2d; "
                           "set slicewise: false or change prepare.dims")
+    if pool not in POOLS:
+        raise ConfigError(f"model.pool: unknown '{pool}'{did_you_mean(pool, POOLS)}; use one of {', '.join(POOLS)}")
+    if inplane_levels and (dims != "3d" or slicewise):
+        raise ConfigError("model.inplane_levels: applies to inflated 3D networks (prepare.dims 3d, slicewise false); "
+                          "set inplane_levels: 0")
 
 
 def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet", *, num_classes: int = 2,
                 in_channels: int = 1, dims: str = "2d", inflation: str = "i3d-mean",
                 depth_padding: str = "replicate", weights_dir: str | Path | None = None,
-                slicewise: bool = False) -> tuple[MedNet, AdaptationSummary]:
+                slicewise: bool = False, pool: str = "avg", inplane_levels: int = 0) -> tuple[MedNet, AdaptationSummary]:
     """Build an ImageNet backbone adapted to a medical input, with a new classification head.
 
     Steps: resolve the local weights file (`resolve_weights`), load it strictly into the RGB
@@ -435,7 +458,12 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
             (dims ``"3d"`` only; see `inflate_to_3d`).
         weights_dir: extra directory searched first for ``"imagenet"`` weights.
         slicewise: with dims 2.5d/3d, run the 2D network on each slice of a (B, C, D, H, W)
-            input and average the pooled features over slices (no inflation).
+            input and pool the features over slices (no inflation).
+        pool: global pooling of the last feature map: ``"avg"`` (as pretrained), ``"max"``
+            (a small lesion in a large field of view is not averaged away) or ``"catavgmax"``
+            (both, concatenated: twice the features).
+        inplane_levels: dims 3d: how many of the first downsampling levels keep every slice
+            (see `inflate_to_3d`); 0 halves depth wherever the 2D network halves height.
 
     Returns:
         (model, summary). In the summary, `missing_keys` are the model's parameters that did
@@ -447,7 +475,7 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
         WeightsNotFoundError: no local weights file (the message says what to place where).
     """
     spec = get_spec(backbone)
-    _check_options(num_classes, in_channels, dims, inflation, slicewise)
+    _check_options(num_classes, in_channels, dims, inflation, slicewise, pool, inplane_levels)
     path = resolve_weights(backbone, weights, weights_dir)
     family = _FAMILIES[spec.family]
     net = family.create(spec.arch)
@@ -460,15 +488,19 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
     layers, num_features = family.body(net)
     first = cast(nn.Conv2d, layers[family.first_conv])
     layers[family.first_conv], channel_method = adapt_first_conv(first, in_channels, pretrained=path is not None)
-    features = Features(layers, in_channels, slicewise=slicewise)
+    if pool != "avg":
+        layers[family.pool] = GlobalPool(pool)
+        num_features *= 2 if pool == "catavgmax" else 1
+    features = Features(layers, in_channels, slicewise=slicewise, pool=pool)
     inflated = dims == "3d" and not slicewise
     if inflated:
-        features = cast(Features, inflate_to_3d(features, inflation, depth_padding))
+        features = cast(Features, inflate_to_3d(features, inflation, depth_padding, inplane_levels))
     model = MedNet(features, num_features, num_classes, backbone)
     summary = AdaptationSummary(
         backbone=backbone, weights=str(weights), weights_file=str(path) if path else None, weights_sha256=sha,
         dims=dims, in_channels=in_channels, channel_method=channel_method,
         inflation=inflation if inflated else None, depth_padding=depth_padding if inflated else None,
+        inplane_levels=inplane_levels if inflated else None, pool=pool,
         num_classes=num_classes, missing_keys=missing,
         unexpected_keys=unexpected, total_params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -347,6 +347,7 @@ def model_section(f: Facts) -> dict[str, Any]:
                       f"{_dims(a.get('input_size'))}"),
             ("Channel adaptation", a.get("channel_method")),
             ("2D → 3D inflation", _inflation(a)),
+            ("Global pooling", a.get("pool") or "avg"),
             ("Output classes", a.get("num_classes")),
             ("Weights not loaded (new layers)", f"{len(missing)}{_keys(missing)}"),
             ("File tensors not used", f"{len(unexpected)}{_keys(unexpected)}"),
@@ -370,8 +371,12 @@ def model_section(f: Facts) -> dict[str, Any]:
 def _inflation(a: dict[str, Any]) -> str:
     if not a.get("inflation"):
         return "not used"
-    pad = a.get("depth_padding")
-    return f"{a['inflation']}, {pad} padding along depth" if pad else str(a["inflation"])
+    text = str(a["inflation"])
+    if a.get("depth_padding"):
+        text += f", {a['depth_padding']} padding along depth"
+    if a.get("inplane_levels"):
+        text += f", first {a['inplane_levels']} downsampling level(s) keep every slice"
+    return text
 
 
 def _keys(keys: list[str]) -> str:
