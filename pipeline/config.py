@@ -68,7 +68,7 @@ class ModelConfig:
     weights_dir: str | None = None
     slicewise: bool = False
     pool: Literal["avg", "max", "catavgmax"] = "avg"  # global pooling of the last feature map
-    inplane_levels: int = 0  # 3d: downsampling levels that halve height and width but keep every slice
+    keep_depth: int = 0  # 3d: downsampling levels that halve height and width but keep every slice
 
 
 @dataclass

@@ -76,7 +76,7 @@ class AdaptationSummary:
     inflation: str | None  # "i3d-mean" | "i3d-center" | None for 2D
     num_classes: int
     depth_padding: str | None = None  # "replicate" | "zeros" for 3D, None for 2D
-    inplane_levels: int | None = None  # 3D: downsampling levels that keep every slice, None for 2D
+    keep_depth: int | None = None  # 3D: downsampling levels that keep every slice, None for 2D
     pool: str = "avg"  # global pooling of the last feature map: avg | max | catavgmax
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)

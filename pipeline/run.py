@@ -128,7 +128,7 @@ def _build(cfg: Config, n_classes: int, weights: str | None = None) -> tuple[Med
     return build_model(m.backbone, weights or m.weights, num_classes=n_classes, in_channels=in_channels,
                        dims="2d" if cfg.prepare.dims == "2.5d" and not m.slicewise else cfg.prepare.dims,
                        inflation=m.inflation, depth_padding=m.depth_padding, weights_dir=m.weights_dir,
-                       slicewise=m.slicewise, pool=m.pool, inplane_levels=m.inplane_levels)
+                       slicewise=m.slicewise, pool=m.pool, keep_depth=m.keep_depth)
 
 
 def train(cfg: Config, progress: bool = True) -> str:

@@ -193,9 +193,9 @@ def test_misspelled_weights_keyword_suggests_imagenet() -> None:
     ({"in_channels": 0}, "model.in_channels: must be a whole number >= 1, got 0"),
     ({"slicewise": True, "dims": "2d"}, "model.slicewise: applies to dims 2.5d or 3d"),
     ({"pool": "mx"}, "model.pool: unknown 'mx' \\(did you mean 'max'"),
-    ({"inplane_levels": 2}, "model.inplane_levels: applies to inflated 3D networks"),
-    ({"inplane_levels": 2, "dims": "3d", "slicewise": True}, "model.inplane_levels: applies to inflated 3D networks"),
-    ({"inplane_levels": -1, "dims": "3d"}, "model.inplane_levels: expected a whole number >= 0, got -1"),
+    ({"keep_depth": 2}, "model.keep_depth: applies to inflated 3D networks"),
+    ({"keep_depth": 2, "dims": "3d", "slicewise": True}, "model.keep_depth: applies to inflated 3D networks"),
+    ({"keep_depth": -1, "dims": "3d"}, "model.keep_depth: expected a whole number >= 0, got -1"),
 ])
 def test_bad_options_are_config_errors(kwargs, match) -> None:
     with pytest.raises(ConfigError, match=match):

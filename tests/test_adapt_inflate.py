@@ -295,11 +295,11 @@ def test_inflate_does_not_share_tensors_with_the_2d_model() -> None:
 
 @pytest.mark.parametrize(("name", "levels"), [("tf_efficientnet_lite0", 5), ("resnet18", 5), ("densenet121", 5)])
 @pytest.mark.parametrize("keep", [0, 1, 3, 5])
-def test_inplane_levels_halves_depth_only_after_the_kept_levels(name: str, levels: int, keep: int) -> None:
+def test_keep_depth_halves_depth_only_after_the_kept_levels(name: str, levels: int, keep: int) -> None:
     """Each kept level leaves depth alone, residual shortcuts included, and the input is untouched."""
     torch.manual_seed(7)
     f2, _ = _features2d(name)
-    f3 = inflate_to_3d(f2, "i3d-mean", inplane_levels=keep)
+    f3 = inflate_to_3d(f2, "i3d-mean", keep_depth=keep)
     body = nn.Sequential(*[m for m in f3 if not isinstance(m, GlobalPool | nn.Flatten | nn.AdaptiveAvgPool3d)])
     with torch.no_grad():
         fmap = body(torch.randn(1, 1, 32, 64, 64))
@@ -308,31 +308,31 @@ def test_inplane_levels_halves_depth_only_after_the_kept_levels(name: str, level
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
-def test_inplane_levels_still_gives_2d_features_on_depth_constant_volume(name: str) -> None:
+def test_keep_depth_still_gives_2d_features_on_depth_constant_volume(name: str) -> None:
     torch.manual_seed(8)
     f2, _ = _features2d(name)
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         ref = f2(x)
-        out = inflate_to_3d(f2, "i3d-mean", inplane_levels=3)(_volume(x, 12))
+        out = inflate_to_3d(f2, "i3d-mean", keep_depth=3)(_volume(x, 12))
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
 
 
-def test_inplane_levels_covering_every_level_is_the_2d_network_on_each_slice() -> None:
-    """Kept levels use the 2D kernels slice by slice: with every level kept, max pooling over the
-    volume equals the max over slices of the 2D network's max-pooled features; fewer kept levels mix slices."""
+def test_keep_depth_at_every_level_with_i3d_center_is_the_2d_network_on_each_slice() -> None:
+    """No depth stride anywhere and kernels on the centre slice only: max pooling over the volume
+    equals the max over slices of the 2D network's max-pooled features; i3d-mean mixes slices."""
     torch.manual_seed(9)
     f2, _ = _features2d("tf_efficientnet_lite0")
     f2.global_pool = GlobalPool("max")
     vol = torch.randn(2, 1, 5, 64, 64)
     with torch.no_grad():
         ref = torch.stack([f2(vol[:, :, d]) for d in range(5)]).amax(dim=0)
-        every = inflate_to_3d(f2, "i3d-mean", inplane_levels=6)(vol)
-        three = inflate_to_3d(f2, "i3d-mean", inplane_levels=3)(vol)
-    torch.testing.assert_close(every, ref, rtol=1e-4, atol=1e-4)
-    assert (three - ref).abs().max() > 0.1
+        center = inflate_to_3d(f2, "i3d-center", keep_depth=5)(vol)
+        mean = inflate_to_3d(f2, "i3d-mean", keep_depth=5)(vol)
+    torch.testing.assert_close(center, ref, rtol=1e-4, atol=1e-4)
+    assert (mean - ref).abs().max() > 0.1
 
 
-def test_inplane_levels_must_be_a_whole_number() -> None:
-    with pytest.raises(ConfigError, match="inplane_levels"):
-        inflate_to_3d(nn.Sequential(nn.Conv2d(1, 2, 3)), inplane_levels=-1)
+def test_keep_depth_must_be_a_whole_number() -> None:
+    with pytest.raises(ConfigError, match="keep_depth"):
+        inflate_to_3d(nn.Sequential(nn.Conv2d(1, 2, 3)), keep_depth=-1)

@@ -313,7 +313,7 @@ def test_feature_cache_key_tells_apart_what_the_weights_file_does_not():
     assert key() == base  # deterministic
     assert key(depth_padding="zeros") != base  # same tensors, other structure
     assert key(inflation="i3d-center") != base
-    assert key(inplane_levels=2) != base  # same tensors, other depth strides
+    assert key(keep_depth=2) != base  # same tensors, other depth strides
     assert key(pool="max") != base
     assert key(seed=1) != base  # weights "none" with another seed
     torch.manual_seed(0)

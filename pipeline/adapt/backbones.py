@@ -417,7 +417,7 @@ def layer_groups(model: MedNet) -> list[tuple[str, list[str]]]:
 
 
 def _check_options(num_classes: int, in_channels: int, dims: str, inflation: str, slicewise: bool,
-                   pool: str, inplane_levels: int) -> None:
+                   pool: str, keep_depth: int) -> None:
     for field_name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model.{field_name}: must be a whole number >= 1, got {value!r}")
@@ -431,15 +431,15 @@ def _check_options(num_classes: int, in_channels: int, dims: str, inflation: str
                           "set slicewise: false or change prepare.dims")
     if pool not in POOLS:
         raise ConfigError(f"model.pool: unknown '{pool}'{did_you_mean(pool, POOLS)}; use one of {', '.join(POOLS)}")
-    if inplane_levels and (dims != "3d" or slicewise):
-        raise ConfigError("model.inplane_levels: applies to inflated 3D networks (prepare.dims 3d, slicewise false); "
-                          "set inplane_levels: 0")
+    if keep_depth and (dims != "3d" or slicewise):
+        raise ConfigError("model.keep_depth: applies to inflated 3D networks (prepare.dims 3d, slicewise false); "
+                          "set keep_depth: 0")
 
 
 def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet", *, num_classes: int = 2,
                 in_channels: int = 1, dims: str = "2d", inflation: str = "i3d-mean",
                 depth_padding: str = "replicate", weights_dir: str | Path | None = None,
-                slicewise: bool = False, pool: str = "avg", inplane_levels: int = 0) -> tuple[MedNet, AdaptationSummary]:
+                slicewise: bool = False, pool: str = "avg", keep_depth: int = 0) -> tuple[MedNet, AdaptationSummary]:
     """Build an ImageNet backbone adapted to a medical input, with a new classification head.
 
     Steps: resolve the local weights file (`resolve_weights`), load it strictly into the RGB
@@ -462,7 +462,7 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
         pool: global pooling of the last feature map: ``"avg"`` (as pretrained), ``"max"``
             (a small lesion in a large field of view is not averaged away) or ``"catavgmax"``
             (both, concatenated: twice the features).
-        inplane_levels: dims 3d: how many of the first downsampling levels keep every slice
+        keep_depth: dims 3d: how many of the first downsampling levels keep every slice
             (see `inflate_to_3d`); 0 halves depth wherever the 2D network halves height.
 
     Returns:
@@ -475,7 +475,7 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
         WeightsNotFoundError: no local weights file (the message says what to place where).
     """
     spec = get_spec(backbone)
-    _check_options(num_classes, in_channels, dims, inflation, slicewise, pool, inplane_levels)
+    _check_options(num_classes, in_channels, dims, inflation, slicewise, pool, keep_depth)
     path = resolve_weights(backbone, weights, weights_dir)
     family = _FAMILIES[spec.family]
     net = family.create(spec.arch)
@@ -494,13 +494,13 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
     features = Features(layers, in_channels, slicewise=slicewise, pool=pool)
     inflated = dims == "3d" and not slicewise
     if inflated:
-        features = cast(Features, inflate_to_3d(features, inflation, depth_padding, inplane_levels))
+        features = cast(Features, inflate_to_3d(features, inflation, depth_padding, keep_depth))
     model = MedNet(features, num_features, num_classes, backbone)
     summary = AdaptationSummary(
         backbone=backbone, weights=str(weights), weights_file=str(path) if path else None, weights_sha256=sha,
         dims=dims, in_channels=in_channels, channel_method=channel_method,
         inflation=inflation if inflated else None, depth_padding=depth_padding if inflated else None,
-        inplane_levels=inplane_levels if inflated else None, pool=pool,
+        keep_depth=keep_depth if inflated else None, pool=pool,
         num_classes=num_classes, missing_keys=missing,
         unexpected_keys=unexpected, total_params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -302,27 +302,25 @@ def _triple3(v: int | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, tuple | list) else (v, v, v)
 
 
-def _inplane_levels(net: nn.Module, levels: int) -> None:
-    """Make the first `levels` downsampling levels work in-plane only, in place (nnU-Net style).
+def _keep_depth(net: nn.Module, levels: int) -> None:
+    """Give the first `levels` downsampling levels a depth stride of 1, in place.
 
-    Every conv and pool is placed at a level by the in-plane size of its input, found by a forward
-    pass of a small probe volume, so a residual block's shortcut stays with its main path. At a
-    kept level convolutions get their 2D kernel back (depth 1: the sum over depth of the inflated
-    kernel, which is the 2D kernel for i3d-mean and i3d-center alike) and a depth stride of 1, and
-    pools become in-plane only: each slice goes through the 2D network's early layers on its own,
-    and every slice is kept until the deeper, inflated levels.
+    A level is every strided conv or pool that sees the same in-plane input size (found by a
+    forward pass of a small probe volume), so a residual block's shortcut keeps depth with its
+    main path. Strided convs keep their inflated depth kernel (neighbouring slices still mix);
+    strided pools become in-plane only. A depth-constant volume still gives the 2D features.
     """
     kinds = (InflatedConv3d, MaxPool3dDepthSafe, AvgPool3dDepthSafe)
-    layers = [m for m in net.modules() if isinstance(m, kinds)]
-    if not levels or not layers:
+    strided = [m for m in net.modules() if isinstance(m, kinds) and _triple3(m.stride)[0] > 1]  # type: ignore[arg-type]
+    if not levels or not strided:
         return
     seen: dict[nn.Module, int] = {}
 
     def record(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         seen.setdefault(mod, int(args[0].shape[-1]))
 
-    hooks = [m.register_forward_pre_hook(record) for m in layers]
-    first = next(m for m in layers if isinstance(m, InflatedConv3d))
+    hooks = [m.register_forward_pre_hook(record) for m in strided]
+    first = next(m for m in net.modules() if isinstance(m, InflatedConv3d))
     was_training = net.training
     try:
         net.eval()
@@ -332,24 +330,20 @@ def _inplane_levels(net: nn.Module, levels: int) -> None:
         net.train(was_training)
         for h in hooks:
             h.remove()
-    sizes = sorted(set(seen.values()), reverse=True)  # one in-plane size per level, input first
-    kept = set(sizes[:levels])
-    for m in layers:
+    kept = set(sorted(set(seen.values()), reverse=True)[:levels])  # input sizes of the first levels
+    for m in strided:
         if seen.get(m) not in kept:
             continue
-        if isinstance(m, InflatedConv3d):
-            m.weight = nn.Parameter(m.weight.detach().sum(dim=2, keepdim=True), requires_grad=m.weight.requires_grad)
-            m.kernel_size, m.stride, m.dilation = ((1, *t[1:]) for t in (m.kernel_size, m.stride, m.dilation))
-            m.pad = (0, *m.pad[1:])
-        else:
-            k, st, p = (_triple3(v) for v in (m.kernel_size, m.stride, m.padding))
-            m.kernel_size, m.stride, m.padding = (1, *k[1:]), (1, *st[1:]), (0, *p[1:])
+        m.stride = (1, *_triple3(m.stride)[1:])  # type: ignore[arg-type]
+        if not isinstance(m, InflatedConv3d):
+            k, p = _triple3(m.kernel_size), _triple3(m.padding)  # type: ignore[arg-type]
+            m.kernel_size, m.padding = (1, *k[1:]), (0, *p[1:])
             if isinstance(m, MaxPool3dDepthSafe):
                 m.dilation = (1, *_triple3(m.dilation)[1:])
 
 
 def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: str = "replicate",
-                  inplane_levels: int = 0) -> nn.Module:
+                  keep_depth: int = 0) -> nn.Module:
     """Convert a 2D network into its 3D counterpart, inflating its weights; the input is untouched.
 
     Converts Conv2d (grouped and depthwise included; timm's ``Conv2dSame`` and torch's "same"
@@ -365,10 +359,10 @@ def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: st
         depth_padding: ``"replicate"`` (default: a depth-constant volume gives the 2D network's
             features at any depth, so thin volumes keep ImageNet-like activations) or ``"zeros"``
             (the original I3D, exact on interior slices only; see `InflatedConv3d`).
-        inplane_levels: how many of the first downsampling levels work on each slice alone (2D
-            kernels, every slice kept), before the inflated 3D levels; for thick slices, as nnU-Net
-            does. With 2.5 mm slices of 0.35 mm pixels, 3 levels bring the in-plane step (2.8 mm)
-            to the slice step. 0 (the default) inflates every layer, as I3D does.
+        keep_depth: how many of the first downsampling levels halve height and width only (depth
+            stride 1), for thick slices: with 2.5 mm slices of 0.35 mm pixels, 3 levels bring the
+            in-plane step (2.8 mm) to the slice step before depth is halved. 0 (the default)
+            halves depth wherever the 2D network halves height, as I3D does.
 
     Returns:
         The converted 3D module, in the same train/eval mode as `module`.
@@ -380,12 +374,12 @@ def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: st
     if depth_padding not in DEPTH_PADDINGS:
         hint = did_you_mean(depth_padding, DEPTH_PADDINGS)
         raise ConfigError(f"model.depth_padding: unknown '{depth_padding}'{hint}; use one of {', '.join(DEPTH_PADDINGS)}")
-    if not isinstance(inplane_levels, int) or inplane_levels < 0:
-        raise ConfigError(f"model.inplane_levels: expected a whole number >= 0, got {inplane_levels!r}")
+    if not isinstance(keep_depth, int) or keep_depth < 0:
+        raise ConfigError(f"model.keep_depth: expected a whole number >= 0, got {keep_depth!r}")
     converted = _convert(copy.deepcopy(module), _How(method, depth_padding))
     leftover = _leftover_2d(converted)
     if leftover:
         raise ConfigError(f"inflate: no 3D counterpart for {len(leftover)} module(s): {', '.join(leftover[:5])}; "
                           "use dims 2d/2.5d or slicewise=True for this backbone")
-    _inplane_levels(converted, inplane_levels)
+    _keep_depth(converted, keep_depth)
     return converted

@@ -374,8 +374,8 @@ def _inflation(a: dict[str, Any]) -> str:
     text = str(a["inflation"])
     if a.get("depth_padding"):
         text += f", {a['depth_padding']} padding along depth"
-    if a.get("inplane_levels"):
-        text += f", first {a['inplane_levels']} downsampling level(s) keep every slice"
+    if a.get("keep_depth"):
+        text += f", first {a['keep_depth']} downsampling level(s) keep every slice"
     return text
 
 
