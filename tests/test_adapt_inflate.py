@@ -333,6 +333,19 @@ def test_keep_depth_at_every_level_with_i3d_center_is_the_2d_network_on_each_sli
     assert (mean - ref).abs().max() > 0.1
 
 
+def test_keep_depth_keeps_mixed_train_and_eval_modes() -> None:
+    """The probe pass that finds the levels must not leave a frozen (eval) BatchNorm in train mode or vice versa."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                        nn.BatchNorm2d(4))
+    net.train()
+    net[1].eval()
+    net3 = inflate_to_3d(net, keep_depth=1)
+    assert [m.training for m in net3] == [True, False, True, True]
+    assert net3[0].stride == (1, 2, 2)
+    assert net3[2].stride == (2, 2, 2)
+    torch.testing.assert_close(net3[3].running_mean, torch.zeros(4))  # the probe pass ran in eval mode
+
+
 def test_keep_depth_must_be_a_whole_number() -> None:
     with pytest.raises(ConfigError, match="keep_depth"):
         inflate_to_3d(nn.Sequential(nn.Conv2d(1, 2, 3)), keep_depth=-1)

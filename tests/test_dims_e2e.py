@@ -131,6 +131,8 @@ def test_medxfer_run_each_dims_on_ct3d(ct3d, tmp_path, capsys, name, finetune, i
     assert run["tags"]["stage"] == "evaluated"
     if cfg.prepare.dims == "3d":
         assert params["model.depth_padding"] == "replicate"
+        assert (params["model.keep_depth"], params["model.pool"]) == ("3", "max")
+        assert "first 3 downsampling level(s) keep every slice" in (tmp_path / "report.html").read_text()
         assert params["finetune.strategy"] == ("partial" if inflated_trained else "linear-probe")
     assert (tmp_path / "report.html").stat().st_size > 10_000
     print(f"{name}: test AUROC {metrics['test_auroc']:.3f}")  # shown with -s

@@ -293,11 +293,6 @@ def _leftover_2d(module: nn.Module) -> list[str]:
             if isinstance(m, bad_types) or "2d" in type(m).__name__.lower()]
 
 
-def _depth_stride(m: nn.Module) -> int:
-    stride = getattr(m, "stride", 1)
-    return int(stride[0] if isinstance(stride, tuple | list) else stride)
-
-
 def _triple3(v: int | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, tuple | list) else (v, v, v)
 
@@ -321,13 +316,14 @@ def _keep_depth(net: nn.Module, levels: int) -> None:
 
     hooks = [m.register_forward_pre_hook(record) for m in strided]
     first = next(m for m in net.modules() if isinstance(m, InflatedConv3d))
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}  # restored one by one: frozen BatchNorm stays in eval
     try:
         net.eval()
         with torch.no_grad():
             net(first.weight.new_zeros(1, first.in_channels, 1, 64, 64))
     finally:
-        net.train(was_training)
+        for m, training in modes.items():
+            m.training = training
         for h in hooks:
             h.remove()
     kept = set(sorted(set(seen.values()), reverse=True)[:levels])  # input sizes of the first levels
