@@ -1,16 +1,15 @@
 """Adapt ImageNet CNNs to 1-channel 2D, 2.5D (slices as channels or slicewise) and inflated 3D inputs."""
 
-from pipeline.adapt.backbones import (
+from pipeline.adapt.backbones import POOLS, Features, MedNet, build_model, layer_groups
+from pipeline.adapt.channels import adapt_first_conv, fold_rgb_weight
+from pipeline.adapt.inflate import INFLATIONS, inflate_conv_weight, inflate_to_3d
+from pipeline.adapt.registry import (
     BACKBONES,
     DIMS,
     BackboneSpec,
-    Features,
-    MedNet,
     backbone_preprocessing,
-    build_model,
     densenet_new_keys,
     get_spec,
-    layer_groups,
     load_state_dict_file,
     lukemelas_to_timm,
     resolve_weights,
@@ -18,13 +17,12 @@ from pipeline.adapt.backbones import (
     state_sha256,
     weight_dirs,
 )
-from pipeline.adapt.channels import adapt_first_conv, fold_rgb_weight
-from pipeline.adapt.inflate import INFLATIONS, inflate_conv_weight, inflate_to_3d
 
 __all__ = [
     "BACKBONES",
     "DIMS",
     "INFLATIONS",
+    "POOLS",
     "BackboneSpec",
     "Features",
     "MedNet",

@@ -71,7 +71,7 @@ class InflatedConv3d(nn.Conv3d):
 
     def __init__(self, *args, pad: tuple[int, int, int] = (0, 0, 0), same: bool = False,
                  depth_padding: str = "replicate", spatial_mode: str = "constant", **kwargs):
-        super().__init__(*args, padding=0, **kwargs)
+        super().__init__(*args, padding=0, **kwargs)  # type: ignore[misc]
         self.pad, self.same, self.depth_padding, self.spatial_mode = tuple(pad), same, depth_padding, spatial_mode
 
     def extra_repr(self) -> str:
@@ -333,9 +333,9 @@ def _keep_depth(net: nn.Module, levels: int) -> None:
         m.stride = (1, *_triple3(m.stride)[1:])  # type: ignore[arg-type]
         if not isinstance(m, InflatedConv3d):
             k, p = _triple3(m.kernel_size), _triple3(m.padding)  # type: ignore[arg-type]
-            m.kernel_size, m.padding = (1, *k[1:]), (0, *p[1:])
+            m.kernel_size, m.padding = (1, *k[1:]), (0, *p[1:])  # type: ignore[assignment]
             if isinstance(m, MaxPool3dDepthSafe):
-                m.dilation = (1, *_triple3(m.dilation)[1:])
+                m.dilation = (1, *_triple3(m.dilation)[1:])  # type: ignore[assignment]
 
 
 def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: str = "replicate",
