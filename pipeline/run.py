@@ -286,8 +286,9 @@ def _log_checkpoint(model: torch.nn.Module, cfg: Config, classes: list[str], spe
 
 
 def _load_checkpoint(cfg: Config, run_id: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    path = tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory(prefix="medxfer-") as tmp:
+        path = tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model, _ = _build(cfg, len(ckpt["classes"]), weights="none")
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -173,8 +175,9 @@ def _epoch_history(run_id):
 
 
 def _state_dict(run_id):
-    path = tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp)
+        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
 @pytest.mark.slow  # trains a small EfficientNet-Lite0 four times (~30-60 s on 2 shared cores)

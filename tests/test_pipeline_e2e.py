@@ -39,8 +39,8 @@ def test_demo_run_has_metrics_weights_hash_and_registered_model(demo_run, run):
     assert len(run["history"]["val_auroc"]) == int(metrics["epochs_run"])
 
 
-def test_logged_test_auroc_equals_sklearn_on_logged_predictions(demo_run, run):
-    path = tracking.download_artifacts(demo_run["run_id"], "predictions/test.parquet")
+def test_logged_test_auroc_equals_sklearn_on_logged_predictions(demo_run, run, tmp_path):
+    path = tracking.download_artifacts(demo_run["run_id"], "predictions/test.parquet", tmp_path)
     pred = pd.read_parquet(path)
     assert list(pred.columns) == ["image_id", "subject_id", "y_true", "prob"]
     assert roc_auc_score(pred["y_true"], pred["prob"]) == pytest.approx(run["metrics"]["test_auroc"], abs=1e-9)

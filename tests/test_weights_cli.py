@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_explicit_weights_file_is_loaded_and_its_sha256_recorded(manifest, resne
     assert run["tags"]["weights_sha256"] == sha
     assert run["params"]["model.weights"] == str(path)
     # the logged checkpoint holds the file's tensors: a frozen backbone keeps them exactly
-    ckpt = torch.load(tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp_path / "dl"), weights_only=False)
     body = ckpt["state_dict"]
     assert torch.equal(body["features.layer3.1.conv2.weight"], state["layer3.1.conv2.weight"])
     assert torch.equal(body["features.bn1.running_var"], state["bn1.running_var"])
@@ -84,6 +85,20 @@ def test_explicit_weights_file_is_loaded_and_its_sha256_recorded(manifest, resne
     assert torch.allclose(body["features.conv1.weight"], state["conv1.weight"].sum(dim=1, keepdim=True))
     assert ckpt["adaptation"]["weights_file"] == str(path)
     assert ckpt["adaptation"]["weights_sha256"] == sha
+
+
+def test_loading_a_logged_checkpoint_leaves_no_temporary_files(manifest, tmp_path, monkeypatch):
+    """evaluate() downloads the 14 MB checkpoint; it once stayed in /tmp after every run."""
+    from pipeline.run import _load_checkpoint
+
+    cfg = from_dict(_raw(manifest, tmp_path, weights="none"))
+    run_id = train(cfg, progress=False)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    model, ckpt = _load_checkpoint(cfg, run_id)
+    assert ckpt["classes"] and sum(p.numel() for p in model.parameters()) > 0
+    assert list(scratch.iterdir()) == []
 
 
 def test_weights_none_records_none(manifest, tmp_path):
