@@ -272,9 +272,10 @@ def test_features_and_head_contract() -> None:
         model(torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize(("dims", "in_channels"), [("3d", 1), ("2.5d", 3)])
-def test_slicewise_is_the_mean_of_per_slice_features(dims: str, in_channels: int) -> None:
-    model, s = build_model("resnet18", "none", dims=dims, in_channels=in_channels, slicewise=True)
+@pytest.mark.parametrize(("dims", "in_channels", "pool"), [("3d", 1, "avg"), ("2.5d", 3, "avg"), ("3d", 1, "max")])
+def test_slicewise_pools_per_slice_features_over_slices(dims: str, in_channels: int, pool: str) -> None:
+    """avg: the mean over slices of per-slice features; max: their maximum."""
+    model, s = build_model("resnet18", "none", dims=dims, in_channels=in_channels, slicewise=True, pool=pool)
     assert s.inflation is None
     assert s.dims == dims
     x = torch.randn(2, in_channels, 3, 32, 32)
@@ -282,8 +283,9 @@ def test_slicewise_is_the_mean_of_per_slice_features(dims: str, in_channels: int
     with torch.no_grad():
         pooled = model.features(x)
         model.features.slicewise = False
-        per_slice = torch.stack([model.features(x[:, :, d]) for d in range(3)], dim=1).mean(dim=1)
-    torch.testing.assert_close(pooled, per_slice, rtol=1e-5, atol=1e-5)
+        per_slice = torch.stack([model.features(x[:, :, d]) for d in range(3)], dim=1)
+    expected = per_slice.amax(dim=1) if pool == "max" else per_slice.mean(dim=1)
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
     assert pooled.shape == (2, 512)
 
 
@@ -308,17 +310,6 @@ def test_pool_max_and_catavgmax_pool_the_last_feature_map(name: str, pool_layer:
     torch.testing.assert_close(out["avg"], fmap.mean((2, 3)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["max"], fmap.amax((2, 3)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["catavgmax"], torch.cat([out["avg"], out["max"]], 1), rtol=1e-5, atol=1e-5)
-
-
-def test_slicewise_max_pools_over_slices_too() -> None:
-    model, _ = build_model("resnet18", "none", dims="3d", slicewise=True, pool="max")
-    x = torch.randn(2, 1, 3, 32, 32)
-    model.eval()
-    with torch.no_grad():
-        pooled = model.features(x)
-        model.features.slicewise = False
-        per_slice = torch.stack([model.features(x[:, :, d]) for d in range(3)], dim=1).amax(dim=1)
-    torch.testing.assert_close(pooled, per_slice, rtol=1e-5, atol=1e-5)
 
 
 EXPECTED_GROUPS = {
