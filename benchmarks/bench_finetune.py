@@ -47,9 +47,17 @@ def _data(n: int, size: int, seed: int) -> TensorDataset:
 
 
 def _cfg(args: argparse.Namespace, **kw: object) -> FinetuneConfig:
-    base: dict = dict(strategy="finetune", epochs=args.epochs, batch_size=args.batch_size, lr=3e-4, device=args.device,
-                      class_weights="none", sampler="uniform", num_workers=0,
-                      early_stopping=EarlyStoppingConfig("val_loss", 10_000))
+    base: dict = dict(
+        strategy="finetune",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=3e-4,
+        device=args.device,
+        class_weights="none",
+        sampler="uniform",
+        num_workers=0,
+        early_stopping=EarlyStoppingConfig("val_loss", 10_000),
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -59,8 +67,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bare_loop(model: nn.Module, train: TensorDataset, val: TensorDataset, epochs: int, batch_size: int,
-              device: torch.device) -> dict[str, float]:
+def bare_loop(
+    model: nn.Module, train: TensorDataset, val: TensorDataset, epochs: int, batch_size: int, device: torch.device
+) -> dict[str, float]:
     """The hand-written floor; returns wall seconds for everything and for the training passes alone."""
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-4)
@@ -86,11 +95,20 @@ def bare_loop(model: nn.Module, train: TensorDataset, val: TensorDataset, epochs
     return {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu, "train": train_s}
 
 
-def medxfer_loop(model: nn.Module, train: TensorDataset, val: TensorDataset, args: argparse.Namespace,
-                 checkpoint: Path | None) -> dict[str, float]:
+def medxfer_loop(
+    model: nn.Module, train: TensorDataset, val: TensorDataset, args: argparse.Namespace, checkpoint: Path | None
+) -> dict[str, float]:
     start, cpu = time.perf_counter(), time.process_time()
-    res = finetune(model, layer_groups(model), train, val, train.tensors[1].numpy(), _cfg(args), 2,  # type: ignore[arg-type]
-                   checkpoint=checkpoint)
+    res = finetune(
+        model,
+        layer_groups(model),
+        train,
+        val,
+        train.tensors[1].numpy(),
+        _cfg(args),
+        2,  # type: ignore[arg-type]
+        checkpoint=checkpoint,
+    )
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     n = len(train) // args.batch_size * args.batch_size
     return {"wall": wall, "cpu": cpu, "train": sum(n / r for r in res.history["images_per_s"])}
@@ -98,9 +116,13 @@ def medxfer_loop(model: nn.Module, train: TensorDataset, val: TensorDataset, arg
 
 def _rates(runs: list[dict[str, float]], images: int) -> dict[str, float]:
     walls, trains, cpus = [r["wall"] for r in runs], [r["train"] for r in runs], [r["cpu"] for r in runs]
-    return {"best": images / min(walls), "median": images / statistics.median(walls),
-            "train_best": images / min(trains), "train_median": images / statistics.median(trains),
-            "cpu_best": images / min(cpus)}
+    return {
+        "best": images / min(walls),
+        "median": images / statistics.median(walls),
+        "train_best": images / min(trains),
+        "train_median": images / statistics.median(trains),
+        "cpu_best": images / min(cpus),
+    }
 
 
 def compare(args: argparse.Namespace, base: nn.Module, train: TensorDataset, val: TensorDataset) -> dict:
@@ -111,9 +133,11 @@ def compare(args: argparse.Namespace, base: nn.Module, train: TensorDataset, val
         warm = TensorDataset(*(t[: 2 * args.batch_size] for t in train.tensors))  # first-call costs, not timed
         bare_loop(copy.deepcopy(base), warm, warm, 1, args.batch_size, device)
         medxfer_loop(copy.deepcopy(base), warm, warm, args, None)
-        jobs = {"bare": lambda i: bare_loop(copy.deepcopy(base), train, val, args.epochs, args.batch_size, device),
-                "medxfer": lambda i: medxfer_loop(copy.deepcopy(base), train, val, args, None),
-                "medxfer_ckpt": lambda i: medxfer_loop(copy.deepcopy(base), train, val, args, Path(tmp) / f"{i}.pt")}
+        jobs = {
+            "bare": lambda i: bare_loop(copy.deepcopy(base), train, val, args.epochs, args.batch_size, device),
+            "medxfer": lambda i: medxfer_loop(copy.deepcopy(base), train, val, args, None),
+            "medxfer_ckpt": lambda i: medxfer_loop(copy.deepcopy(base), train, val, args, Path(tmp) / f"{i}.pt"),
+        }
         for i in range(args.rounds):
             order = list(jobs) if i % 2 == 0 else list(reversed(jobs))  # alternate who goes first
             for name in order:
@@ -123,27 +147,36 @@ def compare(args: argparse.Namespace, base: nn.Module, train: TensorDataset, val
     return {"runs": runs, "rates": {k: _rates(v, images) for k, v in runs.items()}, "images": images}
 
 
-def probe(args: argparse.Namespace, base: nn.Module, train: TensorDataset, val: TensorDataset,
-          full_epoch_s: float) -> dict[str, float]:
+def probe(
+    args: argparse.Namespace, base: nn.Module, train: TensorDataset, val: TensorDataset, full_epoch_s: float
+) -> dict[str, float]:
     """Linear probe: features once, then head epochs on cached features; and the logistic head."""
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
-    feats = {name: extract_features(model.features, ds, device, args.batch_size)
-             for name, ds in (("train", train), ("val", val))}
+    feats = {
+        name: extract_features(model.features, ds, device, args.batch_size)
+        for name, ds in (("train", train), ("val", val))
+    }
     features_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     linear_probe(model, feats["train"], feats["val"], _cfg(args, epochs=args.probe_epochs), 2)
     head_s = (time.perf_counter() - t0) / args.probe_epochs
     t0 = time.perf_counter()
-    logistic_head(copy.deepcopy(base), feats["train"], feats["val"], _cfg(args, strategy="linear-probe",
-                                                                           head="logistic"), 2)
+    logistic_head(
+        copy.deepcopy(base), feats["train"], feats["val"], _cfg(args, strategy="linear-probe", head="logistic"), 2
+    )
     logistic_s = time.perf_counter() - t0
     e = args.probe_epochs
-    return {"features_s": features_s, "head_epoch_s": head_s, "logistic_fit_s": logistic_s,
-            "full_epoch_s": full_epoch_s, "probe_epochs": e,
-            "epoch_speedup": full_epoch_s / head_s,
-            "total_speedup_same_epochs": e * full_epoch_s / (features_s + e * head_s)}
+    return {
+        "features_s": features_s,
+        "head_epoch_s": head_s,
+        "logistic_fit_s": logistic_s,
+        "full_epoch_s": full_epoch_s,
+        "probe_epochs": e,
+        "epoch_speedup": full_epoch_s / head_s,
+        "total_speedup_same_epochs": e * full_epoch_s / (features_s + e * head_s),
+    }
 
 
 def checkpoint_write(base: nn.Module) -> dict[str, float]:
@@ -152,8 +185,11 @@ def checkpoint_write(base: nn.Module) -> dict[str, float]:
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 1, 32, 32)).sum().backward()
     opt.step()
-    state = {"model": model.state_dict(), "best_state": copy.deepcopy(model.state_dict()),
-             "optimizer": opt.state_dict()}
+    state = {
+        "model": model.state_dict(),
+        "best_state": copy.deepcopy(model.state_dict()),
+        "optimizer": opt.state_dict(),
+    }
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.pt"
@@ -186,10 +222,15 @@ def main() -> None:
     full_epoch_s = min(r["wall"] for r in result["runs"]["medxfer"]) / args.epochs
     result["probe"] = probe(args, base, train, val, full_epoch_s)
     result["checkpoint"] = {**checkpoint_write(base), "epoch_s": full_epoch_s}
-    result["setup"] = {**{k: v for k, v in vars(args).items() if k != "out"}, "torch": torch.__version__,
-                       "cuda_available": torch.cuda.is_available(), "platform": platform.platform(),
-                       "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-                       "command": " ".join([".venv/bin/python", "benchmarks/bench_finetune.py", *sys.argv[1:]])}
+    result["setup"] = {
+        **{k: v for k, v in vars(args).items() if k != "out"},
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "command": " ".join([".venv/bin/python", "benchmarks/bench_finetune.py", *sys.argv[1:]]),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune.json").write_text(json.dumps(result, indent=2))
@@ -201,20 +242,25 @@ def report(r: dict) -> str:
     s, rates, pr, ck = r["setup"], r["rates"], r["probe"], r["checkpoint"]
     bare = rates["bare"]
     rows = []
-    for key, label in (("bare", "bare PyTorch loop"), ("medxfer", "medxfer `finetune()`"),
-                       ("medxfer_ckpt", "medxfer `finetune()` + resumable checkpoint every epoch (as `train` runs)")):
+    for key, label in (
+        ("bare", "bare PyTorch loop"),
+        ("medxfer", "medxfer `finetune()`"),
+        ("medxfer_ckpt", "medxfer `finetune()` + resumable checkpoint every epoch (as `train` runs)"),
+    ):
         v = rates[key]
-        rows.append(f"| {label} | {v['best']:.1f} | {v['median']:.1f} | {v['train_best']:.1f} | "
-                    f"{v['best'] / bare['best']:.3f} (median {v['median'] / bare['median']:.3f}) | "
-                    f"{v['train_best'] / bare['train_best']:.3f} | {v['cpu_best']:.1f} | "
-                    f"{v['cpu_best'] / bare['cpu_best']:.3f} |")
+        rows.append(
+            f"| {label} | {v['best']:.1f} | {v['median']:.1f} | {v['train_best']:.1f} | "
+            f"{v['best'] / bare['best']:.3f} (median {v['median'] / bare['median']:.3f}) | "
+            f"{v['train_best'] / bare['train_best']:.3f} | {v['cpu_best']:.1f} | "
+            f"{v['cpu_best'] / bare['cpu_best']:.3f} |"
+        )
     device = "CUDA" if s["device"] != "cpu" and s["cuda_available"] else "CPU"
     return f"""# Fine-tuning throughput (`pipeline/finetune/loop.py`)
 
 Model: tf_efficientnet_lite0 (random init; speed does not depend on weights), 2D, 1 channel,
-{s['size']}×{s['size']}, {s['n_train']} training and {s['n_val']} validation tensors in memory, batch {s['batch_size']},
-AdamW (lr 3e-4), strategy `finetune` (all layers), {s['epochs']} epochs each with a validation pass,
-{s['rounds']} interleaved rounds (order alternating, after an untimed warm-up); device {device}, torch {s['torch']} on {s['threads']} threads.
+{s["size"]}×{s["size"]}, {s["n_train"]} training and {s["n_val"]} validation tensors in memory, batch {s["batch_size"]},
+AdamW (lr 3e-4), strategy `finetune` (all layers), {s["epochs"]} epochs each with a validation pass,
+{s["rounds"]} interleaved rounds (order alternating, after an untimed warm-up); device {device}, torch {s["torch"]} on {s["threads"]} threads.
 "best" is the fastest round (least disturbed by other jobs), "median" the middle one.
 "Train pass" counts only the training passes (no validation). "Images per CPU-second" divides
 by the CPU time of the process (all threads), which other jobs on the machine disturb less.
@@ -226,28 +272,28 @@ by the CPU time of the process (all threads), which other jobs on the machine di
 Target: medxfer at most 10% slower than the bare loop (ratio ≥ 0.90). Both loops do the same
 arithmetic per step, so ratios a little above 1 are noise, not a speed-up.
 
-The resumable checkpoint (`train` writes one after every epoch) measured on its own: {ck['mb']:.0f} MB
-(weights, best weights, AdamW moments, history, RNG states) in {ck['write_s']:.3f} s (median of 5),
-{100 * ck['write_s'] / ck['epoch_s']:.1f}% of one fine-tuning epoch here; with real epochs (thousands of
+The resumable checkpoint (`train` writes one after every epoch) measured on its own: {ck["mb"]:.0f} MB
+(weights, best weights, AdamW moments, history, RNG states) in {ck["write_s"]:.3f} s (median of 5),
+{100 * ck["write_s"] / ck["epoch_s"]:.1f}% of one fine-tuning epoch here; with real epochs (thousands of
 images) it is smaller still.
 
 ## Linear probe on cached features vs full fine-tuning
 
 | step | seconds |
 |---|---:|
-| features, once ({s['n_train'] + s['n_val']} images, eval mode, no gradients) | {pr['features_s']:.2f} |
-| one head epoch on cached features (`linear_probe`) | {pr['head_epoch_s']:.4f} |
-| logistic-regression head fit (`head: logistic`) | {pr['logistic_fit_s']:.3f} |
-| one full fine-tuning epoch (medxfer, best round) | {pr['full_epoch_s']:.2f} |
+| features, once ({s["n_train"] + s["n_val"]} images, eval mode, no gradients) | {pr["features_s"]:.2f} |
+| one head epoch on cached features (`linear_probe`) | {pr["head_epoch_s"]:.4f} |
+| logistic-regression head fit (`head: logistic`) | {pr["logistic_fit_s"]:.3f} |
+| one full fine-tuning epoch (medxfer, best round) | {pr["full_epoch_s"]:.2f} |
 
-Per epoch the cached probe is **{pr['epoch_speedup']:.0f}×** faster than fine-tuning; for
-{pr['probe_epochs']} epochs including the one-off feature pass, **{pr['total_speedup_same_epochs']:.1f}×**.
+Per epoch the cached probe is **{pr["epoch_speedup"]:.0f}×** faster than fine-tuning; for
+{pr["probe_epochs"]} epochs including the one-off feature pass, **{pr["total_speedup_same_epochs"]:.1f}×**.
 
-Machine: {s['cpu_count']} CPU cores shared with other jobs (load average at the end
-{s['load_average'][0]:.1f}), {s['platform']}; CUDA available: {s['cuda_available']}.
-{"**No GPU**: the bf16 autocast and channels_last paths were not exercised; on a GPU the fixed per-step costs (clipping, the schedule) weigh relatively more and the ratio should be measured there." if not s['cuda_available'] else ""}
+Machine: {s["cpu_count"]} CPU cores shared with other jobs (load average at the end
+{s["load_average"][0]:.1f}), {s["platform"]}; CUDA available: {s["cuda_available"]}.
+{"**No GPU**: the bf16 autocast and channels_last paths were not exercised; on a GPU the fixed per-step costs (clipping, the schedule) weigh relatively more and the ratio should be measured there." if not s["cuda_available"] else ""}
 Numbers on a shared machine are noisy: compare ratios, not absolute rates. Reproduce with
-`{s['command']}` (raw numbers in finetune.json).
+`{s["command"]}` (raw numbers in finetune.json).
 """
 
 

@@ -147,6 +147,7 @@ def _pool_startup(workers: int, repeats: int) -> float:
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     """(result, wall seconds, CPU seconds of this process and of its finished child processes)."""
+
     def cpu() -> float:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         return time.process_time() + kids.ru_utime + kids.ru_stime
@@ -179,9 +180,13 @@ def _measure(archive: Path, labels: Path | None, work: Path, repeats: int) -> di
             runs[name]["cpu"].append(cpu)
             results[name] = result
     report = results["ingest w=1"].report
-    return {"runs": runs, "units": report["units"], "quarantined": report["quarantined"]["files"],
-            "quarantine_reasons": report["quarantined"]["by_reason"],
-            "same_result_w2": results["ingest w=2"].report["manifest_sha256"] == report["manifest_sha256"]}
+    return {
+        "runs": runs,
+        "units": report["units"],
+        "quarantined": report["quarantined"]["files"],
+        "quarantine_reasons": report["quarantined"]["by_reason"],
+        "same_result_w2": results["ingest w=2"].report["manifest_sha256"] == report["manifest_sha256"],
+    }
 
 
 def _summarise(runs: dict[str, dict[str, list[float]]], n_files: int, n_bytes: int) -> dict[str, dict[str, float]]:
@@ -190,10 +195,16 @@ def _summarise(runs: dict[str, dict[str, list[float]]], n_files: int, n_bytes: i
     bare_cpu = min(runs["bare w=1"]["cpu"])
     for name in PATHS:
         wall, cpu = min(runs[name]["wall"]), min(runs[name]["cpu"])
-        rows[name] = {"best_wall_s": wall, "median_wall_s": statistics.median(runs[name]["wall"]),
-                      "best_cpu_s": cpu, "files_per_s": n_files / wall, "mb_per_s": n_bytes / 1e6 / wall,
-                      "ratio_to_bare_w1": wall / bare[1], "ratio_to_bare_same_w": wall / bare[int(name[-1])],
-                      "cpu_ratio_to_bare_w1": cpu / bare_cpu}
+        rows[name] = {
+            "best_wall_s": wall,
+            "median_wall_s": statistics.median(runs[name]["wall"]),
+            "best_cpu_s": cpu,
+            "files_per_s": n_files / wall,
+            "mb_per_s": n_bytes / 1e6 / wall,
+            "ratio_to_bare_w1": wall / bare[1],
+            "ratio_to_bare_same_w": wall / bare[int(name[-1])],
+            "cpu_ratio_to_bare_w1": cpu / bare_cpu,
+        }
     return rows
 
 
@@ -215,12 +226,24 @@ def _profile(archive: Path, labels: Path | None, work: Path, n_files: int) -> di
         hits = [(nc, ct) for (file, _, fn), (_, nc, _, ct, _) in stats.items() if fn == func and file.endswith(suffix)]
         if hits:
             calls, cum = sum(h[0] for h in hits), sum(h[1] for h in hits)
-            rows.append({"what": label, "function": f"{suffix[:-3]}.{func}", "calls": calls,
-                         "calls_per_file": calls / n_files, "cum_s": cum, "share": cum / total})
-    top = sorted(((tt, f"{Path(file).name}:{fn}", nc) for (file, _, fn), (_, nc, tt, _, _) in stats.items()),
-                 reverse=True)[:10]
-    return {"profiled_total_s": total, "points": rows,
-            "top_tottime": [{"function": name, "tottime_s": tt, "calls": nc} for tt, name, nc in top]}
+            rows.append(
+                {
+                    "what": label,
+                    "function": f"{suffix[:-3]}.{func}",
+                    "calls": calls,
+                    "calls_per_file": calls / n_files,
+                    "cum_s": cum,
+                    "share": cum / total,
+                }
+            )
+    top = sorted(
+        ((tt, f"{Path(file).name}:{fn}", nc) for (file, _, fn), (_, nc, tt, _, _) in stats.items()), reverse=True
+    )[:10]
+    return {
+        "profiled_total_s": total,
+        "points": rows,
+        "top_tottime": [{"function": name, "tottime_s": tt, "calls": nc} for tt, name, nc in top],
+    }
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -229,23 +252,37 @@ def _profile(archive: Path, labels: Path | None, work: Path, n_files: int) -> di
 def _machine() -> dict[str, Any]:
     model = ""
     try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "load_average": [round(v, 2) for v in os.getloadavg()],
-            "gpu": "none (CPU-only machine)", "python": platform.python_version(), "platform": platform.platform(),
-            "pydicom": pydicom.__version__, "threads_per_process": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "gpu": "none (CPU-only machine)",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "pydicom": pydicom.__version__,
+        "threads_per_process": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def _table(sets: list[dict[str, Any]]) -> list[str]:
-    lines = ["| archive | files | MB | path | best wall s | files/s | MB/s | × bare w=1 (wall) | × bare w=1 (CPU) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| archive | files | MB | path | best wall s | files/s | MB/s | × bare w=1 (wall) | × bare w=1 (CPU) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for s in sets:
         for name, row in s["summary"].items():
-            lines.append(f"| {s['name']} | {s['files']} | {s['mb']:.1f} | {name} | {row['best_wall_s']:.2f} | "
-                         f"{row['files_per_s']:.0f} | {row['mb_per_s']:.1f} | {row['ratio_to_bare_w1']:.2f} | "
-                         f"{row['cpu_ratio_to_bare_w1']:.2f} |")
+            lines.append(
+                f"| {s['name']} | {s['files']} | {s['mb']:.1f} | {name} | {row['best_wall_s']:.2f} | "
+                f"{row['files_per_s']:.0f} | {row['mb_per_s']:.1f} | {row['ratio_to_bare_w1']:.2f} | "
+                f"{row['cpu_ratio_to_bare_w1']:.2f} |"
+            )
     return lines
 
 
@@ -258,19 +295,27 @@ def _findings(sets: list[dict[str, Any]]) -> list[str]:
         bare_scale = r["bare w=1"]["best_wall_s"] / r["bare w=2"]["best_wall_s"]
         verdict = "within" if one["ratio_to_bare_w1"] <= 1.5 else "above"
         quarantined = f" {json.dumps(s['quarantine_reasons'])}" if s["quarantined"] else ""
-        lines.append(f"- **{s['name']}**: ingest (1 process) takes {one['ratio_to_bare_w1']:.2f}× (wall; "
-                     f"{one['cpu_ratio_to_bare_w1']:.2f}× in CPU time) the bare decode loop, {verdict} the 1.5× "
-                     f"aim{_short_note(r)}; 2 workers give {scale:.2g}× the 1-worker speed (the bare loop over 2 "
-                     f"processes {bare_scale:.2g}×; ingest w=2 / bare w=2 = {two['ratio_to_bare_same_w']:.2f}). "
-                     f"{s['units']} image units, {s['quarantined']} files quarantined{quarantined}; manifest "
-                     f"identical with 2 workers: {s['same_result_w2']}.")
+        lines.append(
+            f"- **{s['name']}**: ingest (1 process) takes {one['ratio_to_bare_w1']:.2f}× (wall; "
+            f"{one['cpu_ratio_to_bare_w1']:.2f}× in CPU time) the bare decode loop, {verdict} the 1.5× "
+            f"aim{_short_note(r)}; 2 workers give {scale:.2g}× the 1-worker speed (the bare loop over 2 "
+            f"processes {bare_scale:.2g}×; ingest w=2 / bare w=2 = {two['ratio_to_bare_same_w']:.2f}). "
+            f"{s['units']} image units, {s['quarantined']} files quarantined{quarantined}; manifest "
+            f"identical with 2 workers: {s['same_result_w2']}."
+        )
     return lines
 
 
 def _short_note(r: dict[str, dict[str, float]]) -> str:
     bare = r["bare w=1"]["best_wall_s"]
-    return (f" (the bare loop takes only {1000 * bare:.0f} ms here, so the ratio is ingest's own per-pixel work, "
-            "writes and fixed per-run costs; wall time this short is noisy)") if bare < 0.1 else ""
+    return (
+        (
+            f" (the bare loop takes only {1000 * bare:.0f} ms here, so the ratio is ingest's own per-pixel work, "
+            "writes and fixed per-run costs; wall time this short is noisy)"
+        )
+        if bare < 0.1
+        else ""
+    )
 
 
 def _profile_lines(sets: list[dict[str, Any]]) -> list[str]:
@@ -279,8 +324,13 @@ def _profile_lines(sets: list[dict[str, Any]]) -> list[str]:
         prof = s.get("profile")
         if not prof:
             continue
-        lines += ["", f"**{s['name']}** (profiled ingest: {prof['profiled_total_s']:.1f} s)", "",
-                  "| where | calls | share of ingest time |", "|---|---:|---:|"]
+        lines += [
+            "",
+            f"**{s['name']}** (profiled ingest: {prof['profiled_total_s']:.1f} s)",
+            "",
+            "| where | calls | share of ingest time |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| {p['what']} | {p['calls']} | {100 * p['share']:.0f}% |" for p in prof["points"]]
     return lines
 
@@ -290,25 +340,42 @@ def write_report(out: Path, sets: list[dict[str, Any]], machine: dict[str, Any],
     out.mkdir(parents=True, exist_ok=True)
     blob = {"parameters": vars(args), "machine": machine, "sets": sets}
     (out / "ingest.json").write_text(json.dumps(blob, indent=2, default=str) + "\n")
-    md = ["# Ingest throughput (`pipeline/ingest`)", "",
-          f"Best of {args.repeats} interleaved rounds per path, page cache warmed first; every ingest writes a "
-          "fresh manifest (no incremental reuse). *bare* = `pydicom.dcmread(path).pixel_array` over the same "
-          "files; *ingest* = `ingest(...)` end to end (walk, header scan, grouping and slice sort, decode + "
-          "rescale, RAS reorientation, NIfTI write with fsync, labels join, manifest/report). w=2 includes "
-          "starting the spawn process pool. CPU = this process plus its finished child processes.", "",
-          *_table(sets), "", "## What it means", "", *_findings(sets), "", *_explain(sets, machine), "",
-          "## Where ingest spends its time (cProfile, 1 process)", "",
-          "Shares are of the profiled run (cProfile inflates pure-Python code more than C decoders); "
-          "indented rows are parts of the passes above them.", *_profile_lines(sets), "", "## Machine", "",
-          f"- {machine['cpus']} CPU cores ({machine['cpu_model']}), **shared and loaded** by other jobs running "
-          f"at the same time (load average {machine['load_average_start']} at the start, "
-          f"{machine['load_average']} at the end): absolute rates are noisy, compare ratios within one run.",
-          f"- {machine['gpu']}; one thread per process (OMP/OPENBLAS/MKL_NUM_THREADS=1).",
-          f"- Starting a 2-process spawn pool whose workers import `pipeline.ingest` takes "
-          f"{machine['pool_startup_w2_s']:.2f} s here (best of {args.repeats}); every w=2 row pays it once.",
-          f"- Python {machine['python']}, pydicom {machine['pydicom']}, {machine['platform']}.", "",
-          f"Reproduce: `.venv/bin/python benchmarks/bench_ingest.py --n {args.n} --repeats {args.repeats}` "
-          "(raw numbers and every round in ingest.json)."]
+    md = [
+        "# Ingest throughput (`pipeline/ingest`)",
+        "",
+        f"Best of {args.repeats} interleaved rounds per path, page cache warmed first; every ingest writes a "
+        "fresh manifest (no incremental reuse). *bare* = `pydicom.dcmread(path).pixel_array` over the same "
+        "files; *ingest* = `ingest(...)` end to end (walk, header scan, grouping and slice sort, decode + "
+        "rescale, RAS reorientation, NIfTI write with fsync, labels join, manifest/report). w=2 includes "
+        "starting the spawn process pool. CPU = this process plus its finished child processes.",
+        "",
+        *_table(sets),
+        "",
+        "## What it means",
+        "",
+        *_findings(sets),
+        "",
+        *_explain(sets, machine),
+        "",
+        "## Where ingest spends its time (cProfile, 1 process)",
+        "",
+        "Shares are of the profiled run (cProfile inflates pure-Python code more than C decoders); "
+        "indented rows are parts of the passes above them.",
+        *_profile_lines(sets),
+        "",
+        "## Machine",
+        "",
+        f"- {machine['cpus']} CPU cores ({machine['cpu_model']}), **shared and loaded** by other jobs running "
+        f"at the same time (load average {machine['load_average_start']} at the start, "
+        f"{machine['load_average']} at the end): absolute rates are noisy, compare ratios within one run.",
+        f"- {machine['gpu']}; one thread per process (OMP/OPENBLAS/MKL_NUM_THREADS=1).",
+        f"- Starting a 2-process spawn pool whose workers import `pipeline.ingest` takes "
+        f"{machine['pool_startup_w2_s']:.2f} s here (best of {args.repeats}); every w=2 row pays it once.",
+        f"- Python {machine['python']}, pydicom {machine['pydicom']}, {machine['platform']}.",
+        "",
+        f"Reproduce: `.venv/bin/python benchmarks/bench_ingest.py --n {args.n} --repeats {args.repeats}` "
+        "(raw numbers and every round in ingest.json).",
+    ]
     (out / "ingest.md").write_text("\n".join(md) + "\n")
 
 
@@ -334,27 +401,35 @@ def _explain(sets: list[dict[str, Any]], machine: dict[str, Any]) -> list[str]:
     first = sets[0]["summary"]["ingest w=1"]["cpu_ratio_to_bare_w1"]
     lines = []
     if reads:
-        lines += [f"Why: ingest calls `dcmread` {reads['calls_per_file']:.1f} times per file (once in the header "
-                  "scan that groups and sorts series; plain uncompressed slices are then decoded from the pixel "
-                  "offset the scan recorded, without a second parse), the bare loop once. On "
-                  "small uncompressed slices the parse, not the pixel copy, is most of the cost: the second parse "
-                  "alone puts ingest near 2×, and converting the header fields it needs (plus keyed-hash "
-                  f"pseudonyms, image and decoder checks, rescaling) takes it to the measured {first:.1f}× (CPU). "
-                  "Where decoding dominates (JPEG 2000) the extra parse and the NIfTI write vanish in the decode "
-                  "time. On big uncompressed images the bare loop is about one memory copy (pydicom's native "
-                  "decode copies the bytes it read into an array), while ingest must also rescale to float32, "
-                  "invert MONOCHROME1, reorient, check for int16, hash, and write (and fsync) a NIfTI file of the "
-                  "same size: against that floor the 1.5× aim cannot be met while ingest writes its own images.", ""]
+        lines += [
+            f"Why: ingest calls `dcmread` {reads['calls_per_file']:.1f} times per file (once in the header "
+            "scan that groups and sorts series; plain uncompressed slices are then decoded from the pixel "
+            "offset the scan recorded, without a second parse), the bare loop once. On "
+            "small uncompressed slices the parse, not the pixel copy, is most of the cost: the second parse "
+            "alone puts ingest near 2×, and converting the header fields it needs (plus keyed-hash "
+            f"pseudonyms, image and decoder checks, rescaling) takes it to the measured {first:.1f}× (CPU). "
+            "Where decoding dominates (JPEG 2000) the extra parse and the NIfTI write vanish in the decode "
+            "time. On big uncompressed images the bare loop is about one memory copy (pydicom's native "
+            "decode copies the bytes it read into an array), while ingest must also rescale to float32, "
+            "invert MONOCHROME1, reorient, check for int16, hash, and write (and fsync) a NIfTI file of the "
+            "same size: against that floor the 1.5× aim cannot be met while ingest writes its own images.",
+            "",
+        ]
     n_ingest, n_bare = sum(_faster(s, "ingest") for s in sets), sum(_faster(s, "bare") for s in sets)
-    lines += [f"Scaling: on this machine 2 workers beat 1 on {n_ingest} of {len(sets)} archives, and the bare "
-              f"loop split over 2 processes beat the 1-process loop on {n_bare} of {len(sets)}. With the 2 cores "
-              f"already loaded (load average {machine['load_average_start'][0]}-{machine['load_average'][0]}), a "
-              "second process gets little CPU, and each w=2 run first pays the pool start-up "
-              f"({machine['pool_startup_w2_s']:.2f} s here: 2 spawned interpreters importing numpy, pydicom, "
-              "nibabel, pandas). The w=2 / w=1 figures therefore say little about ingest's parallel design (its "
-              "outputs are identical with 2 workers); measuring scaling needs an idle multi-core machine and an "
-              "archive large enough to amortise start-up.",
-              "", "Where the ratio could come down (not done in this change):", "", *NEXT_STEPS]
+    lines += [
+        f"Scaling: on this machine 2 workers beat 1 on {n_ingest} of {len(sets)} archives, and the bare "
+        f"loop split over 2 processes beat the 1-process loop on {n_bare} of {len(sets)}. With the 2 cores "
+        f"already loaded (load average {machine['load_average_start'][0]}-{machine['load_average'][0]}), a "
+        "second process gets little CPU, and each w=2 run first pays the pool start-up "
+        f"({machine['pool_startup_w2_s']:.2f} s here: 2 spawned interpreters importing numpy, pydicom, "
+        "nibabel, pandas). The w=2 / w=1 figures therefore say little about ingest's parallel design (its "
+        "outputs are identical with 2 workers); measuring scaling needs an idle multi-core machine and an "
+        "archive large enough to amortise start-up.",
+        "",
+        "Where the ratio could come down (not done in this change):",
+        "",
+        *NEXT_STEPS,
+    ]
     return lines
 
 
@@ -365,9 +440,11 @@ def _sets(root: Path, args: argparse.Namespace) -> list[tuple[str, Path, Path | 
     n = 4 if args.quick else args.n
     cohort = make_cohort(root / "ct3d", kind="ct3d", n=n, seed=0)
     images = QUICK_IMAGES if args.quick else IMAGES
-    return [(f"synthetic ct3d (n={n} patients)", cohort.archive_dir, cohort.labels_csv),
-            ("pydicom-data UNCR", _copy_archive(_pydicom_data("UNCR", images), root / "uncr"), None),
-            ("pydicom-data J2KR", _copy_archive(_pydicom_data("J2KR", images), root / "j2kr"), None)]
+    return [
+        (f"synthetic ct3d (n={n} patients)", cohort.archive_dir, cohort.labels_csv),
+        ("pydicom-data UNCR", _copy_archive(_pydicom_data("UNCR", images), root / "uncr"), None),
+        ("pydicom-data J2KR", _copy_archive(_pydicom_data("J2KR", images), root / "j2kr"), None),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
-    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-ingest-quick-")) if args.quick
-                       else ROOT / "reports" / "benchmarks")
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="bench-ingest-quick-")) if args.quick else ROOT / "reports" / "benchmarks"
+    )
     load_start = [round(v, 2) for v in os.getloadavg()]
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     sets: list[dict[str, Any]] = []
@@ -393,13 +471,19 @@ def main(argv: list[str] | None = None) -> int:
             _warm(files)
             work = root / f"work-{len(sets)}"
             measured = _measure(archive, labels, work, args.repeats)
-            entry = {"name": name, "files": len(files), "mb": n_bytes / 1e6, **measured,
-                     "summary": _summarise(measured["runs"], len(files), n_bytes)}
+            entry = {
+                "name": name,
+                "files": len(files),
+                "mb": n_bytes / 1e6,
+                **measured,
+                "summary": _summarise(measured["runs"], len(files), n_bytes),
+            }
             if not args.no_profile:
                 entry["profile"] = _profile(archive, labels, work, len(files))
             sets.append(entry)
-            print(f"{name}: " + ", ".join(f"{k} {v['best_wall_s']:.2f}s" for k, v in entry["summary"].items()),
-                  flush=True)
+            print(
+                f"{name}: " + ", ".join(f"{k} {v['best_wall_s']:.2f}s" for k, v in entry["summary"].items()), flush=True
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     machine = {**_machine(), "load_average_start": load_start, "pool_startup_w2_s": _pool_startup(2, args.repeats)}

@@ -42,8 +42,12 @@ def _model(root: Path, size: int) -> tuple[str, str, torch.nn.Module, object]:
     torch.manual_seed(0)
     net, summary = build_model("tf_efficientnet_lite0", "none", num_classes=2, in_channels=1, dims="2d")
     spec = make_spec("2d", "xray", [size, size], {"mean": summary.mean, "std": summary.std})
-    meta = {"prepare": spec.as_dict(), "classes": ["0", "1"], "temperature": 1.0,
-            "operating_point": {"rule": "youden", "threshold": 0.5}}
+    meta = {
+        "prepare": spec.as_dict(),
+        "classes": ["0", "1"],
+        "temperature": 1.0,
+        "operating_point": {"rule": "youden", "threshold": 0.5},
+    }
     packaged = tracking.CalibratedNet(net, 1.0)
     with tracking.start_run("bench-score"):
         info = tracking.log_model(packaged, np.zeros((1, 1, size, size), np.float32), meta, "bench")
@@ -62,15 +66,20 @@ def _bare(paths: list[str], spec: object, model: torch.nn.Module, batch_size: in
     transform = build_transform(spec)  # type: ignore[arg-type]
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
-            model(torch.stack([prepare_image(p, spec, transform) for p in paths[i:i + batch_size]]))  # type: ignore[arg-type]
+            model(torch.stack([prepare_image(p, spec, transform) for p in paths[i : i + batch_size]]))  # type: ignore[arg-type]
     return len(paths)
 
 
 def run(n: int, repeats: int, size: int, batch_size: int) -> dict:
     """Cold score once, then `repeats` interleaved rounds of (re-score, bare loop); wall and CPU time."""
     root = Path(tempfile.mkdtemp(prefix="bench-score-"))
-    rates: dict[str, list[float]] = {"score_warm": [], "bare": [], "score_warm_cpu": [], "bare_cpu": [],
-                                     "score_engine": []}
+    rates: dict[str, list[float]] = {
+        "score_warm": [],
+        "bare": [],
+        "score_warm_cpu": [],
+        "bare_cpu": [],
+        "score_engine": [],
+    }
     fixed: list[float] = []
     try:
         cohort = make_cohort(root / "cohort", kind="cxr2d", n=n, seed=0)
@@ -95,37 +104,69 @@ def run(n: int, repeats: int, size: int, batch_size: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     best = {k: max(v) for k, v in rates.items()}  # best of N: the least disturbed run (as timeit does)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    return {"n_units": len(paths), "n_ok": first["n_ok"], "size": size, "batch_size": batch_size,  # type: ignore[index]
-            "repeats": repeats, "scans_per_s": rates, **cold, "best": best, "median": med,
-            "fixed_overhead_s": fixed, "fixed_overhead_s_best": min(fixed),
-            "ratio_engine_to_bare": best["score_engine"] / best["bare"],
-            "ratio_warm_to_bare": best["score_warm"] / best["bare"],
-            "ratio_warm_to_bare_median": med["score_warm"] / med["bare"],
-            "ratio_warm_to_bare_cpu": best["score_warm_cpu"] / best["bare_cpu"],
-            "ratio_cold_to_bare": cold["score_cold"] / best["bare"],
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
-            "platform": platform.platform(), "torch": torch.__version__, "load_average": os.getloadavg()}
+    return {
+        "n_units": len(paths),
+        "n_ok": first["n_ok"],
+        "size": size,
+        "batch_size": batch_size,  # type: ignore[index]
+        "repeats": repeats,
+        "scans_per_s": rates,
+        **cold,
+        "best": best,
+        "median": med,
+        "fixed_overhead_s": fixed,
+        "fixed_overhead_s_best": min(fixed),
+        "ratio_engine_to_bare": best["score_engine"] / best["bare"],
+        "ratio_warm_to_bare": best["score_warm"] / best["bare"],
+        "ratio_warm_to_bare_median": med["score_warm"] / med["bare"],
+        "ratio_warm_to_bare_cpu": best["score_warm_cpu"] / best["bare_cpu"],
+        "ratio_cold_to_bare": cold["score_cold"] / best["bare"],
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+    }
 
 
 def write_report(res: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "score.json").write_text(json.dumps(res, indent=2) + "\n")
     best, med = res["best"], res["median"]
-    rows = [("bare loop (load NIfTI → prepare → forward)", best["bare"], med["bare"], best["bare_cpu"], "1.00"),
-            ("`score`, ingest cached (re-score)", best["score_warm"], med["score_warm"], best["score_warm_cpu"],
-             f"{res['ratio_warm_to_bare']:.2f} (median {res['ratio_warm_to_bare_median']:.2f}, CPU "
-             f"{res['ratio_warm_to_bare_cpu']:.2f})"),
-            ("`score` minus its fixed per-run cost (engine alone)", best["score_engine"], med["score_engine"],
-             float("nan"), f"{res['ratio_engine_to_bare']:.2f}"),
-            ("`score`, first run (DICOM ingest included)", res["score_cold"], res["score_cold"], res["score_cold_cpu"],
-             f"{res['ratio_cold_to_bare']:.2f}")]
-    table = "\n".join(f"| {name} | {b:.2f} | {m:.2f} | {'–' if c != c else f'{c:.2f}'} | {r} |"
-                      for name, b, m, c, r in rows)
+    rows = [
+        ("bare loop (load NIfTI → prepare → forward)", best["bare"], med["bare"], best["bare_cpu"], "1.00"),
+        (
+            "`score`, ingest cached (re-score)",
+            best["score_warm"],
+            med["score_warm"],
+            best["score_warm_cpu"],
+            f"{res['ratio_warm_to_bare']:.2f} (median {res['ratio_warm_to_bare_median']:.2f}, CPU "
+            f"{res['ratio_warm_to_bare_cpu']:.2f})",
+        ),
+        (
+            "`score` minus its fixed per-run cost (engine alone)",
+            best["score_engine"],
+            med["score_engine"],
+            float("nan"),
+            f"{res['ratio_engine_to_bare']:.2f}",
+        ),
+        (
+            "`score`, first run (DICOM ingest included)",
+            res["score_cold"],
+            res["score_cold"],
+            res["score_cold_cpu"],
+            f"{res['ratio_cold_to_bare']:.2f}",
+        ),
+    ]
+    table = "\n".join(
+        f"| {name} | {b:.2f} | {m:.2f} | {'–' if c != c else f'{c:.2f}'} | {r} |" for name, b, m, c, r in rows
+    )
     text = f"""# Batch scoring throughput (`pipeline/score.py`)
 
-Archive: synthetic chest X-ray cohort, {res['n_units']} image units ({res['n_ok']} scored); model
+Archive: synthetic chest X-ray cohort, {res["n_units"]} image units ({res["n_ok"]} scored); model
 tf_efficientnet_lite0 (random init; speed does not depend on weights), 2D, 1 channel,
-{res['size']}×{res['size']}, batch size {res['batch_size']}, local engine, `workers=0`. {res['repeats']}
+{res["size"]}×{res["size"]}, batch size {res["batch_size"]}, local engine, `workers=0`. {res["repeats"]}
 interleaved rounds of (re-score, bare loop); "best" is the fastest round (the least disturbed by
 other jobs, as `timeit` reports), "median" the middle one; the first run happens once. "Scans per
 CPU-second" divides by the CPU time of the process (all threads).
@@ -134,12 +175,12 @@ CPU-second" divides by the CPU time of the process (all threads).
 |---|---:|---:|---:|---|
 {table}
 
-Machine: {res['cpu_count']} CPU cores shared with other jobs (load average at the end
-{res['load_average'][0]:.1f}), torch {res['torch']} on {res['torch_threads']} threads, **no GPU**
-(CUDA available: {res['cuda']}), so the bf16 autocast path was not exercised; {res['platform']}.
+Machine: {res["cpu_count"]} CPU cores shared with other jobs (load average at the end
+{res["load_average"][0]:.1f}), torch {res["torch"]} on {res["torch_threads"]} threads, **no GPU**
+(CUDA available: {res["cuda"]}), so the bf16 autocast path was not exercised; {res["platform"]}.
 
 Fixed cost of one `score` call (measured by re-running it when every chunk is already
-committed): {res['fixed_overhead_s_best']:.2f} s best, {statistics.median(res['fixed_overhead_s']):.2f} s median. It does not grow
+committed): {res["fixed_overhead_s_best"]:.2f} s best, {statistics.median(res["fixed_overhead_s"]):.2f} s median. It does not grow
 with the archive, so on real archives the ratio tends to the "engine alone" row.
 
 What the ratio measures: `score` adds, per run, loading the model from MLflow, the incremental
@@ -165,8 +206,11 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "reports" / "benchmarks"))
     a = p.parse_args()
     res = run(a.n, a.repeats, a.size, a.batch_size)
-    print(json.dumps({k: v for k, v in res.items() if "ratio" in k or k in ("best", "median", "fixed_overhead_s")},
-                     indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in res.items() if "ratio" in k or k in ("best", "median", "fixed_overhead_s")}, indent=2
+        )
+    )
     print(write_report(res, Path(a.out)))
 
 

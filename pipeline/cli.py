@@ -26,16 +26,28 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     from pipeline.synthetic import make_cohort
 
     c = make_cohort(a.out, kind=a.kind, n=a.n, seed=a.seed, positive_fraction=a.positive_fraction, progress=True)
-    print(f"wrote {c.n_files} files for {c.n_patients} patients ({c.n_positive} positive) to {c.archive_dir}; "
-          f"labels in {c.labels_csv}")
+    print(
+        f"wrote {c.n_files} files for {c.n_patients} patients ({c.n_positive} positive) to {c.archive_dir}; "
+        f"labels in {c.labels_csv}"
+    )
     return 0
 
 
 def _cmd_ingest(a: argparse.Namespace) -> int:
     from pipeline.ingest import ingest
 
-    r = ingest(a.source, a.labels, a.out, key_file=a.key_file, val=a.val, test=a.test, seed=a.seed,
-               strict=a.strict, workers=a.workers, progress=True)
+    r = ingest(
+        a.source,
+        a.labels,
+        a.out,
+        key_file=a.key_file,
+        val=a.val,
+        test=a.test,
+        seed=a.seed,
+        strict=a.strict,
+        workers=a.workers,
+        progress=True,
+    )
     print(f"{r.n_units} image units, {r.n_quarantined} files quarantined → {r.manifest_dir}")
     return 0
 
@@ -81,15 +93,26 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_score(a: argparse.Namespace) -> int:
     from pipeline.score import score
 
-    out = score(a.model, a.source, a.out, engine=a.engine, tracking_uri=a.tracking_uri, labels=a.labels,
-                address=a.address, batch_size=a.batch_size, adapt_bn=a.adapt_bn, key_file=a.key_file)
+    out = score(
+        a.model,
+        a.source,
+        a.out,
+        engine=a.engine,
+        tracking_uri=a.tracking_uri,
+        labels=a.labels,
+        address=a.address,
+        batch_size=a.batch_size,
+        adapt_bn=a.adapt_bn,
+        key_file=a.key_file,
+    )
     print(f"scored {out['n_ok']} units, {out['n_failed']} failures → {a.out} (summary: {out['metrics_file']})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medxfer", description="Medical-imaging transfer learning pipeline.",
-                                epilog=EPILOG)
+    p = argparse.ArgumentParser(
+        prog="medxfer", description="Medical-imaging transfer learning pipeline.", epilog=EPILOG
+    )
     p.add_argument("--version", action="version", version=f"medxfer {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="less logging")
@@ -123,11 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strict", action="store_true", help="fail if any file is quarantined")
     sp.add_argument("--workers", type=int, default=1)
 
-    sp = add("train", _cmd_train, "prepare + adapt + fine-tune; prints the MLflow run id. Multi-GPU: "
-             "torchrun --nproc-per-node N -m pipeline train CONFIG (finetune.batch_size is the global batch)")
+    sp = add(
+        "train",
+        _cmd_train,
+        "prepare + adapt + fine-tune; prints the MLflow run id. Multi-GPU: "
+        "torchrun --nproc-per-node N -m pipeline train CONFIG (finetune.batch_size is the global batch)",
+    )
     sp.add_argument("config", help="experiment YAML (see configs/)")
-    sp.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last finished epoch "
-                    "(same MLflow run; needs the same config)")
+    sp.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue an interrupted run from its last finished epoch (same MLflow run; needs the same config)",
+    )
 
     sp = add("evaluate", _cmd_evaluate, "calibrate, measure on the test split, log and register the model")
     sp.add_argument("config")
@@ -144,16 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("score", _cmd_score, "score an archive with a registered model")
     sp.add_argument("source", help="archive folder")
-    sp.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME/latest, runs:/ID/model or a path")
+    sp.add_argument(
+        "--model", required=True, help="models:/NAME/VERSION, models:/NAME/latest, runs:/ID/model or a path"
+    )
     sp.add_argument("--out", required=True, help="predictions.parquet")
     sp.add_argument("--engine", choices=["local", "ray"], default="local")
     sp.add_argument("--labels", help="labels.csv for external validation")
     sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    sp.add_argument("--address", help="Ray cluster for --engine ray, e.g. ray://HEAD:10001 or auto "
-                    "(default: start a local Ray)")
+    sp.add_argument(
+        "--address", help="Ray cluster for --engine ray, e.g. ray://HEAD:10001 or auto (default: start a local Ray)"
+    )
     sp.add_argument("--batch-size", type=int, default=16, help="image units per forward pass (default 16)")
-    sp.add_argument("--adapt-bn", action="store_true",
-                    help="re-estimate BatchNorm statistics on this archive before scoring (AdaBN)")
+    sp.add_argument(
+        "--adapt-bn",
+        action="store_true",
+        help="re-estimate BatchNorm statistics on this archive before scoring (AdaBN)",
+    )
     sp.add_argument("--key-file", help="pseudonym key (default $MEDXFER_KEY_FILE or ~/.medxfer/pseudonym.key)")
     return p
 

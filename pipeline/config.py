@@ -219,8 +219,10 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
     if cfg.prepare.dims == "2d" and len(cfg.prepare.size) != 2:
         problems.append(f"prepare.size: 2d needs [H, W], got {cfg.prepare.size}")
     if cfg.prepare.reduce != "none" and cfg.prepare.dims != "2d":
-        problems.append(f"prepare.reduce: '{cfg.prepare.reduce}' applies to dims 2d only, got dims "
-                        f"{cfg.prepare.dims}; set reduce: none")
+        problems.append(
+            f"prepare.reduce: '{cfg.prepare.reduce}' applies to dims 2d only, got dims "
+            f"{cfg.prepare.dims}; set reduce: none"
+        )
     if cfg.prepare.dims == "3d" and len(cfg.prepare.size) != 3:
         problems.append(f"prepare.size: 3d needs [D, H, W], got {cfg.prepare.size}")
     if cfg.prepare.dims == "2.5d" and len(cfg.prepare.size) not in (2, 3):

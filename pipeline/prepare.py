@@ -102,8 +102,16 @@ class PrepareSpec:
         return self.slices if self.dims == "2.5d" else 1
 
 
-def make_spec(dims: str, preset: str, size: list[int], preprocessing: dict[str, Any], *,
-              spacing: list[float] | None = None, slices: int = 3, reduce: str = "none") -> PrepareSpec:
+def make_spec(
+    dims: str,
+    preset: str,
+    size: list[int],
+    preprocessing: dict[str, Any],
+    *,
+    spacing: list[float] | None = None,
+    slices: int = 3,
+    reduce: str = "none",
+) -> PrepareSpec:
     """Build a PrepareSpec; normalisation statistics come from the backbone's metadata.
 
     A 1-channel input is folded into the first conv by summing its RGB kernels, so the gray
@@ -111,19 +119,31 @@ def make_spec(dims: str, preset: str, size: list[int], preprocessing: dict[str, 
     `REDUCTIONS`) lets a ``2d`` spec take volumes; other dims need ``"none"``.
     """
     if preset not in PRESETS:
-        raise ConfigError(f"prepare.preset: unknown preset '{preset}'{did_you_mean(preset, PRESETS)}; "
-                          f"choose one of {list(PRESETS)}")
+        raise ConfigError(
+            f"prepare.preset: unknown preset '{preset}'{did_you_mean(preset, PRESETS)}; choose one of {list(PRESETS)}"
+        )
     if dims not in ("2d", "2.5d", "3d"):
-        raise ConfigError(f"prepare.dims: '{dims}' is not one of 2d, 2.5d, 3d{did_you_mean(dims, ['2d', '2.5d', '3d'])}")
+        raise ConfigError(
+            f"prepare.dims: '{dims}' is not one of 2d, 2.5d, 3d{did_you_mean(dims, ['2d', '2.5d', '3d'])}"
+        )
     if reduce not in REDUCTIONS or (reduce != "none" and dims != "2d"):
-        raise ConfigError(f"prepare.reduce: '{reduce}' with dims {dims}{did_you_mean(reduce, REDUCTIONS)}; "
-                          f"reduce is one of {list(REDUCTIONS)} and only 2d takes a value other than 'none'")
+        raise ConfigError(
+            f"prepare.reduce: '{reduce}' with dims {dims}{did_you_mean(reduce, REDUCTIONS)}; "
+            f"reduce is one of {list(REDUCTIONS)} and only 2d takes a value other than 'none'"
+        )
     mean = float(np.mean(preprocessing.get("mean", (0.5,))))
     std = float(np.mean(preprocessing.get("std", (0.5,))))
-    return PrepareSpec(dims=dims, preset=preset, size=tuple(int(s) for s in size),
-                       spacing=tuple(float(s) for s in spacing) if spacing else None, slices=int(slices),
-                       mean=(mean,), std=(std,), interpolation=str(preprocessing.get("interpolation", "bicubic")),
-                       reduce=reduce)
+    return PrepareSpec(
+        dims=dims,
+        preset=preset,
+        size=tuple(int(s) for s in size),
+        spacing=tuple(float(s) for s in spacing) if spacing else None,
+        slices=int(slices),
+        mean=(mean,),
+        std=(std,),
+        interpolation=str(preprocessing.get("interpolation", "bicubic")),
+        reduce=reduce,
+    )
 
 
 def spec_from_dict(d: dict[str, Any]) -> PrepareSpec:
@@ -140,16 +160,21 @@ def _intensity(preset: str) -> list:
         a_min, a_max = CT_WINDOWS[preset]
         return [ScaleIntensityRange(a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)]
     if preset == "mr":
-        return [ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=None, b_max=None, clip=True),
-                NormalizeIntensity(nonzero=True),
-                ScaleIntensityRange(a_min=-3.0, a_max=3.0, b_min=0.0, b_max=1.0, clip=True)]
+        return [
+            ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=None, b_max=None, clip=True),
+            NormalizeIntensity(nonzero=True),
+            ScaleIntensityRange(a_min=-3.0, a_max=3.0, b_min=0.0, b_max=1.0, clip=True),
+        ]
     return [ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)]
 
 
 def build_transform(spec: PrepareSpec) -> Compose:
     """Deterministic chain: NIfTI path → normalised tensor of the spec's shape."""
-    steps: list = [_LoadNifti(), EnsureChannelFirst(channel_dim="no_channel"),
-                   Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    steps: list = [
+        _LoadNifti(),
+        EnsureChannelFirst(channel_dim="no_channel"),
+        Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
     if spec.spacing:
         steps.append(Spacing(pixdim=spec.spacing, mode="bilinear"))
     steps += _intensity(spec.preset)
@@ -196,8 +221,10 @@ class _ToNetworkLayout:
             return x.mean(dim=1)
         if reduce == "center":
             return x[:, x.shape[1] // 2]
-        raise DataError(f"a 2D model needs single-slice images, got a volume of {x.shape[1]} slices; "
-                        "use prepare.dims: 3d or 2.5d for volumes, or prepare.reduce: mip|mean|center")
+        raise DataError(
+            f"a 2D model needs single-slice images, got a volume of {x.shape[1]} slices; "
+            "use prepare.dims: 3d or 2.5d for volumes, or prepare.reduce: mip|mean|center"
+        )
 
     def _slab_channels(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
@@ -216,14 +243,19 @@ def _plain(t: Any) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-def build_augment(dims: str, *, flip: bool, rotate_deg: float, scale: float, intensity: float,
-                  seed: int) -> Compose:
+def build_augment(dims: str, *, flip: bool, rotate_deg: float, scale: float, intensity: float, seed: int) -> Compose:
     """Training-time augmentation on prepared tensors (never used in evaluation); seeded."""
     ndim = 3 if dims == "3d" else 2
     rot = float(np.deg2rad(rotate_deg))
-    steps: list = [RandAffine(prob=0.8, rotate_range=(rot,) * (1 if ndim == 2 else 3),
-                              scale_range=(scale,) * ndim, translate_range=(4,) * ndim,
-                              padding_mode="border")]
+    steps: list = [
+        RandAffine(
+            prob=0.8,
+            rotate_range=(rot,) * (1 if ndim == 2 else 3),
+            scale_range=(scale,) * ndim,
+            translate_range=(4,) * ndim,
+            padding_mode="border",
+        )
+    ]
     if flip:
         steps.append(RandFlip(prob=0.5, spatial_axis=ndim - 1))
     if intensity > 0:
@@ -249,8 +281,9 @@ def prepare_image(path: str | Path, spec: PrepareSpec, transform: Compose | None
         if cause is not None:
             raise DataError(f"{path}: {cause}") from None
         root = exc.__cause__ or exc
-        raise DataError(f"{path}: could not be prepared ({type(root).__name__}: {root}); "
-                        "re-run ingest to rewrite the image") from None
+        raise DataError(
+            f"{path}: could not be prepared ({type(root).__name__}: {root}); re-run ingest to rewrite the image"
+        ) from None
     return _plain(out).contiguous()
 
 
@@ -262,8 +295,9 @@ def _atomic_save(tensor: torch.Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_or_prepare(path: str | Path, sha: str, spec: PrepareSpec, cache_dir: str | Path | None,
-                    transform: Compose | None = None) -> tuple[torch.Tensor, bool]:
+def load_or_prepare(
+    path: str | Path, sha: str, spec: PrepareSpec, cache_dir: str | Path | None, transform: Compose | None = None
+) -> tuple[torch.Tensor, bool]:
     """Return (tensor, was_cached). Writes the cache entry atomically on a miss."""
     if cache_dir:
         cached = cache_path(cache_dir, spec, sha)
@@ -278,8 +312,15 @@ def load_or_prepare(path: str | Path, sha: str, spec: PrepareSpec, cache_dir: st
 class PreparedDataset(Dataset):
     """Prepared tensors for manifest rows (cached), optionally augmented; yields (x, y, index)."""
 
-    def __init__(self, paths: list[str], shas: list[str], labels: list[int], spec: PrepareSpec,
-                 cache_dir: str | Path | None = None, augment: Compose | None = None):
+    def __init__(
+        self,
+        paths: list[str],
+        shas: list[str],
+        labels: list[int],
+        spec: PrepareSpec,
+        cache_dir: str | Path | None = None,
+        augment: Compose | None = None,
+    ):
         self.paths, self.shas, self.labels = list(paths), list(shas), list(labels)
         self.spec, self.cache_dir, self.augment = spec, cache_dir, augment
         self._transform: Compose | None = None

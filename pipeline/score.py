@@ -60,10 +60,22 @@ _CHUNK_VERSION = 1
 __all__ = ["ENGINES", "Packaged", "external_metrics", "load_packaged", "reference_stats", "score"]
 
 
-def score(model_uri: str, source: str | Path, out: str | Path, *, engine: str = "local",
-          tracking_uri: str | None = None, labels: str | Path | None = None, address: str | None = None,
-          batch_size: int = 16, chunk_size: int = 64, workers: int = 0, adapt_bn: bool = False,
-          key_file: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def score(
+    model_uri: str,
+    source: str | Path,
+    out: str | Path,
+    *,
+    engine: str = "local",
+    tracking_uri: str | None = None,
+    labels: str | Path | None = None,
+    address: str | None = None,
+    batch_size: int = 16,
+    chunk_size: int = 64,
+    workers: int = 0,
+    adapt_bn: bool = False,
+    key_file: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Score every image unit of a DICOM/NIfTI archive with a packaged model; resumable.
 
     The archive is ingested (non-strict) into ``<out>.work/manifest``; units are scored in chunks
@@ -108,11 +120,24 @@ def score(model_uri: str, source: str | Path, out: str | Path, *, engine: str = 
             if engine == "ray":
                 from pipeline.score_ray import run_ray
 
-                run_ray(pkg, plan.units, writer.batches(batch_size), sink, address=address, workers=workers,
-                        tracking_uri=tracking_uri, bn_state=adabn and adabn["state"])
+                run_ray(
+                    pkg,
+                    plan.units,
+                    writer.batches(batch_size),
+                    sink,
+                    address=address,
+                    workers=workers,
+                    tracking_uri=tracking_uri,
+                    bn_state=adabn and adabn["state"],
+                )
             else:
-                run_local(Scorer(pkg.model, pkg.spec, device, len(pkg.classes)), [u["path"] for u in plan.units],
-                          writer.batches(batch_size), sink, workers)
+                run_local(
+                    Scorer(pkg.model, pkg.spec, device, len(pkg.classes)),
+                    [u["path"] for u in plan.units],
+                    writer.batches(batch_size),
+                    sink,
+                    workers,
+                )
     result = _finish(pkg, plan, out, engine, adabn, labels is not None)
     return {**result, "seconds": time.perf_counter() - t0}
 
@@ -127,8 +152,17 @@ class _Plan:
     pending: list[int]  # chunks not committed yet
 
 
-def _plan(pkg: Packaged, source: str | Path, labels: str | Path | None, work: Path, key_file: str | Path | None,
-          workers: int, adapt_bn: bool, chunk_size: int, progress: bool) -> _Plan:
+def _plan(
+    pkg: Packaged,
+    source: str | Path,
+    labels: str | Path | None,
+    work: Path,
+    key_file: str | Path | None,
+    workers: int,
+    adapt_bn: bool,
+    chunk_size: int,
+    progress: bool,
+) -> _Plan:
     """Ingest the archive (incremental, non-strict), sort out what can be scored, find committed chunks."""
     manifest_dir = work / "manifest"
     ingest(source, labels, manifest_dir, key_file=key_file, strict=False, workers=max(1, workers), progress=progress)
@@ -154,16 +188,25 @@ def _finish(pkg: Packaged, plan: _Plan, out: Path, engine: str, adabn: dict | No
     _atomic_write(metrics_file, (json.dumps(jsonable(summary), indent=2) + "\n").encode())
     for warning in summary["domain_shift"].get("warnings", []):
         log.warning("score: %s", warning)
-    return {"n_ok": summary["n_ok"], "n_failed": len(table) - summary["n_ok"], "out": str(out),
-            "metrics_file": str(metrics_file), "n_chunks": plan.n_chunks, "chunks_reused": reused,
-            "adapt_bn": summary["adapt_bn"], "domain_shift": summary["domain_shift"],
-            "model_version": pkg.version, "engine": engine}
+    return {
+        "n_ok": summary["n_ok"],
+        "n_failed": len(table) - summary["n_ok"],
+        "out": str(out),
+        "metrics_file": str(metrics_file),
+        "n_chunks": plan.n_chunks,
+        "chunks_reused": reused,
+        "adapt_bn": summary["adapt_bn"],
+        "domain_shift": summary["domain_shift"],
+        "model_version": pkg.version,
+        "engine": engine,
+    }
 
 
 def _check_args(engine: str, batch_size: int, chunk_size: int, workers: int) -> None:
     if engine not in ENGINES:
-        raise ConfigError(f"--engine: unknown engine '{engine}'{did_you_mean(engine, ENGINES)}; "
-                          f"choose one of {', '.join(ENGINES)}")
+        raise ConfigError(
+            f"--engine: unknown engine '{engine}'{did_you_mean(engine, ENGINES)}; choose one of {', '.join(ENGINES)}"
+        )
     for name, value, low in (("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1), ("workers", workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"--{name.replace('_', '-')}: must be a whole number >= {low}, got {value!r}")
@@ -172,7 +215,7 @@ def _check_args(engine: str, batch_size: int, chunk_size: int, workers: int) -> 
 def _absolute_uri(uri: str) -> str:
     """sqlite:///relative.db → sqlite:////abs/relative.db, so Ray workers in other folders find it."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     return uri
 
 
@@ -186,22 +229,42 @@ def _misfit(shape: list[int], modality: str, pkg: Packaged) -> tuple[str, str] |
     """(reason, detail) when a unit cannot be scored by this model, else None."""
     depth = int(shape[2]) if len(shape) > 2 else 1
     if pkg.spec.dims == "2d" and depth > 1 and getattr(pkg.spec, "reduce", "none") == "none":
-        return "dims-mismatch", (f"a 2D model cannot score a volume of {depth} slices; score volumes with a "
-                                 "model trained with prepare.dims 2.5d or 3d, or 2d with prepare.reduce")
+        return "dims-mismatch", (
+            f"a 2D model cannot score a volume of {depth} slices; score volumes with a "
+            "model trained with prepare.dims 2.5d or 3d, or 2d with prepare.reduce"
+        )
     if pkg.spec.dims == "3d" and depth == 1:
         return "dims-mismatch", "a 3D model cannot score a single 2D image; score it with a 2D model"
     if modality and pkg.modalities and modality not in pkg.modalities:
-        return "modality-mismatch", (f"the model was trained on {'/'.join(sorted(pkg.modalities))} images "
-                                     f"(preset {pkg.spec.preset}); this unit is {modality}")
+        return "modality-mismatch", (
+            f"the model was trained on {'/'.join(sorted(pkg.modalities))} images "
+            f"(preset {pkg.spec.preset}); this unit is {modality}"
+        )
     return None
 
 
-def _row(n_classes: int, image_id: str = "", subject_id: str = "", modality: str = "", status: str = "failed",
-         reason: str = "", detail: str = "", source_ref: str = "", probs: Any = None) -> dict[str, Any]:
+def _row(
+    n_classes: int,
+    image_id: str = "",
+    subject_id: str = "",
+    modality: str = "",
+    status: str = "failed",
+    reason: str = "",
+    detail: str = "",
+    source_ref: str = "",
+    probs: Any = None,
+) -> dict[str, Any]:
     p = np.full(n_classes, np.nan) if probs is None else np.asarray(probs, dtype=np.float64)
-    return {"image_id": image_id, "subject_id": subject_id, "modality": modality,
-            **{f"p{i}": float(p[i]) for i in range(n_classes)},
-            "status": status, "reason": reason, "detail": detail, "source_ref": source_ref}
+    return {
+        "image_id": image_id,
+        "subject_id": subject_id,
+        "modality": modality,
+        **{f"p{i}": float(p[i]) for i in range(n_classes)},
+        "status": status,
+        "reason": reason,
+        "detail": detail,
+        "source_ref": source_ref,
+    }
 
 
 def _split_fit(frame: pd.DataFrame, pkg: Packaged, manifest_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -212,8 +275,15 @@ def _split_fit(frame: pd.DataFrame, pkg: Packaged, manifest_dir: Path) -> tuple[
         if bad:
             failures.append(_row(len(pkg.classes), r.image_id, r.subject_id, str(r.modality), "failed", *bad))
         else:
-            units.append({"image_id": r.image_id, "subject_id": r.subject_id, "modality": str(r.modality),
-                          "path": str(manifest_dir / r.image_path), "sha": r.content_sha256})
+            units.append(
+                {
+                    "image_id": r.image_id,
+                    "subject_id": r.subject_id,
+                    "modality": str(r.modality),
+                    "path": str(manifest_dir / r.image_path),
+                    "sha": r.content_sha256,
+                }
+            )
     return units, failures
 
 
@@ -223,14 +293,25 @@ def _quarantine_rows(manifest_dir: Path, key: bytes, n_classes: int) -> list[dic
     if not path.exists():
         return []
     q = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return [_row(n_classes, reason=r.reason, source_ref="src-" + digest(key, "source-ref", r.path)[:16])
-            for r in q.itertuples(index=False)]
+    return [
+        _row(n_classes, reason=r.reason, source_ref="src-" + digest(key, "source-ref", r.path)[:16])
+        for r in q.itertuples(index=False)
+    ]
 
 
 def _plan_key(pkg: Packaged, units: list[dict], adapt_bn: bool, chunk_size: int) -> str:
-    blob = json.dumps({"v": _CHUNK_VERSION, "model": pkg.fingerprint, "spec": pkg.spec.hash(),
-                       "classes": pkg.classes, "adapt_bn": adapt_bn, "chunk_size": chunk_size,
-                       "units": [[u["image_id"], u["sha"]] for u in units]}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "v": _CHUNK_VERSION,
+            "model": pkg.fingerprint,
+            "spec": pkg.spec.hash(),
+            "classes": pkg.classes,
+            "adapt_bn": adapt_bn,
+            "chunk_size": chunk_size,
+            "units": [[u["image_id"], u["sha"]] for u in units],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -273,7 +354,7 @@ class _ChunkWriter:
         out = []
         for c, n in self.sizes.items():
             idx = list(range(c * self.size, c * self.size + n))
-            out += [idx[i:i + batch_size] for i in range(0, n, batch_size)]
+            out += [idx[i : i + batch_size] for i in range(0, n, batch_size)]
         return out
 
     def sink(self, advance: Callable[[int], None]) -> Callable[[dict[str, np.ndarray]], None]:
@@ -284,6 +365,7 @@ class _ChunkWriter:
                 if len(self.open[c]) == self.sizes[c]:
                     self._commit(c, self.open.pop(c))
             advance(len(result["idx"]))
+
         return take
 
     def _commit(self, c: int, got: dict[int, dict[str, Any]]) -> None:
@@ -291,8 +373,18 @@ class _ChunkWriter:
         for idx in sorted(got):
             r, u = got[idx], self.units[idx]
             ok = not str(r["reason"])
-            rows.append(_row(self.n_classes, u["image_id"], u["subject_id"], u["modality"], "ok" if ok else "failed",
-                             str(r["reason"]), str(r["detail"]), probs=r["probs"] if ok else None))
+            rows.append(
+                _row(
+                    self.n_classes,
+                    u["image_id"],
+                    u["subject_id"],
+                    u["modality"],
+                    "ok" if ok else "failed",
+                    str(r["reason"]),
+                    str(r["detail"]),
+                    probs=r["probs"] if ok else None,
+                )
+            )
             if ok:
                 stats.add(np.array([r["mean"]]), np.array([r["std"]]), np.asarray(r["emb"])[None])
         buf = io.BytesIO()
@@ -305,8 +397,16 @@ class _ChunkWriter:
 
 
 def _bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not enabled)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
 
 
 class _RateColumn(ProgressColumn):
@@ -316,17 +416,25 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:.1f} scans/s" if task.speed else "… scans/s")
 
 
-def _adabn(pkg: Packaged, units: list[dict], folder: Path, batch_size: int, workers: int,
-           device: torch.device) -> dict[str, Any]:
+def _adabn(
+    pkg: Packaged, units: list[dict], folder: Path, batch_size: int, workers: int, device: torch.device
+) -> dict[str, Any]:
     """AdaBN on this archive's units (cached in the chunk folder so a resumed run reuses it)."""
     path = folder / "adabn.pt"
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        loader = DataLoader(UnitDataset([u["path"] for u in units], pkg.spec), batch_size=batch_size,
-                            num_workers=workers, collate_fn=collate_units)
-        batches = (torch.stack([x for _, x, _, _ in items if x is not None]) for items in loader
-                   if any(x is not None for _, x, _, _ in items))
+        loader = DataLoader(
+            UnitDataset([u["path"] for u in units], pkg.spec),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate_units,
+        )
+        batches = (
+            torch.stack([x for _, x, _, _ in items if x is not None])
+            for items in loader
+            if any(x is not None for _, x, _, _ in items)
+        )
         n_images, n_layers = adapt_batchnorm(pkg.model, batches, device)
         names = {n for n, m in pkg.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         state = {k: v.cpu() for k, v in pkg.model.state_dict().items() if k.rsplit(".", 1)[0] in names}
@@ -351,8 +459,11 @@ def _assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) 
     else:
         pick = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1) if len(frame) else np.zeros(0, int)
     frame["decision"] = np.where(ok, np.asarray(pkg.classes, dtype=object)[pick], "")
-    named = {"prob": probs[:, 1]} if len(pkg.classes) == 2 else {
-        f"prob_{c}": probs[:, i] for i, c in enumerate(pkg.classes)}
+    named = (
+        {"prob": probs[:, 1]}
+        if len(pkg.classes) == 2
+        else {f"prob_{c}": probs[:, i] for i, c in enumerate(pkg.classes)}
+    )
     for name, values in named.items():
         frame[name] = values
     frame["model_uri"], frame["model_version"] = pkg.uri, pkg.version
@@ -368,22 +479,34 @@ def _write_table(table: pd.DataFrame, out: Path, summary: dict[str, Any]) -> Non
     _atomic_write(out, sink.getvalue().to_pybytes())
 
 
-def _summary(pkg: Packaged, table: pd.DataFrame, stats: DomainStats, adabn: dict | None, engine: str,
-             n_chunks: int, reused: int) -> dict[str, Any]:
+def _summary(
+    pkg: Packaged, table: pd.DataFrame, stats: DomainStats, adabn: dict | None, engine: str, n_chunks: int, reused: int
+) -> dict[str, Any]:
     reasons = table.loc[table["status"] != "ok", "reason"].value_counts().sort_index()
     archive = stats.summary()
-    return {"model_uri": pkg.uri, "model_version": pkg.version, "classes": pkg.classes,
-            "temperature": float(pkg.meta.get("temperature", 1.0)), "threshold": pkg.threshold,
-            "operating_point": pkg.meta.get("operating_point"), "engine": engine,
-            "n_ok": int((table["status"] == "ok").sum()), "failed_by_reason": {str(k): int(v) for k, v in reasons.items()},
-            "n_chunks": n_chunks, "chunks_reused": reused,
-            "adapt_bn": None if adabn is None else {"applied": True, "n_images": adabn["n_images"],
-                                                     "n_layers": adabn["n_layers"]},
-            "domain_shift": compare_domain(pkg.reference, archive), "archive_stats": archive}
+    return {
+        "model_uri": pkg.uri,
+        "model_version": pkg.version,
+        "classes": pkg.classes,
+        "temperature": float(pkg.meta.get("temperature", 1.0)),
+        "threshold": pkg.threshold,
+        "operating_point": pkg.meta.get("operating_point"),
+        "engine": engine,
+        "n_ok": int((table["status"] == "ok").sum()),
+        "failed_by_reason": {str(k): int(v) for k, v in reasons.items()},
+        "n_chunks": n_chunks,
+        "chunks_reused": reused,
+        "adapt_bn": None
+        if adabn is None
+        else {"applied": True, "n_images": adabn["n_images"], "n_layers": adabn["n_layers"]},
+        "domain_shift": compare_domain(pkg.reference, archive),
+        "archive_stats": archive,
+    }
 
 
-def external_metrics(table: pd.DataFrame, frame: pd.DataFrame, pkg: Packaged, n_boot: int = 1000,
-                     seed: int = 0) -> dict[str, Any]:
+def external_metrics(
+    table: pd.DataFrame, frame: pd.DataFrame, pkg: Packaged, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """AUROC (patient-bootstrap 95% CI), ECE, Brier of the scored units whose label is a model class.
 
     Probabilities are the model's calibrated ones (its temperature); `frame` is the manifest.
@@ -395,8 +518,14 @@ def external_metrics(table: pd.DataFrame, frame: pd.DataFrame, pkg: Packaged, n_
     y_str = ok["image_id"].map(labels).fillna("")
     known = y_str.isin(pkg.classes).to_numpy()
     unknown = sorted(set(y_str[~known]) - {""})
-    out: dict[str, Any] = {"n": int(known.sum()), "n_unlabelled": int((y_str == "").sum()),
-                           "unknown_labels": unknown[:10], "n_bins": N_BINS, "bootstrap": n_boot, "notes": []}
+    out: dict[str, Any] = {
+        "n": int(known.sum()),
+        "n_unlabelled": int((y_str == "").sum()),
+        "unknown_labels": unknown[:10],
+        "n_bins": N_BINS,
+        "bootstrap": n_boot,
+        "notes": [],
+    }
     y = y_str[known].map({c: i for i, c in enumerate(pkg.classes)}).to_numpy(dtype=int)
     p = ok.loc[known, pkg.prob_columns].to_numpy(dtype=np.float64)
     probs = np.column_stack([1.0 - p[:, 0], p[:, 0]]) if len(pkg.classes) == 2 else p
@@ -406,8 +535,14 @@ def external_metrics(table: pd.DataFrame, frame: pd.DataFrame, pkg: Packaged, n_
         return out
     out.update(ece=ece(probs, y), brier=brier(probs, y))
     try:
-        point, low, high = bootstrap_ci("auroc", y, probs[:, 1] if len(pkg.classes) == 2 else probs,
-                                        ok.loc[known, "subject_id"].to_numpy(), n_boot=n_boot, seed=seed)
+        point, low, high = bootstrap_ci(
+            "auroc",
+            y,
+            probs[:, 1] if len(pkg.classes) == 2 else probs,
+            ok.loc[known, "subject_id"].to_numpy(),
+            n_boot=n_boot,
+            seed=seed,
+        )
         out.update(auroc=point, auroc_ci=[low, high])
     except DataError as exc:
         out["notes"].append(f"AUROC not computed: {exc}")

@@ -62,9 +62,11 @@ def load_packaged(model_uri: str) -> Packaged:
     model, meta = tracking.load_model(model_uri)
     missing = [k for k in ("prepare", "classes") if not meta.get(k)]
     if missing:
-        raise DataError(f"model {model_uri} carries no medxfer metadata {missing} (found keys {sorted(meta)}); "
-                        "it was not packaged by `medxfer evaluate`. Fix: score a model logged with "
-                        "tracking.log_model(..., metadata={'prepare': ..., 'classes': ...})")
+        raise DataError(
+            f"model {model_uri} carries no medxfer metadata {missing} (found keys {sorted(meta)}); "
+            "it was not packaged by `medxfer evaluate`. Fix: score a model logged with "
+            "tracking.log_model(..., metadata={'prepare': ..., 'classes': ...})"
+        )
     return Packaged(model, meta, model_uri)
 
 
@@ -174,23 +176,41 @@ class Scorer:
             except (RuntimeError, DataError) as exc:  # a batch the model cannot run: rows, not a crash
                 for j in ok:
                     reasons[j], details[j] = "inference-error", str(exc).splitlines()[0][:300]
-        return {"idx": np.array([it[0] for it in items], dtype=np.int64), "probs": probs, "emb": emb,
-                "mean": mean, "std": std, "reason": np.array(reasons, dtype=str), "detail": np.array(details, dtype=str)}
+        return {
+            "idx": np.array([it[0] for it in items], dtype=np.int64),
+            "probs": probs,
+            "emb": emb,
+            "mean": mean,
+            "std": std,
+            "reason": np.array(reasons, dtype=str),
+            "detail": np.array(details, dtype=str),
+        }
 
 
-def run_local(scorer: Scorer, paths: list[str], batches: list[list[int]],
-              sink: Callable[[dict[str, np.ndarray]], None], workers: int = 0) -> None:
+def run_local(
+    scorer: Scorer,
+    paths: list[str],
+    batches: list[list[int]],
+    sink: Callable[[dict[str, np.ndarray]], None],
+    workers: int = 0,
+) -> None:
     """Local engine: a streaming DataLoader (prepare in `workers` processes) feeding batched inference."""
     if scorer.spec is None:
         raise DataError("run_local: the Scorer needs the model's prepare spec")
-    loader = DataLoader(UnitDataset(paths, scorer.spec), batch_sampler=batches, num_workers=workers,
-                        collate_fn=collate_units, prefetch_factor=2 if workers else None)
+    loader = DataLoader(
+        UnitDataset(paths, scorer.spec),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_units,
+        prefetch_factor=2 if workers else None,
+    )
     for items in loader:
         sink(scorer.score_items(items))
 
 
-def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | None = None
-                    ) -> tuple[int, int]:
+def adapt_batchnorm(
+    model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | None = None
+) -> tuple[int, int]:
     """AdaBN (Li et al. 2016): re-estimate every BatchNorm's running mean/var on target-domain batches.
 
     Statistics are reset and re-accumulated as the plain average over batches (momentum None);
@@ -222,8 +242,10 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device: t
         if n == 0:
             m.load_state_dict(state)
     if n == 0:
-        raise DataError("adapt_bn: no image unit of the archive could be prepared, so BatchNorm statistics "
-                        "cannot be re-estimated; fix the failures listed in the output or drop --adapt-bn")
+        raise DataError(
+            "adapt_bn: no image unit of the archive could be prepared, so BatchNorm statistics "
+            "cannot be re-estimated; fix the failures listed in the output or drop --adapt-bn"
+        )
     return n, len(bns)
 
 
@@ -254,8 +276,12 @@ class DomainStats:
 
     def arrays(self) -> dict[str, np.ndarray]:
         empty = np.zeros(0)
-        return {"n": np.array(self.n), "s": self.s, "e1": empty if self.e1 is None else self.e1,
-                "e2": empty if self.e2 is None else self.e2}
+        return {
+            "n": np.array(self.n),
+            "s": self.s,
+            "e1": empty if self.e1 is None else self.e1,
+            "e2": empty if self.e2 is None else self.e2,
+        }
 
     @classmethod
     def load(cls, path: str | Path) -> DomainStats:
@@ -269,6 +295,7 @@ class DomainStats:
     def summary(self) -> dict[str, Any]:
         """{"n", "intensity_mean": [mean, sd], "intensity_std": [mean, sd], "embedding_mean", "embedding_sd"}:
         the schema of the model metadata key ``reference_stats``."""
+
         def mean_sd(s1: Any, s2: Any) -> tuple[Any, Any]:
             m = s1 / max(self.n, 1)
             var = (s2 - self.n * m**2) / (self.n - 1) if self.n > 1 else s2 * 0.0
@@ -283,8 +310,9 @@ class DomainStats:
         return out
 
 
-def reference_stats(model: nn.Module, dataset: Dataset, batch_size: int = 32,
-                    device: torch.device | None = None) -> dict[str, Any]:
+def reference_stats(
+    model: nn.Module, dataset: Dataset, batch_size: int = 32, device: torch.device | None = None
+) -> dict[str, Any]:
     """Training-set statistics to store as the model metadata key ``reference_stats``.
 
     `dataset` yields prepared tensors, or tuples whose first item is one (e.g. PreparedDataset).
@@ -315,8 +343,10 @@ def compare_domain(reference: dict[str, Any] | None, archive: dict[str, Any]) ->
     """
     out: dict[str, Any] = {"checked": False, "threshold": SMD_WARN, "warnings": [], "n_archive": archive.get("n", 0)}
     if not reference:
-        out["note"] = ("the model carries no reference_stats (training-set statistics): domain-shift check "
-                       "skipped; see pipeline.score_ray.reference_stats")
+        out["note"] = (
+            "the model carries no reference_stats (training-set statistics): domain-shift check "
+            "skipped; see pipeline.score_ray.reference_stats"
+        )
         return out
     if not archive.get("n"):
         out["note"] = "no unit was scored: domain-shift check skipped"
@@ -328,13 +358,15 @@ def compare_domain(reference: dict[str, Any] | None, archive: dict[str, Any]) ->
         if abs(smd) > SMD_WARN:
             out["warnings"].append(
                 f"intensity {what} of the prepared images differs from training: {archive[key][0]:.3f} vs "
-                f"{reference[key][0]:.3f} (SMD {smd:+.2f}); check modality, preset/windowing and scanner")
+                f"{reference[key][0]:.3f} (SMD {smd:+.2f}); check modality, preset/windowing and scanner"
+            )
     out.update(_embedding_shift(reference, archive))
     if out.get("embedding_rms_smd_corrected", 0.0) > SMD_WARN:
         out["warnings"].append(
             f"image features differ from training (RMS SMD {out['embedding_rms_smd_corrected']:.2f} over "
             f"{out['n_features']} features, noise-corrected); predictions may be unreliable: validate on "
-            "labelled local data or try --adapt-bn")
+            "labelled local data or try --adapt-bn"
+        )
     return out
 
 
@@ -350,8 +382,11 @@ def _embedding_shift(reference: dict[str, Any], archive: dict[str, Any]) -> dict
     smd = (ma[keep] - mr[keep]) / pooled[keep]
     raw = float(np.sqrt(np.mean(smd**2))) if smd.size else 0.0
     noise = 1.0 / max(int(archive["n"]), 1) + 1.0 / max(int(reference.get("n", 0)), 1)
-    return {"n_features": int(keep.sum()), "embedding_rms_smd": raw,
-            "embedding_rms_smd_corrected": float(np.sqrt(max(raw**2 - noise, 0.0)))}
+    return {
+        "n_features": int(keep.sum()),
+        "embedding_rms_smd": raw,
+        "embedding_rms_smd_corrected": float(np.sqrt(max(raw**2 - noise, 0.0))),
+    }
 
 
 # ------------------------------------------------------------------------------------------- Ray engine
@@ -384,9 +419,17 @@ class ModelActor:
         return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
 
-def run_ray(pkg: Any, units: list[dict], batches: list[list[int]], sink: Callable[[dict[str, np.ndarray]], None], *,
-            address: str | None, workers: int, tracking_uri: str,
-            bn_state: dict[str, torch.Tensor] | None = None) -> None:
+def run_ray(
+    pkg: Any,
+    units: list[dict],
+    batches: list[list[int]],
+    sink: Callable[[dict[str, np.ndarray]], None],
+    *,
+    address: str | None,
+    workers: int,
+    tracking_uri: str,
+    bn_state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Ray engine: ``ray.data.from_items(rows).map_batches(ModelActor, ...)``; results go to `sink`.
 
     Each row is one batch of `batches` (the local engine's batches), so both engines run the
@@ -413,8 +456,12 @@ def run_ray(pkg: Any, units: list[dict], batches: list[list[int]], sink: Callabl
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, runtime_env=ray_runtime_env() if address is None else None,
-                 include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address=address,
+            runtime_env=ray_runtime_env() if address is None else None,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     elif address:
         log.info("score: Ray is already initialised in this process; --address %s ignored", address)
     try:
@@ -424,9 +471,14 @@ def run_ray(pkg: Any, units: list[dict], batches: list[list[int]], sink: Callabl
         size = workers or gpus or max(1, int(resources.get("CPU", 1)))
         rows = [{"units": json.dumps([[i, units[i]["path"]] for i in batch])} for batch in batches]
         ds = ray.data.from_items(rows).map_batches(
-            ModelActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size),
-            num_cpus=1, num_gpus=1 if gpus else 0,
-            fn_constructor_kwargs={"model_uri": pkg.uri, "tracking_uri": tracking_uri, "bn_state": bn_state})
+            ModelActor,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=1,
+            num_gpus=1 if gpus else 0,
+            fn_constructor_kwargs={"model_uri": pkg.uri, "tracking_uri": tracking_uri, "bn_state": bn_state},
+        )
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             sink(out)
     finally:

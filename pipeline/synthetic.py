@@ -35,33 +35,68 @@ KINDS = ("cxr2d", "ct3d")
 # site -> (manufacturer, X-ray model, CT model, institution, CXR pixel spacing (mm),
 #          CXR rows x columns, CT kernels (sharp, soft))
 _SITES: dict[str, tuple[str, str, str, str, str, tuple[int, int], tuple[str, str]]] = {
-    "site-A": ("GE MEDICAL SYSTEMS", "Definium 6000", "Revolution CT",
-               "NORTHGATE GENERAL HOSPITAL", "1.4", (256, 256), ("LUNG", "STANDARD")),
-    "site-B": ("SIEMENS", "Ysio Max", "SOMATOM Definition AS",
-               "ST. MARY UNIVERSITY CLINIC", "1.39", (256, 256), ("B70f", "B30f")),
-    "site-C": ("Philips", "PCR Eleva S", "Ingenuity CT",
-               "RIVERSIDE MEDICAL CENTRE", "1.43", (256, 240), ("YC", "B")),
+    "site-A": (
+        "GE MEDICAL SYSTEMS",
+        "Definium 6000",
+        "Revolution CT",
+        "NORTHGATE GENERAL HOSPITAL",
+        "1.4",
+        (256, 256),
+        ("LUNG", "STANDARD"),
+    ),
+    "site-B": (
+        "SIEMENS",
+        "Ysio Max",
+        "SOMATOM Definition AS",
+        "ST. MARY UNIVERSITY CLINIC",
+        "1.39",
+        (256, 256),
+        ("B70f", "B30f"),
+    ),
+    "site-C": ("Philips", "PCR Eleva S", "Ingenuity CT", "RIVERSIDE MEDICAL CENTRE", "1.43", (256, 240), ("YC", "B")),
 }
 _SITE_P = (0.4, 0.35, 0.25)
-_SURNAMES = ("KOWALSKI NOWAK SMITH GARCIA MULLER ROSSI DUBOIS JANSSEN SILVA OKAFOR TANAKA NGUYEN "
-             "PATEL COHEN HANSEN LINDQVIST MURPHY SCHMIDT FISCHER BERNARD KOVACS NOVAK IVANOV "
-             "HASSAN OLSEN MORENO BROWN WILSON YILMAZ PETERS").split()
-_GIVEN = {"F": "ANNA MARIA SOPHIE EMMA JULIA LAURA ELENA SARAH HANNA CLARA NADIA AMARA".split(),
-          "M": "JAN PIOTR LUCAS DAVID MARCO THOMAS AHMED KENJI ERIK PAUL MATEO OMAR".split()}
+_SURNAMES = (
+    "KOWALSKI NOWAK SMITH GARCIA MULLER ROSSI DUBOIS JANSSEN SILVA OKAFOR TANAKA NGUYEN "
+    "PATEL COHEN HANSEN LINDQVIST MURPHY SCHMIDT FISCHER BERNARD KOVACS NOVAK IVANOV "
+    "HASSAN OLSEN MORENO BROWN WILSON YILMAZ PETERS"
+).split()
+_GIVEN = {
+    "F": "ANNA MARIA SOPHIE EMMA JULIA LAURA ELENA SARAH HANNA CLARA NADIA AMARA".split(),
+    "M": "JAN PIOTR LUCAS DAVID MARCO THOMAS AHMED KENJI ERIK PAUL MATEO OMAR".split(),
+}
 _MONO1_FRACTION = 0.15  # share of radiographs stored MONOCHROME1 (inverted)
 # CXR opacity: peak attenuation added in the lung (lung field ~0.2, soft tissue ~0.5) and radius
 # in units of the thorax scale. Tuned so an ImageNet linear probe reaches AUROC ~0.85-0.9.
 _CXR_OPACITY = (0.18, 0.31)
 _CXR_RADIUS = (0.05, 0.10)
-_CXR_FIXED = {"ImageType": ["ORIGINAL", "PRIMARY"], "ViewPosition": "PA",
-              "PatientOrientation": ["L", "F"], "BitsStored": 12, "HighBit": 11,
-              "PixelRepresentation": 0, "RescaleIntercept": "0", "RescaleType": "US",
-              "WindowCenter": "2048", "WindowWidth": "4096"}
-_CT_FIXED = {"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "KVP": "120", "PatientPosition": "HFS",
-             "SliceThickness": "2.5", "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"],
-             "PhotometricInterpretation": "MONOCHROME2", "Rows": 64, "Columns": 64,
-             "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1,
-             "RescaleIntercept": "-1024", "RescaleType": "HU"}
+_CXR_FIXED = {
+    "ImageType": ["ORIGINAL", "PRIMARY"],
+    "ViewPosition": "PA",
+    "PatientOrientation": ["L", "F"],
+    "BitsStored": 12,
+    "HighBit": 11,
+    "PixelRepresentation": 0,
+    "RescaleIntercept": "0",
+    "RescaleType": "US",
+    "WindowCenter": "2048",
+    "WindowWidth": "4096",
+}
+_CT_FIXED = {
+    "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+    "KVP": "120",
+    "PatientPosition": "HFS",
+    "SliceThickness": "2.5",
+    "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"],
+    "PhotometricInterpretation": "MONOCHROME2",
+    "Rows": 64,
+    "Columns": 64,
+    "BitsStored": 16,
+    "HighBit": 15,
+    "PixelRepresentation": 1,
+    "RescaleIntercept": "-1024",
+    "RescaleType": "HU",
+}
 _Job = tuple[Dataset, dict[str, Any]]  # a series' shared header + one file's own elements
 
 
@@ -93,8 +128,14 @@ class _Patient:
     rng: np.random.Generator
 
 
-def make_cohort(out_dir: str | Path, kind: str = "cxr2d", n: int = 200, seed: int = 0,
-                positive_fraction: float = 0.3, progress: bool = False) -> SyntheticCohort:
+def make_cohort(
+    out_dir: str | Path,
+    kind: str = "cxr2d",
+    n: int = 200,
+    seed: int = 0,
+    positive_fraction: float = 0.3,
+    progress: bool = False,
+) -> SyntheticCohort:
     """Write a synthetic DICOM cohort and its labels; the same seed gives the same bytes.
 
     Args:
@@ -118,8 +159,10 @@ def make_cohort(out_dir: str | Path, kind: str = "cxr2d", n: int = 200, seed: in
     root = Path(out_dir)
     archive, marker = root / "archive", root / "synthetic.json"
     if archive.exists() and not marker.exists():
-        raise ConfigError(f"{archive} already exists and was not written by `medxfer synth`; "
-                          "refusing to overwrite it. Fix: choose an empty --out folder.")
+        raise ConfigError(
+            f"{archive} already exists and was not written by `medxfer synth`; "
+            "refusing to overwrite it. Fix: choose an empty --out folder."
+        )
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / ".archive.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,22 +178,34 @@ def make_cohort(out_dir: str | Path, kind: str = "cxr2d", n: int = 200, seed: in
     labels = root / "labels.csv"
     _write_labels(labels, patients)
     n_pos = sum(p.label for p in patients)
-    info = {"kind": kind, "n_patients": n, "n_positive": n_pos, "n_files": layout.n_files,
-            "seed": seed, "positive_fraction": positive_fraction}
+    info = {
+        "kind": kind,
+        "n_patients": n,
+        "n_positive": n_pos,
+        "n_files": layout.n_files,
+        "seed": seed,
+        "positive_fraction": positive_fraction,
+    }
     marker.write_text(json.dumps(info, indent=2) + "\n")
     return SyntheticCohort(root, archive, labels, kind, n, n_pos, layout.n_files)
 
 
 def _check_args(kind: str, n: int, positive_fraction: float) -> None:
     if kind not in KINDS:
-        raise ConfigError(f"unknown synthetic kind {kind!r}{did_you_mean(kind, KINDS)}; "
-                          f"expected one of {', '.join(KINDS)}. Fix: pass --kind cxr2d or ct3d.")
+        raise ConfigError(
+            f"unknown synthetic kind {kind!r}{did_you_mean(kind, KINDS)}; "
+            f"expected one of {', '.join(KINDS)}. Fix: pass --kind cxr2d or ct3d."
+        )
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 4:
-        raise ConfigError(f"synthetic cohort size n={n!r} is invalid; expected an integer >= 4 "
-                          "so both labels appear in every split. Fix: pass --n 4 or more.")
+        raise ConfigError(
+            f"synthetic cohort size n={n!r} is invalid; expected an integer >= 4 "
+            "so both labels appear in every split. Fix: pass --n 4 or more."
+        )
     if not isinstance(positive_fraction, int | float) or not 0.0 < positive_fraction < 1.0:
-        raise ConfigError(f"positive_fraction={positive_fraction!r} is outside (0, 1); expected "
-                          "e.g. 0.3. Fix: choose a fraction strictly between 0 and 1.")
+        raise ConfigError(
+            f"positive_fraction={positive_fraction!r} is outside (0, 1); expected "
+            "e.g. 0.3. Fix: choose a fraction strictly between 0 and 1."
+        )
 
 
 def _make_patients(rng: np.random.Generator, n: int, fraction: float, seed: int) -> list[_Patient]:
@@ -167,8 +222,21 @@ def _make_patients(rng: np.random.Generator, n: int, fraction: float, seed: int)
         site = str(rng.choice(list(_SITES), p=_SITE_P))
         name = f"{rng.choice(_SURNAMES)}^{rng.choice(_GIVEN[sex])}"
         acc = f"{site[-1]}{study.year}{int(rng.integers(0, 10**6)):06d}"
-        out.append(_Patient(i, f"MRN{int(mrns[i])}", name, sex, age, birth, study, site,
-                            int(labels[i]), acc, np.random.default_rng(children[i])))
+        out.append(
+            _Patient(
+                i,
+                f"MRN{int(mrns[i])}",
+                name,
+                sex,
+                age,
+                birth,
+                study,
+                site,
+                int(labels[i]),
+                acc,
+                np.random.default_rng(children[i]),
+            )
+        )
     return out
 
 
@@ -208,8 +276,7 @@ class _Layout:
             meta = sorted([*meta, (0x00020003, _raw(0x00020003, "UI", own["SOPInstanceUID"]))])
             meta_bytes = b"".join(b for _, b in meta)
             group = _raw(0x00020000, "UL", struct.pack("<I", len(meta_bytes)))
-            body = sorted(body + [(t, _raw(t, vr, own[k])) for k, (t, vr) in _OWN.items()
-                                  if k in own])
+            body = sorted(body + [(t, _raw(t, vr, own[k])) for k, (t, vr) in _OWN.items() if k in own])
             data = b"".join([b"\0" * 128, b"DICM", group, meta_bytes, *(b for _, b in body)])
             self._file(leaves).write_bytes(data)
             self.n_files += 1
@@ -225,9 +292,13 @@ class _Layout:
 
 
 # Elements that differ between the files of a series: keyword -> (tag, VR)
-_OWN = {"SOPInstanceUID": (0x00080018, "UI"), "InstanceNumber": (0x00200013, "IS"),
-        "ImagePositionPatient": (0x00200032, "DS"), "SliceLocation": (0x00201041, "DS"),
-        "PixelData": (0x7FE00010, "OW")}
+_OWN = {
+    "SOPInstanceUID": (0x00080018, "UI"),
+    "InstanceNumber": (0x00200013, "IS"),
+    "ImagePositionPatient": (0x00200032, "DS"),
+    "SliceLocation": (0x00201041, "DS"),
+    "PixelData": (0x7FE00010, "OW"),
+}
 
 
 def _encode_shared(ds: Dataset) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
@@ -322,26 +393,43 @@ def _cxr_study(p: _Patient, token: str) -> list[_Job]:
 
 def _cxr_anatomy(rng: np.random.Generator, p: _Patient) -> dict[str, float]:
     u = rng.uniform
-    return {"s": u(0.84, 0.98) + (0.05 if p.sex == "M" else 0.0), "cx": u(-0.06, 0.06),
-            "cy": u(-0.05, 0.07), "lw": u(0.9, 1.1), "lh": u(0.88, 1.08), "hw": u(0.85, 1.25),
-            "dome": u(-0.04, 0.06), "rib0": u(-0.05, 0.05), "gap": u(0.115, 0.135),
-            "gain": u(2500, 3500), "off": u(150, 450), "gamma": u(0.85, 1.15),
-            "noise": u(15, 45), "mark": u(0.35, 0.7), "tilt": u(-0.05, 0.05)}
+    return {
+        "s": u(0.84, 0.98) + (0.05 if p.sex == "M" else 0.0),
+        "cx": u(-0.06, 0.06),
+        "cy": u(-0.05, 0.07),
+        "lw": u(0.9, 1.1),
+        "lh": u(0.88, 1.08),
+        "hw": u(0.85, 1.25),
+        "dome": u(-0.04, 0.06),
+        "rib0": u(-0.05, 0.05),
+        "gap": u(0.115, 0.135),
+        "gain": u(2500, 3500),
+        "off": u(150, 450),
+        "gamma": u(0.85, 1.15),
+        "noise": u(15, 45),
+        "mark": u(0.35, 0.7),
+        "tilt": u(-0.05, 0.05),
+    }
 
 
 def _cxr_finding(rng: np.random.Generator) -> dict[str, float]:
     side = 1.0 if rng.random() < 0.5 else -1.0
-    return {"side": side, "du": rng.uniform(-0.1 if side > 0 else -0.5, 0.5),
-            "dv": rng.uniform(-0.6, 0.3), "r": rng.uniform(*_CXR_RADIUS),
-            "c": rng.uniform(*_CXR_OPACITY)}
+    return {
+        "side": side,
+        "du": rng.uniform(-0.1 if side > 0 else -0.5, 0.5),
+        "dv": rng.uniform(-0.6, 0.3),
+        "r": rng.uniform(*_CXR_RADIUS),
+        "c": rng.uniform(*_CXR_OPACITY),
+    }
 
 
 def _ramp(v: np.ndarray, width: float) -> np.ndarray:
     return np.clip(v / width + 0.5, 0.0, 1.0)
 
 
-def _chest_image(rng: np.random.Generator, a: dict[str, float], finding: dict[str, float] | None,
-                 shape: tuple[int, int]) -> np.ndarray:
+def _chest_image(
+    rng: np.random.Generator, a: dict[str, float], finding: dict[str, float] | None, shape: tuple[int, int]
+) -> np.ndarray:
     """12-bit MONOCHROME2 chest radiograph (bright = attenuating) with per-exposure jitter."""
     rows, cols = shape
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
@@ -356,10 +444,10 @@ def _chest_image(rng: np.random.Generator, a: dict[str, float], finding: dict[st
     for side in (-1.0, 1.0):
         ux, uy = _lung_coords(x, y, s, a, side)
         dome = 0.62 + a["dome"] + 0.06 * side + 0.35 * ux**2
-        lungs = np.maximum(lungs, _ramp(1 - ux**2 - uy**2, 0.25) * _ramp(dome - uy, 0.06)
-                           * _ramp(side * x - 0.07 * s, 0.04))
-    heart = _ramp(1 - ((x - 0.12 * s) / (0.3 * s * a["hw"])) ** 2
-                  - ((y - 0.3 * s) / (0.25 * s)) ** 2, 0.3)
+        lungs = np.maximum(
+            lungs, _ramp(1 - ux**2 - uy**2, 0.25) * _ramp(dome - uy, 0.06) * _ramp(side * x - 0.07 * s, 0.04)
+        )
+    heart = _ramp(1 - ((x - 0.12 * s) / (0.3 * s * a["hw"])) ** 2 - ((y - 0.3 * s) / (0.25 * s)) ** 2, 0.3)
     lungs *= 1 - 0.6 * heart
     thorax = _ramp(1 - (x / (0.8 * s)) ** 2 - ((y + 0.05 * s) / (0.72 * s)) ** 2, 0.1)
     below = _ramp(y - 0.45 * s - a["dome"] * 0.56 * s - 0.2 * ax**2 / s, 0.06)
@@ -368,10 +456,16 @@ def _chest_image(rng: np.random.Generator, a: dict[str, float], finding: dict[st
     clav = np.exp(-(((y + 0.66 * s - 0.22 * (ax - 0.06 * s)) / (0.025 * s)) ** 2)) * (ax < 0.5 * s)
     hil = np.exp(-(((ax - 0.15 * s) / (0.35 * s)) ** 2 + ((y + 0.05 * s) / (0.4 * s)) ** 2))
     marks = gaussian_filter(rng.standard_normal(x.shape).astype(np.float32), 2.0) * 1.3
-    att = (0.5 * body + 0.2 * _ramp(0.1 * s - ax, 0.05) + 0.03 * _ramp(0.045 * s - ax, 0.015)
-           + 0.22 * heart + 0.15 * below * body
-           - lungs * (0.3 - 0.05 * hil - a["mark"] * marks * (0.2 + 0.4 * hil))
-           + 0.08 * ribs * body + 0.1 * clav * body)
+    att = (
+        0.5 * body
+        + 0.2 * _ramp(0.1 * s - ax, 0.05)
+        + 0.03 * _ramp(0.045 * s - ax, 0.015)
+        + 0.22 * heart
+        + 0.15 * below * body
+        - lungs * (0.3 - 0.05 * hil - a["mark"] * marks * (0.2 + 0.4 * hil))
+        + 0.08 * ribs * body
+        + 0.1 * clav * body
+    )
     if finding is not None:
         ux, uy = _lung_coords(x, y, s, a, finding["side"])
         d = np.hypot((ux - finding["du"]) * 0.3 * a["lw"], (uy - finding["dv"]) * 0.62 * a["lh"])
@@ -383,11 +477,11 @@ def _chest_image(rng: np.random.Generator, a: dict[str, float], finding: dict[st
     return np.clip(np.rint(v), 0, 4095).astype(np.uint16)
 
 
-def _lung_coords(x: np.ndarray, y: np.ndarray, s: float, a: dict[str, float],
-                 side: float) -> tuple[np.ndarray, np.ndarray]:
+def _lung_coords(
+    x: np.ndarray, y: np.ndarray, s: float, a: dict[str, float], side: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates in units of one lung's half-axes; positive ux is lateral."""
-    return ((side * x - 0.4 * s * a["lw"]) / (0.3 * s * a["lw"]),
-            (y + 0.1 * s) / (0.62 * s * a["lh"]))
+    return ((side * x - 0.4 * s * a["lw"]) / (0.3 * s * a["lw"]), (y + 0.1 * s) / (0.62 * s * a["lh"]))
 
 
 # ---------------------------------------------------------------- chest CT (3D)
@@ -416,10 +510,18 @@ def _ct_study(p: _Patient, token: str) -> list[_Job]:
         stored = np.clip(np.rint(vol) + 1024, -1024, 4095).astype("<i2")
         for k in range(nz):
             z = f"{z0 + 2.5 * k:.2f}"
-            jobs.append((ds, {"SOPInstanceUID": _uid(token, "sop", p.index, s, k),
-                              "InstanceNumber": nz - k if reverse else k + 1,
-                              "ImagePositionPatient": [f"{x0:.3f}", f"{y0:.3f}", z],
-                              "SliceLocation": z, "PixelData": stored[k].tobytes()}))
+            jobs.append(
+                (
+                    ds,
+                    {
+                        "SOPInstanceUID": _uid(token, "sop", p.index, s, k),
+                        "InstanceNumber": nz - k if reverse else k + 1,
+                        "ImagePositionPatient": [f"{x0:.3f}", f"{y0:.3f}", z],
+                        "SliceLocation": z,
+                        "PixelData": stored[k].tobytes(),
+                    },
+                )
+            )
     return jobs
 
 
@@ -483,7 +585,7 @@ def _nodule(rng: np.random.Generator, hu: np.ndarray, lung: np.ndarray, ps: floa
     inner[[0, -1]] = False
     cands = np.argwhere(inner)
     c = cands[rng.integers(len(cands))] if len(cands) else np.argwhere(lung)[0]
-    zz, yy, xx = np.ogrid[0:hu.shape[0], 0:64, 0:64]
+    zz, yy, xx = np.ogrid[0 : hu.shape[0], 0:64, 0:64]
     dist = np.sqrt(((zz - c[0]) * 2.5) ** 2 + ((yy - c[1]) * ps) ** 2 + ((xx - c[2]) * ps) ** 2)
     frac = np.clip(radius - dist + 0.5, 0, 1)
     hu += frac * (rng.uniform(20, 60) - hu)

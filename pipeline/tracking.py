@@ -57,7 +57,8 @@ def connect(uri: str | None) -> str:
             raise TrackingError(
                 f"MLflow server {uri} is unreachable ({exc.strerror or exc}); start it "
                 f"(`mlflow server --host {host} --port {port}`) or set tracking.uri to a sqlite file, "
-                "e.g. sqlite:///mlflow.db") from None
+                "e.g. sqlite:///mlflow.db"
+            ) from None
     elif parsed.scheme == "sqlite":
         db = Path(uri.replace("sqlite:///", "", 1))
         if not db.parent.exists():
@@ -67,8 +68,9 @@ def connect(uri: str | None) -> str:
 
 
 @contextmanager
-def start_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> Iterator[str]:
+def start_run(
+    experiment: str, run_name: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[str]:
     """Start (or resume, with `run_id`) a run in `experiment`; yields the run id."""
     if run_id is None:
         _ensure_experiment(experiment)
@@ -110,8 +112,9 @@ def log_figure(fig: Any, artifact_file: str) -> None:
     mlflow.log_figure(fig, artifact_file)
 
 
-def log_model(model: CalibratedNet, input_example: np.ndarray, metadata: dict[str, Any],
-              register_as: str | None = None) -> dict[str, Any]:
+def log_model(
+    model: CalibratedNet, input_example: np.ndarray, metadata: dict[str, Any], register_as: str | None = None
+) -> dict[str, Any]:
     """Log the packaged model (mlflow.pytorch, signature from the example) and register it.
 
     Returns {"model_uri", "registered_name", "version"}.
@@ -121,9 +124,15 @@ def log_model(model: CalibratedNet, input_example: np.ndarray, metadata: dict[st
         output = model(torch.as_tensor(input_example)).numpy()
     signature = mlflow.models.infer_signature(input_example, output)
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # pickle is deliberate (see below)
-    info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
-                                    metadata={"medxfer": metadata}, pip_requirements=_requirements(),
-                                    serialization_format="pickle")  # pt2 export would fix the batch size
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=input_example,
+        metadata={"medxfer": metadata},
+        pip_requirements=_requirements(),
+        serialization_format="pickle",
+    )  # pt2 export would fix the batch size
     out: dict[str, Any] = {"model_uri": info.model_uri, "registered_name": None, "version": None}
     if register_as:
         version = mlflow.register_model(info.model_uri, register_as)
@@ -144,8 +153,10 @@ def load_model(model_uri: str) -> tuple[CalibratedNet, dict[str, Any]]:
         model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
         info = mlflow.models.get_model_info(model_uri)
     except Exception as exc:  # MlflowException, OSError: name the URI and the fix
-        raise TrackingError(f"cannot load model {model_uri}: {exc}. Use models:/NAME/VERSION, "
-                            "models:/NAME/latest, runs:/RUN_ID/model or a local model folder") from None
+        raise TrackingError(
+            f"cannot load model {model_uri}: {exc}. Use models:/NAME/VERSION, "
+            "models:/NAME/latest, runs:/RUN_ID/model or a local model folder"
+        ) from None
     return model, (info.metadata or {}).get("medxfer", {})
 
 
@@ -156,11 +167,20 @@ def get_run(run_id: str) -> dict[str, Any]:
         run = client.get_run(run_id)
     except Exception as exc:
         raise TrackingError(f"run {run_id} not found in {mlflow.get_tracking_uri()}: {exc}") from None
-    history = {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-               for key in run.data.metrics}
-    return {"run_id": run_id, "params": dict(run.data.params), "metrics": dict(run.data.metrics),
-            "tags": dict(run.data.tags), "history": history, "experiment_id": run.info.experiment_id,
-            "artifact_uri": run.info.artifact_uri, "status": run.info.status}
+    history = {
+        key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in run.data.metrics
+    }
+    return {
+        "run_id": run_id,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+        "history": history,
+        "experiment_id": run.info.experiment_id,
+        "artifact_uri": run.info.artifact_uri,
+        "status": run.info.status,
+    }
 
 
 def download_artifacts(run_id: str, path: str, dst: str | Path) -> Path:
@@ -189,13 +209,27 @@ def search_runs(experiment_id: str, filter_string: str = "", max_results: int = 
     TrackingError naming the filter.
     """
     try:
-        runs = MlflowClient().search_runs([experiment_id], filter_string=filter_string, max_results=max_results,
-                                          order_by=["attributes.start_time DESC"])
+        runs = MlflowClient().search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )
     except Exception as exc:
         raise TrackingError(f"cannot search experiment {experiment_id} with filter {filter_string!r}: {exc}") from None
-    return [{"run_id": r.info.run_id, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
-             "tags": dict(r.data.tags), "experiment_id": r.info.experiment_id, "status": r.info.status,
-             "start_time": r.info.start_time, "artifact_uri": r.info.artifact_uri} for r in runs]
+    return [
+        {
+            "run_id": r.info.run_id,
+            "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics),
+            "tags": dict(r.data.tags),
+            "experiment_id": r.info.experiment_id,
+            "status": r.info.status,
+            "start_time": r.info.start_time,
+            "artifact_uri": r.info.artifact_uri,
+        }
+        for r in runs
+    ]
 
 
 def experiment_name(experiment_id: str) -> str | None:

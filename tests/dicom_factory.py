@@ -30,8 +30,13 @@ SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 
 
-def base_dataset(modality: str = "CT", sop_class: str = CTImageStorage, patient_id: str = "MRN0001",
-                 study_uid: str | None = None, series_uid: str | None = None) -> Dataset:
+def base_dataset(
+    modality: str = "CT",
+    sop_class: str = CTImageStorage,
+    patient_id: str = "MRN0001",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+) -> Dataset:
     """Patient, study, series and equipment modules with identifying values from PHI."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -50,7 +55,9 @@ def base_dataset(modality: str = "CT", sop_class: str = CTImageStorage, patient_
     return ds
 
 
-def set_pixels(ds: Dataset, stored: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None) -> None:
+def set_pixels(
+    ds: Dataset, stored: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None
+) -> None:
     """Native pixel data for a 2D (rows, cols) or multi-frame (frames, rows, cols) integer array."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -77,13 +84,29 @@ def save(ds: Dataset, path: Path, transfer_syntax: str | None = None) -> Path:
     return path
 
 
-def ct_series(folder: Path, *, n: int = 4, rows: int = 5, cols: int = 6, spacing: tuple[float, float] = (0.5, 0.8),
-              positions: list[float] | None = None, iop: tuple[float, ...] = AXIAL,
-              origin: tuple[float, float, float] = (-10.0, -20.0, 30.0), slope: float = 1.0,
-              intercept: float = -1024.0, thickness: list[float] | float = 2.0, seed: int = 0,
-              patient_id: str = "MRN0001", series_uid: str | None = None, study_uid: str | None = None,
-              transfer_syntax: str | None = None, acquisition: int = 1, modality: str = "CT",
-              name: str = "ct", tilt: float = 0.0) -> tuple[list[Path], np.ndarray]:
+def ct_series(
+    folder: Path,
+    *,
+    n: int = 4,
+    rows: int = 5,
+    cols: int = 6,
+    spacing: tuple[float, float] = (0.5, 0.8),
+    positions: list[float] | None = None,
+    iop: tuple[float, ...] = AXIAL,
+    origin: tuple[float, float, float] = (-10.0, -20.0, 30.0),
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    thickness: list[float] | float = 2.0,
+    seed: int = 0,
+    patient_id: str = "MRN0001",
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    transfer_syntax: str | None = None,
+    acquisition: int = 1,
+    modality: str = "CT",
+    name: str = "ct",
+    tilt: float = 0.0,
+) -> tuple[list[Path], np.ndarray]:
     """A series of single-frame slices written in shuffled order under shuffled file names.
 
     Slice k lies at origin + positions[k] * (normal + tilt * column direction) (tilt ≠ 0: a gantry
@@ -117,9 +140,20 @@ def ct_series(folder: Path, *, n: int = 4, rows: int = 5, cols: int = 6, spacing
     return paths, stored.astype(np.float64) * slope + intercept
 
 
-def cr_image(path: Path, *, rows: int = 7, cols: int = 5, spacing: tuple[float, float] = (0.2, 0.3),
-             mono1: bool = True, bits_stored: int = 12, slope: float | None = None, intercept: float = 0.0,
-             patient_id: str = "MRN0002", seed: int = 1, imager_spacing: bool = False) -> np.ndarray:
+def cr_image(
+    path: Path,
+    *,
+    rows: int = 7,
+    cols: int = 5,
+    spacing: tuple[float, float] = (0.2, 0.3),
+    mono1: bool = True,
+    bits_stored: int = 12,
+    slope: float | None = None,
+    intercept: float = 0.0,
+    patient_id: str = "MRN0002",
+    seed: int = 1,
+    imager_spacing: bool = False,
+) -> np.ndarray:
     """A 2D radiograph (no patient geometry). Returns the stored values (rows, cols)."""
     stored = np.random.default_rng(seed).integers(0, 2**bits_stored, size=(rows, cols)).astype(np.uint16)
     ds = base_dataset("CR", ComputedRadiographyImageStorage, patient_id)
@@ -134,8 +168,15 @@ def cr_image(path: Path, *, rows: int = 7, cols: int = 5, spacing: tuple[float, 
     return stored
 
 
-def enhanced(path: Path, z_positions: list[float], *, slope: float = 2.0, intercept: float = -5.0,
-             spacing: tuple[float, float] = (0.5, 0.6), seed: int = 2) -> np.ndarray:
+def enhanced(
+    path: Path,
+    z_positions: list[float],
+    *,
+    slope: float = 2.0,
+    intercept: float = -5.0,
+    spacing: tuple[float, float] = (0.5, 0.6),
+    seed: int = 2,
+) -> np.ndarray:
     """An enhanced (functional groups) axial multi-frame file, frames stored in the given z order.
 
     Returns:

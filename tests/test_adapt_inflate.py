@@ -176,8 +176,12 @@ def test_norm_pool_and_se_layers_equal_2d_on_depth_constant_input(kind: str) -> 
 
 
 def test_layer_types_after_conversion() -> None:
-    net = nn.Sequential(_bn(lambda c: BatchNormAct2d(c)), SqueezeExcite(6), nn.AvgPool2d(2),
-                        SelectAdaptivePool2d(pool_type="avg", flatten=True))
+    net = nn.Sequential(
+        _bn(lambda c: BatchNormAct2d(c)),
+        SqueezeExcite(6),
+        nn.AvgPool2d(2),
+        SelectAdaptivePool2d(pool_type="avg", flatten=True),
+    )
     net3 = inflate_to_3d(net)
     assert [type(m) for m in net3] == [BatchNormAct3d, SqueezeExcite3d, AvgPool3dDepthSafe, GlobalPool]
     assert isinstance(net3[1].conv_reduce, nn.Conv3d)
@@ -249,8 +253,9 @@ def test_inflated_features_vary_across_thin_volumes() -> None:
     assert collapsed < spread / 100
 
 
-@pytest.mark.parametrize(("name", "num_features"),
-                         [("tf_efficientnet_lite0", 1280), ("resnet18", 512), ("densenet121", 1024)])
+@pytest.mark.parametrize(
+    ("name", "num_features"), [("tf_efficientnet_lite0", 1280), ("resnet18", 512), ("densenet121", 1024)]
+)
 @pytest.mark.parametrize("inflation", ["i3d-mean", "i3d-center"])
 def test_converted_network_on_anisotropic_volume(name: str, num_features: int, inflation: str) -> None:
     weights = "imagenet" if name == "tf_efficientnet_lite0" else "none"
@@ -335,8 +340,12 @@ def test_keep_depth_at_every_level_with_i3d_center_is_the_2d_network_on_each_sli
 
 def test_keep_depth_keeps_mixed_train_and_eval_modes() -> None:
     """The probe pass that finds the levels must not leave a frozen (eval) BatchNorm in train mode or vice versa."""
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, stride=2, padding=1),
-                        nn.BatchNorm2d(4))
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+    )
     net.train()
     net[1].eval()
     net3 = inflate_to_3d(net, keep_depth=1)

@@ -1,4 +1,4 @@
-"""2D (z projection) / 2.5D / 3D on CT volumes: prepare.reduce known answers, and `medxfer run` of configs/ct3d-*.yaml."""
+"""2D (z projection) / 2.5D / 3D on CT volumes: prepare.reduce known answers, `medxfer run` of configs/ct3d-*.yaml."""
 
 from __future__ import annotations
 
@@ -34,11 +34,14 @@ def _volume(tmp_path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize(("reduce", "at_bright", "at_centre"), [
-    ("mip", 1.0, 0.5),  # the maximum over z
-    ("mean", 1.0 / 5, 0.5 / 5),  # the average over the 5 slices
-    ("center", 0.0, 0.5),  # slice z = 5 // 2 only
-])
+@pytest.mark.parametrize(
+    ("reduce", "at_bright", "at_centre"),
+    [
+        ("mip", 1.0, 0.5),  # the maximum over z
+        ("mean", 1.0 / 5, 0.5 / 5),  # the average over the 5 slices
+        ("center", 0.0, 0.5),  # slice z = 5 // 2 only
+    ],
+)
 def test_reduce_collapses_a_volume_for_2d_known_answer(tmp_path, reduce, at_bright, at_centre):
     x = prepare_image(_volume(tmp_path), make_spec("2d", "ct-lung", [8, 8], HALF, reduce=reduce))
     assert x.shape == (1, 8, 8)
@@ -86,30 +89,45 @@ def test_reduce_keeps_old_cache_keys_and_round_trips():
 
 # ------------------------------------------------------------------ medxfer run on the ct3d cohort
 
+
 @pytest.fixture(scope="module")
 def ct3d(tmp_path_factory) -> dict:
     """A small ct3d cohort (48 patients, 2 series each), ingested once: {"root", "manifest"}."""
     root = tmp_path_factory.mktemp("ct3d")
     cohort = make_cohort(root / "cohort", kind="ct3d", n=48, seed=5)
-    ingest(cohort.archive_dir, cohort.labels_csv, root / "manifest", key_file=fixed_key(root / "key"), val=0.25, test=0.3,
-           seed=0, progress=False)
+    ingest(
+        cohort.archive_dir,
+        cohort.labels_csv,
+        root / "manifest",
+        key_file=fixed_key(root / "key"),
+        val=0.25,
+        test=0.3,
+        seed=0,
+        progress=False,
+    )
     return {"root": root, "manifest": root / "manifest"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "finetune", "inflated_trained"), [
-    # AUROC thresholds are left to the benchmark: on a ~40-patient test split here the AUROC of
-    # a linear probe swings from 0.45 to 0.95 with thread counts and split draws (seen in CI).
-    ("ct3d-2d", None, False),  # MIP + linear probe
-    ("ct3d-2.5d", None, False),  # 3 slab-MIP channels + linear probe
-    ("ct3d-3d", None, False),  # logistic head on inflated features, as configured
-    ("ct3d-3d", {"strategy": "partial", "epochs": 2, "head": "linear"}, True),  # inflated fine-tuning runs
-])
+@pytest.mark.parametrize(
+    ("name", "finetune", "inflated_trained"),
+    [
+        # AUROC thresholds are left to the benchmark: on a ~40-patient test split here the AUROC of
+        # a linear probe swings from 0.45 to 0.95 with thread counts and split draws (seen in CI).
+        ("ct3d-2d", None, False),  # MIP + linear probe
+        ("ct3d-2.5d", None, False),  # 3 slab-MIP channels + linear probe
+        ("ct3d-3d", None, False),  # logistic head on inflated features, as configured
+        ("ct3d-3d", {"strategy": "partial", "epochs": 2, "head": "linear"}, True),  # inflated fine-tuning runs
+    ],
+)
 def test_medxfer_run_each_dims_on_ct3d(ct3d, tmp_path, capsys, name, finetune, inflated_trained):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = {"data": {"source": "", "labels": "", "manifest": str(ct3d["manifest"])},
-                 "prepare": {"cache_dir": str(ct3d["root"] / "cache")},
-                 "evaluate": {"bootstrap": 50}, "tracking": {"uri": uri}}
+    overrides = {
+        "data": {"source": "", "labels": "", "manifest": str(ct3d["manifest"])},
+        "prepare": {"cache_dir": str(ct3d["root"] / "cache")},
+        "evaluate": {"bootstrap": 50},
+        "tracking": {"uri": uri},
+    }
     if name == "ct3d-3d":
         overrides["prepare"]["size"] = [16, 64, 64]  # the config's 32x128x128 costs minutes here
     if finetune:

@@ -348,8 +348,16 @@ def test_evaluation_summary_binary() -> None:
     groups = np.array([f"p{i // 2}" for i in range(1000)])
     sex = np.where(np.arange(1000) % 2 == 0, "F", "M")
     site = np.where(np.arange(1000) < 990, "north", "tiny site")
-    out = M.evaluation_summary(yv, zv, yt, zt, groups, operating_points=("youden", "sensitivity@0.90"),
-                               n_boot=100, subgroups={"sex": sex, "site": site})
+    out = M.evaluation_summary(
+        yv,
+        zv,
+        yt,
+        zt,
+        groups,
+        operating_points=("youden", "sensitivity@0.90"),
+        n_boot=100,
+        subgroups={"sex": sex, "site": site},
+    )
     m = out["metrics"]
     assert out["temperature"] == pytest.approx(5.0, rel=0.1) == m["temperature"]
     assert m["test_ece"] < m["test_ece_uncalibrated"]
@@ -364,8 +372,18 @@ def test_evaluation_summary_binary() -> None:
     assert not any("tiny" in k for k in m)  # too_few groups get no metric
     assert all(MLFLOW_SAFE.match(k) for k in m), [k for k in m if not MLFLOW_SAFE.match(k)]
     assert all(isinstance(v, float) for v in m.values())
-    for key in ("test_auprc", "test_specificity", "test_ppv", "test_npv", "test_mce", "test_brier",
-                "test_nll", "test_accuracy", "test_balanced_accuracy", "val_auroc"):
+    for key in (
+        "test_auprc",
+        "test_specificity",
+        "test_ppv",
+        "test_npv",
+        "test_mce",
+        "test_brier",
+        "test_nll",
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "val_auroc",
+    ):
         assert key in m
     assert out["reliability"]["after"]["ece"] == pytest.approx(m["test_ece"])
 

@@ -26,9 +26,15 @@ class Toy(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),  # stem: features.0/.1
-            nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # stage: features.3/.4
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),  # stem: features.0/.1
+            nn.Conv2d(4, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),  # stage: features.3/.4
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(8, 2)
         self.num_features = 8
 
@@ -116,8 +122,16 @@ def test_gradual_unfreezes_one_group_per_phase():
     model = Toy()
     ds, y = _data()
     seen = []
-    res = finetune(model, GROUPS, ds, ds, y, _cfg(strategy="gradual", epochs=3, early_stopping=EarlyStoppingConfig("val_loss", 9)),
-                   2, on_epoch=lambda e, row: seen.append(row["trainable_params"]))
+    res = finetune(
+        model,
+        GROUPS,
+        ds,
+        ds,
+        y,
+        _cfg(strategy="gradual", epochs=3, early_stopping=EarlyStoppingConfig("val_loss", 9)),
+        2,
+        on_epoch=lambda e, row: seen.append(row["trainable_params"]),
+    )
     assert seen[0] < seen[1] < seen[2]
     assert res.trainable_by_phase == seen
 
@@ -159,6 +173,7 @@ def test_linear_probe_on_cached_features(tmp_path):
 
 # --- loss, sampler, options, logistic head, multi-class (issue 5) -------------------------------
 
+
 def test_focal_loss_known_values():
     from pipeline.finetune import FocalLoss, make_loss
 
@@ -188,7 +203,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_global_batches
     assert [len(s) for s in shards] == [5, 5]
     per_rank = [list(s) for s in shards]
     for b in range(0, 5, 2):  # global batch 4 = 2 per rank: the union is the one-process batch
-        assert sorted(per_rank[0][b:b + 2] + per_rank[1][b:b + 2]) == sorted(first[2 * b:2 * b + 4])
+        assert sorted(per_rank[0][b : b + 2] + per_rank[1][b : b + 2]) == sorted(first[2 * b : 2 * b + 4])
     odd = [list(EpochSampler(5, seed=0, rank=r, world=2)) for r in range(2)]
     assert len(odd[0]) == len(odd[1]) == 3 and set(odd[0] + odd[1]) == set(range(5))  # padded by repeating
 
@@ -204,13 +219,24 @@ def test_weighted_sampler_shards_keep_the_balance():
 def test_check_options_lists_every_problem():
     from pipeline.finetune import check_options
 
-    cfg = _cfg(strategy="finetune", head="logistic", focal_gamma=-1.0, unfreeze_every=0, batch_size=15,
-               early_stopping=EarlyStoppingConfig("val_auc", 3))
+    cfg = _cfg(
+        strategy="finetune",
+        head="logistic",
+        focal_gamma=-1.0,
+        unfreeze_every=0,
+        batch_size=15,
+        early_stopping=EarlyStoppingConfig("val_auc", 3),
+    )
     with pytest.raises(ConfigError) as err:
         check_options(cfg, world_size=2)
     text = str(err.value)
-    for needle in ("finetune.focal_gamma: must be ≥ 0", "finetune.unfreeze_every", "did you mean 'val_auroc'",
-                   "needs strategy linear-probe", "batch_size: 15 is the global batch"):
+    for needle in (
+        "finetune.focal_gamma: must be ≥ 0",
+        "finetune.unfreeze_every",
+        "did you mean 'val_auroc'",
+        "needs strategy linear-probe",
+        "batch_size: 15 is the global batch",
+    ):
         assert needle in text, needle
     with pytest.raises(ConfigError, match="unknown 'val_auc'"):
         finetune(Toy(), GROUPS, *_data()[:1], *_data()[:1], _data()[1], cfg, 2)
@@ -219,9 +245,16 @@ def test_check_options_lists_every_problem():
 def test_unfreeze_every_and_partial_freeze_come_from_the_config():
     ds, y = _data()
     seen = []
-    finetune(Toy(), GROUPS, ds, ds, y, _cfg(strategy="gradual", epochs=4, unfreeze_every=2,
-                                            early_stopping=EarlyStoppingConfig("val_loss", 9)),
-             2, on_epoch=lambda e, row: seen.append(row["trainable_params"]))
+    finetune(
+        Toy(),
+        GROUPS,
+        ds,
+        ds,
+        y,
+        _cfg(strategy="gradual", epochs=4, unfreeze_every=2, early_stopping=EarlyStoppingConfig("val_loss", 9)),
+        2,
+        on_epoch=lambda e, row: seen.append(row["trainable_params"]),
+    )
     assert seen[0] == seen[1] < seen[2] == seen[3]
     model = Toy()
     before = model.features[3].weight.clone()
@@ -240,8 +273,15 @@ def test_compile_option_wraps_the_training_model(monkeypatch):
     ds, y = _data()
     finetune(Toy(), GROUPS, ds, ds, y, _cfg(epochs=1), 2)
     assert calls == []
-    finetune(Toy(), GROUPS, ds, ds, y, _cfg(strategy="gradual", epochs=2, compile=True,
-                                            early_stopping=EarlyStoppingConfig("val_loss", 9)), 2)
+    finetune(
+        Toy(),
+        GROUPS,
+        ds,
+        ds,
+        y,
+        _cfg(strategy="gradual", epochs=2, compile=True, early_stopping=EarlyStoppingConfig("val_loss", 9)),
+        2,
+    )
     assert calls == ["Toy", "Toy"]  # once per gradual phase
 
 
@@ -259,8 +299,15 @@ def test_multiclass_finetune_with_focal_loss_and_weighted_sampler():
     model = Toy()
     model.head = nn.Linear(8, 3)
     ds, y = _three_class()
-    res = finetune(model, GROUPS, ds, ds, y, _cfg(epochs=6, loss="focal", sampler="weighted",
-                                                  early_stopping=EarlyStoppingConfig("val_loss", 9)), 3)
+    res = finetune(
+        model,
+        GROUPS,
+        ds,
+        ds,
+        y,
+        _cfg(epochs=6, loss="focal", sampler="weighted", early_stopping=EarlyStoppingConfig("val_loss", 9)),
+        3,
+    )
     assert len(res.class_weights) == 3
     assert max(res.history["val_auroc"]) > 0.8  # macro one-vs-rest AUROC
     assert res.history["train_loss"][-1] < res.history["train_loss"][0]
@@ -285,8 +332,9 @@ def test_logistic_head_equals_sklearn_predict_proba(n_classes):
     res = logistic_head(model, (x, y), (x, y), cfg, n_classes, on_epoch=lambda e, row: seen.append(e))
     weights = class_weights(y.numpy(), n_classes, "balanced")
     assert weights[0] < weights[1]
-    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=5000,
-                                                             class_weight=dict(enumerate(weights))))
+    ref = make_pipeline(
+        StandardScaler(), LogisticRegression(C=0.5, max_iter=5000, class_weight=dict(enumerate(weights)))
+    )
     ref.fit(x.double().numpy(), y.numpy())
     with torch.no_grad():
         probs = torch.softmax(model.head(x).double(), dim=1).numpy()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The same toy task in both worlds. No BatchNorm: per-process batch statistics would differ from
 # the one-process batch by design (DDP averages gradients, not activations).
-TASK = '''
+TASK = """
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -53,9 +53,9 @@ def cfg():
     return FinetuneConfig(strategy="gradual", unfreeze_every=1, epochs=3, batch_size=8, lr=1e-2, device="cpu",
                           sampler="weighted", class_weights="balanced",
                           early_stopping=EarlyStoppingConfig("val_loss", 9))
-'''
+"""
 
-SCRIPT = '''
+SCRIPT = """
 import os, sys
 import torch
 torch.set_num_threads(1)
@@ -72,7 +72,7 @@ res = finetune(model, GROUPS, ds, ds, y, cfg(), 2, on_epoch=lambda e, row: rows.
 rank = int(os.environ["RANK"])
 torch.save({"state": model.state_dict(), "history": res.history, "rows": rows,
             "world": int(os.environ["WORLD_SIZE"])}, os.path.join(out, f"rank{rank}.pt"))
-'''
+"""
 
 
 def test_two_process_gloo_training_matches_one_process(tmp_path):
@@ -80,9 +80,24 @@ def test_two_process_gloo_training_matches_one_process(tmp_path):
     (tmp_path / "train.py").write_text(textwrap.dedent(SCRIPT))
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(tmp_path / "train.py"), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(tmp_path / "train.py"),
+            str(tmp_path),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["world"] == 2 and (tmp_path / "state.pt").exists()
@@ -101,8 +116,9 @@ def test_two_process_gloo_training_matches_one_process(tmp_path):
         assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key  # replicas stay in sync
         torch.testing.assert_close(ranks[0]["state"][key], value, atol=1e-5, rtol=1e-4)
     for key in ("train_loss", "val_loss", "val_auroc", "trainable_params"):
-        torch.testing.assert_close(torch.tensor(ranks[1]["history"][key]), torch.tensor(res.history[key]),
-                                   atol=1e-5, rtol=1e-4)  # every rank gets rank 0's validation row
+        torch.testing.assert_close(
+            torch.tensor(ranks[1]["history"][key]), torch.tensor(res.history[key]), atol=1e-5, rtol=1e-4
+        )  # every rank gets rank 0's validation row
     assert ranks[0]["rows"] == ranks[1]["rows"] == [0, 1, 2]
     assert res.history["train_loss"][-1] < res.history["train_loss"][0]
 
@@ -115,19 +131,49 @@ def test_medxfer_train_under_torchrun_logs_one_run(tmp_path):
     from pipeline import tracking
 
     _cohort(tmp_path)
-    raw = {"experiment": "ddp", "data": {"source": str(tmp_path / "archive"), "labels": str(tmp_path / "labels.csv"),
-                                         "manifest": str(tmp_path / "manifest"), "key_file": str(fixed_key(tmp_path / "key")),
-                                         "split": {"val": 0.3, "test": 0.2, "seed": 0}},
-           "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32]},
-           "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
-           "finetune": {"strategy": "gradual", "epochs": 2, "batch_size": 4, "device": "cpu",
-                        "early_stopping": {"metric": "val_loss", "patience": 9}},
-           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    raw = {
+        "experiment": "ddp",
+        "data": {
+            "source": str(tmp_path / "archive"),
+            "labels": str(tmp_path / "labels.csv"),
+            "manifest": str(tmp_path / "manifest"),
+            "key_file": str(fixed_key(tmp_path / "key")),
+            "split": {"val": 0.3, "test": 0.2, "seed": 0},
+        },
+        "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32]},
+        "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
+        "finetune": {
+            "strategy": "gradual",
+            "epochs": 2,
+            "batch_size": 4,
+            "device": "cpu",
+            "early_stopping": {"metric": "val_loss", "patience": 9},
+        },
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "pipeline", "-q", "train", "config.yaml"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=180, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "pipeline",
+            "-q",
+            "train",
+            "config.yaml",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = proc.stdout.strip()
     assert len(run_id) == 32 and "\n" not in run_id  # printed once, by rank 0

@@ -32,9 +32,16 @@ class DropToy(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3))
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(0.3),
+        )
         self.head = nn.Linear(8, 2)
 
     def forward(self, x):
@@ -51,8 +58,9 @@ class Augmented(Dataset):
         g = torch.Generator().manual_seed(seed)
         self.y = torch.arange(n) % 2
         self.x = torch.randn(n, 1, 8, 8, generator=g) + self.y.view(-1, 1, 1, 1).float()
-        self.augment = build_augment("2d", flip=True, rotate_deg=10, scale=0.1, intensity=0.1, seed=seed) \
-            if augment else None
+        self.augment = (
+            build_augment("2d", flip=True, rotate_deg=10, scale=0.1, intensity=0.1, seed=seed) if augment else None
+        )
 
     def __len__(self):
         return len(self.y)
@@ -63,8 +71,16 @@ class Augmented(Dataset):
 
 
 def _cfg(**kw):
-    base = dict(strategy="gradual", epochs=4, unfreeze_every=2, batch_size=8, lr=5e-3, device="cpu",
-                sampler="weighted", early_stopping=EarlyStoppingConfig("val_loss", 9))
+    base = dict(
+        strategy="gradual",
+        epochs=4,
+        unfreeze_every=2,
+        batch_size=8,
+        lr=5e-3,
+        device="cpu",
+        sampler="weighted",
+        early_stopping=EarlyStoppingConfig("val_loss", 9),
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -77,16 +93,29 @@ def _run(cfg, checkpoint=None, resume=False, raise_at=None):
         if epoch == raise_at:
             raise KeyboardInterrupt
 
-    res = finetune(model, GROUPS, ds, Augmented(seed=1, augment=False), ds.y.numpy(), cfg, 2, on_epoch=hook,
-                   checkpoint=checkpoint, resume=resume)
+    res = finetune(
+        model,
+        GROUPS,
+        ds,
+        Augmented(seed=1, augment=False),
+        ds.y.numpy(),
+        cfg,
+        2,
+        on_epoch=hook,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
     return model, res
 
 
-@pytest.mark.parametrize(("cfg_kw", "raise_at"), [
-    ({}, 2),  # interrupted at a gradual phase boundary: the resumed run starts the next phase
-    ({}, 3),  # mid-phase: optimizer moments and schedule position come from the checkpoint
-    ({"strategy": "finetune", "sampler": "uniform", "loss": "focal"}, 1),
-])
+@pytest.mark.parametrize(
+    ("cfg_kw", "raise_at"),
+    [
+        ({}, 2),  # interrupted at a gradual phase boundary: the resumed run starts the next phase
+        ({}, 3),  # mid-phase: optimizer moments and schedule position come from the checkpoint
+        ({"strategy": "finetune", "sampler": "uniform", "loss": "focal"}, 1),
+    ],
+)
 def test_resume_after_interrupt_equals_the_uninterrupted_run(tmp_path, cfg_kw, raise_at):
     full_model, full = _run(_cfg(**cfg_kw))
     ckpt = tmp_path / "state.pt"
@@ -125,12 +154,23 @@ def test_resuming_an_early_stopped_run_trains_no_more(tmp_path):
     assert first.stopped_early and first.epochs_run == 3
     calls = []
     torch.manual_seed(0)
-    again = finetune(DropToy(), GROUPS, Augmented(), Augmented(seed=1, augment=False), Augmented().y.numpy(), cfg, 2,
-                     on_epoch=lambda e, row: calls.append(e), checkpoint=ckpt, resume=True)
+    again = finetune(
+        DropToy(),
+        GROUPS,
+        Augmented(),
+        Augmented(seed=1, augment=False),
+        Augmented().y.numpy(),
+        cfg,
+        2,
+        on_epoch=lambda e, row: calls.append(e),
+        checkpoint=ckpt,
+        resume=True,
+    )
     assert calls == [] and again.stopped_early and again.epochs_run == 3 and again.best_epoch == first.best_epoch
 
 
 # --- through `train` / `medxfer train --resume` with a real manifest and MLflow -------------------
+
 
 def _cohort(root, n=20):
     """2D NIfTI 'radiographs': label 1 carries a bright disc. One folder per patient."""
@@ -150,15 +190,28 @@ def _cohort(root, n=20):
 def resume_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     _cohort(root)
-    raw = {"experiment": "resume-test",
-           "data": {"source": str(root / "archive"), "labels": str(root / "labels.csv"),
-                    "manifest": str(root / "manifest"), "key_file": str(fixed_key(root / "key")),
-                    "split": {"val": 0.3, "test": 0.2, "seed": 0}},
-           "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32], "cache_dir": str(root / "cache")},
-           "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
-           "finetune": {"strategy": "finetune", "epochs": 3, "batch_size": 4, "lr": 1e-3, "device": "cpu",
-                        "class_weights": "balanced", "early_stopping": {"metric": "val_loss", "patience": 9}},
-           "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}}
+    raw = {
+        "experiment": "resume-test",
+        "data": {
+            "source": str(root / "archive"),
+            "labels": str(root / "labels.csv"),
+            "manifest": str(root / "manifest"),
+            "key_file": str(fixed_key(root / "key")),
+            "split": {"val": 0.3, "test": 0.2, "seed": 0},
+        },
+        "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32], "cache_dir": str(root / "cache")},
+        "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
+        "finetune": {
+            "strategy": "finetune",
+            "epochs": 3,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "device": "cpu",
+            "class_weights": "balanced",
+            "early_stopping": {"metric": "val_loss", "patience": 9},
+        },
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+    }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     reference = train(load_config(path), progress=False)
@@ -194,8 +247,9 @@ def test_train_resume_continues_the_same_mlflow_run_without_repeated_steps(resum
     with pytest.raises(KeyboardInterrupt):
         train(load_config(path), progress=False)
     monkeypatch.setattr("pipeline.run.tracking.log_metrics", logged)
-    run_id = next(r for r in tracking.search_runs(tracking.get_run(reference)["experiment_id"])
-                  if r["run_id"] != reference)["run_id"]
+    run_id = next(
+        r for r in tracking.search_runs(tracking.get_run(reference)["experiment_id"]) if r["run_id"] != reference
+    )["run_id"]
     assert checkpoint_path(root / "manifest", run_id).exists()
 
     changed = root / "changed.yaml"

@@ -234,9 +234,11 @@ def test_duplicate_copy_is_quarantined_and_series_kept(tmp_path):
 
 @pytest.mark.parametrize(
     ("positions", "thickness", "warning"),
-    [([0, 2, 4, 8, 10], 2.0, "gap: 1 missing slice(s)"),
-     ([0, 2, 4.5, 6.5], 2.0, "irregular slice spacing"),
-     ([0, 2, 4], [2.0, 2.0, 5.0], "mixed slice thickness: 2, 5 mm")],
+    [
+        ([0, 2, 4, 8, 10], 2.0, "gap: 1 missing slice(s)"),
+        ([0, 2, 4.5, 6.5], 2.0, "irregular slice spacing"),
+        ([0, 2, 4], [2.0, 2.0, 5.0], "mixed slice thickness: 2, 5 mm"),
+    ],
     ids=["gap", "irregular", "thickness"],
 )
 def test_unit_warnings(tmp_path, positions, thickness, warning):
@@ -272,9 +274,17 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path):
     result, frame = _run(src, tmp_path / "out")
     q = _quarantine(tmp_path / "out")
     reasons = {Path(p).name: r for p, (r, _) in q.items()}
-    assert reasons == {"empty.dcm": "empty-file", "notes.txt": "not-dicom", "cut-pixels.dcm": "truncated",
-                       "cut-header.dcm": "truncated", "report.dcm": "no-pixel-data", "lossless.dcm": "no-decoder",
-                       "broken-j2k.dcm": "decode-error", "rgb.dcm": "unsupported", "dangling.dcm": "unsupported"}
+    assert reasons == {
+        "empty.dcm": "empty-file",
+        "notes.txt": "not-dicom",
+        "cut-pixels.dcm": "truncated",
+        "cut-header.dcm": "truncated",
+        "report.dcm": "no-pixel-data",
+        "lossless.dcm": "no-decoder",
+        "broken-j2k.dcm": "decode-error",
+        "rgb.dcm": "unsupported",
+        "dangling.dcm": "unsupported",
+    }
     assert "medxfer[gpl-codecs]" in q["junk/lossless.dcm"][1]
     assert len(frame) == 1
     assert frame.iloc[0]["n_files"] == 3
@@ -287,6 +297,8 @@ def test_strict_lists_every_problem(tmp_path):
     (tmp_path / "src" / "readme.txt").write_text("hello")
     from pipeline.errors import DataError
 
-    with pytest.raises(DataError, match=r"2 file\(s\) quarantined(?s:.*)empty-file +empty.dcm(?s:.*)not-dicom +readme.txt"):
+    with pytest.raises(
+        DataError, match=r"2 file\(s\) quarantined(?s:.*)empty-file +empty.dcm(?s:.*)not-dicom +readme.txt"
+    ):
         ingest(tmp_path / "src", None, tmp_path / "out", strict=True, progress=False)
     assert not (tmp_path / "out" / "manifest.parquet").exists()

@@ -19,8 +19,18 @@ def _write(tmp_path, text: str):
 
 @pytest.mark.parametrize(
     ("value", "band"),
-    [("64", "60-69"), ("60", "60-69"), ("059Y", "50-59"), ("9.5", "0-9"), ("18M", "0-9"), ("90", "90+"),
-     ("104", "90+"), ("", ""), ("old", None), ("-3", None)],
+    [
+        ("64", "60-69"),
+        ("60", "60-69"),
+        ("059Y", "50-59"),
+        ("9.5", "0-9"),
+        ("18M", "0-9"),
+        ("90", "90+"),
+        ("104", "90+"),
+        ("", ""),
+        ("old", None),
+        ("-3", None),
+    ],
 )
 def test_age_band(value, band):
     assert age_band(value) == band
@@ -28,7 +38,13 @@ def test_age_band(value, band):
 
 def test_missing_columns_name_file_found_and_expected(tmp_path):
     path = _write(tmp_path, "patient,diagnosis\nP1,1\n")
-    with pytest.raises(DataError, match=r"labels\.csv lacks column\(s\) patient_id, label.*found columns \['patient', 'diagnosis'\], expected patient_id,label"):
+    with pytest.raises(
+        DataError,
+        match=(
+            r"labels\.csv lacks column\(s\) patient_id, label"
+            r".*found columns \['patient', 'diagnosis'\], expected patient_id,label"
+        ),
+    ):
         read_labels(path, KEY)
 
 
@@ -43,19 +59,28 @@ def test_missing_file_is_a_data_error(tmp_path):
 
 
 def test_every_problem_reported_by_line(tmp_path):
-    path = _write(tmp_path, "patient_id,label,sex,age,site\n"   # line 1
-                            "P1,1,F,64,A\n"                    # 2
-                            "P2,0,M,71,B\n"                    # 3
-                            "P1,1,F,64,A\n"                    # 4 exact duplicate of 2
-                            "P2,1,M,71,B\n"                    # 5 conflicts with 3
-                            ",1,F,50,A\n"                      # 6 empty patient_id
-                            "P3,,F,50,A\n"                     # 7 empty label
-                            "P4,0,F,old,A\n")                  # 8 bad age
+    path = _write(
+        tmp_path,
+        "patient_id,label,sex,age,site\n"  # line 1
+        "P1,1,F,64,A\n"  # 2
+        "P2,0,M,71,B\n"  # 3
+        "P1,1,F,64,A\n"  # 4 exact duplicate of 2
+        "P2,1,M,71,B\n"  # 5 conflicts with 3
+        ",1,F,50,A\n"  # 6 empty patient_id
+        "P3,,F,50,A\n"  # 7 empty label
+        "P4,0,F,old,A\n",
+    )  # 8 bad age
     table = read_labels(path, KEY)
     unmatched_rows(table, {pseudonym(KEY, "subject", p) for p in ("P1", "P2", "P3")}, set())
     problems = {(p["line"], p["problem"]) for p in table.problems}
-    assert problems == {(4, "duplicate"), (5, "conflict"), (6, "empty-patient-id"), (7, "empty-label"),
-                        (8, "bad-age"), (8, "no-images")}
+    assert problems == {
+        (4, "duplicate"),
+        (5, "conflict"),
+        (6, "empty-patient-id"),
+        (7, "empty-label"),
+        (8, "bad-age"),
+        (8, "no-images"),
+    }
     conflict = next(p for p in table.problems if p["problem"] == "conflict")
     assert "line 3" in conflict["detail"]
     assert "label" in conflict["detail"]
@@ -66,8 +91,11 @@ def test_every_problem_reported_by_line(tmp_path):
 
 
 def test_identifying_and_reserved_columns_are_dropped(tmp_path):
-    path = _write(tmp_path, "patient_id,label,Patient_Name,birth_date,site,accession,study_uid,split,scanner,age\n"
-                            "P1,1,Doe^J,19500101,A,ACC1,1.2.3,train,X1,64\n")
+    path = _write(
+        tmp_path,
+        "patient_id,label,Patient_Name,birth_date,site,accession,study_uid,split,scanner,age\n"
+        "P1,1,Doe^J,19500101,A,ACC1,1.2.3,train,X1,64\n",
+    )
     table = read_labels(path, KEY)
     assert table.carried == ["age_band", "site", "scanner"]
     assert set(table.dropped) == {"patient_name", "birth_date", "accession", "study_uid", "split"}
@@ -82,10 +110,12 @@ def test_patient_ids_are_stored_only_as_pseudonyms(tmp_path):
 
 @pytest.mark.parametrize(
     ("labels", "fragment"),
-    [(["0", "1", "abnormal"], "mix numbers and text"),
-     (["1", "1.0", "0"], "look like one value written differently"),
-     (["Normal", "normal", "tumour"], "look like one value written differently"),
-     (["1", "1"], "only one label value")],
+    [
+        (["0", "1", "abnormal"], "mix numbers and text"),
+        (["1", "1.0", "0"], "look like one value written differently"),
+        (["Normal", "normal", "tumour"], "look like one value written differently"),
+        (["1", "1"], "only one label value"),
+    ],
 )
 def test_label_warnings(labels, fragment):
     assert any(fragment in w for w in label_warnings(labels))

@@ -32,12 +32,14 @@ def _archive(root: Path) -> tuple[Path, Path]:
     write_nifti(src / "sub-N1" / "anat" / "sub-N1_T1w.nii.gz", np.ones((4, 4, 3), np.float32), np.eye(4))
     (src / "d" / "notes.txt").write_text("not an image")
     labels = root / "labels.csv"
-    labels.write_text("patient_id,label,sex,age,site,patient_name,scanner\n"
-                      f"{PATIENTS[0]},1,F,64,A,{PHI['PatientName']},X\n"
-                      f"{PATIENTS[1]},0,M,37,B,{PHI['PatientName']},Y\n"
-                      f"{PATIENTS[2]},0,F,91,A,{PHI['PatientName']},X\n"
-                      "sub-N1,1,M,50,C,,Z\n"
-                      "MRN9999,1,F,40,A,,X\n")  # no images
+    labels.write_text(
+        "patient_id,label,sex,age,site,patient_name,scanner\n"
+        f"{PATIENTS[0]},1,F,64,A,{PHI['PatientName']},X\n"
+        f"{PATIENTS[1]},0,M,37,B,{PHI['PatientName']},Y\n"
+        f"{PATIENTS[2]},0,F,91,A,{PHI['PatientName']},X\n"
+        "sub-N1,1,M,50,C,,Z\n"
+        "MRN9999,1,F,40,A,,X\n"
+    )  # no images
     return src, labels
 
 
@@ -90,7 +92,9 @@ def test_report_counts_and_label_problems(tmp_path, archive):
     assert report["files_seen"] == 12
     assert report["units"] == 6
     assert report["quarantined"] == {"files": 1, "by_reason": {"not-dicom": 1}}
-    assert report["labels"]["problems"] == [{"line": 6, "problem": "no-images", "detail": "no images for this patient_id"}]
+    assert report["labels"]["problems"] == [
+        {"line": 6, "problem": "no-images", "detail": "no images for this patient_id"}
+    ]
     assert report["labels"]["unlabeled_units"] == 1
     assert report["labels"]["dropped"] == ["patient_name"]
     counted = sum(s["units"] for s in report["splits"].values())
@@ -108,8 +112,9 @@ def _identifiers(src: Path, labels: Path) -> set[str]:
     found = set(PATIENTS) | set(PHI.values())
     for path in src.rglob("*.dcm"):
         ds = pydicom.dcmread(path)
-        found |= {str(ds[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                              "FrameOfReferenceUID")}
+        found |= {
+            str(ds[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+        }
     return found | {"sub-N1", str(src), str(labels)}
 
 
@@ -146,8 +151,10 @@ def test_rerun_reuses_units_and_keeps_ids(tmp_path, archive):
     third = ingest(src, labels, tmp_path / "out", progress=False)
     assert third.report["units_decoded"] == 1
     assert third.report["units_reused"] == 5
-    assert load_manifest(tmp_path / "out")["image_id"].tolist() == pd.read_parquet(
-        __import__("io").BytesIO(manifest))["image_id"].tolist()
+    assert (
+        load_manifest(tmp_path / "out")["image_id"].tolist()
+        == pd.read_parquet(__import__("io").BytesIO(manifest))["image_id"].tolist()
+    )
     assert first.report["manifest_sha256"] == third.report["manifest_sha256"]
 
 
@@ -167,7 +174,9 @@ def test_failed_strict_run_leaves_previous_manifest(tmp_path, archive):
     src, labels = archive
     (src / "d" / "notes.txt").unlink()
     ingest(src, labels, tmp_path / "out", strict=True, progress=False)
-    before = {n: (tmp_path / "out" / n).read_bytes() for n in ("manifest.parquet", "quarantine.csv", "ingest_report.json")}
+    before = {
+        n: (tmp_path / "out" / n).read_bytes() for n in ("manifest.parquet", "quarantine.csv", "ingest_report.json")
+    }
     (src / "b" / "empty.dcm").write_bytes(b"")
     with pytest.raises(DataError, match=r"1 file\(s\) quarantined(?s:.*)empty-file +b/empty.dcm"):
         ingest(src, labels, tmp_path / "out", strict=True, progress=False)

@@ -70,15 +70,20 @@ def test_4d_and_corrupt_are_quarantined(tmp_path, key_file):
     result = ingest(src, None, tmp_path / "out", progress=False)
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
     assert dict(zip(q["path"], q["reason"], strict=True)) == {
-        "p1/bold.nii.gz": "nifti-4d", "p2/junk.nii.gz": "nifti-corrupt", "p3/cut.nii.gz": "nifti-corrupt"}
+        "p1/bold.nii.gz": "nifti-4d",
+        "p2/junk.nii.gz": "nifti-corrupt",
+        "p3/cut.nii.gz": "nifti-corrupt",
+    }
     assert result.n_units == 1  # the 4D file with one volume is a 3D image
 
 
 @pytest.mark.parametrize(
     ("relpath", "subject"),
-    [("rawdata/sub-07/ses-1/anat/sub-07_ses-1_T1w.nii.gz", "sub-07"),
-     ("P12/visit2/brain.nii", "P12"),
-     ("loose_scan.nii.gz", "loose_scan")],
+    [
+        ("rawdata/sub-07/ses-1/anat/sub-07_ses-1_T1w.nii.gz", "sub-07"),
+        ("P12/visit2/brain.nii", "P12"),
+        ("loose_scan.nii.gz", "loose_scan"),
+    ],
     ids=["bids", "first-folder", "root-file"],
 )
 def test_subject_rule(relpath, subject):
@@ -98,10 +103,7 @@ def test_labels_join_by_path_then_subject_rule(tmp_path, key_file):
     write_nifti(src / "batch" / "a.nii", vol, np.eye(4))
     write_nifti(src / "batch" / "b.nii", vol, np.eye(4))
     labels = tmp_path / "labels.csv"
-    labels.write_text("patient_id,label,path,modality\n"
-                      "sub-01,1,,\n"
-                      "PA,0,batch/a.nii,ct\n"
-                      "PB,1,batch/b.nii,\n")
+    labels.write_text("patient_id,label,path,modality\nsub-01,1,,\nPA,0,batch/a.nii,ct\nPB,1,batch/b.nii,\n")
     ingest(src, labels, tmp_path / "out", progress=False)
     frame = load_manifest(tmp_path / "out").set_index("subject_id")
     assert frame.loc[_subject(key_file, "sub-01"), "label"] == "1"

@@ -1,4 +1,4 @@
-"""Every pydicom / pydicom-data test file: decodes to pydicom's pixel_array (+rescale) or is quarantined with a reason."""
+"""Every pydicom / pydicom-data test file decodes to pydicom's pixel_array (+rescale) or is quarantined."""
 
 from __future__ import annotations
 
@@ -17,8 +17,16 @@ from pydicom.pixels import apply_modality_lut
 
 from pipeline.ingest import ingest, load_manifest, read_volume
 
-REASONS = {"not-dicom", "empty-file", "truncated", "no-pixel-data", "no-decoder", "decode-error",
-           "inconsistent-series", "unsupported"}
+REASONS = {
+    "not-dicom",
+    "empty-file",
+    "truncated",
+    "no-pixel-data",
+    "no-decoder",
+    "decode-error",
+    "inconsistent-series",
+    "unsupported",
+}
 # Files whose outcome is known exactly (the rest must decode or carry one of REASONS).
 EXPECTED_REASON = {
     "MR_truncated.dcm": "truncated",

@@ -55,8 +55,10 @@ def test_empty_strata_are_warned():
     assert any("label 'rare'" in w for w in warnings)
 
 
-@pytest.mark.parametrize(("val", "test", "fragment"),
-                         [(-0.1, 0.1, "val=-0.1"), (0.1, 1.0, "test=1.0"), (0.5, 0.5, "leave nothing for train")])
+@pytest.mark.parametrize(
+    ("val", "test", "fragment"),
+    [(-0.1, 0.1, "val=-0.1"), (0.1, 1.0, "test=1.0"), (0.5, 0.5, "leave nothing for train")],
+)
 def test_bad_fractions(val, test, fragment):
     with pytest.raises(ConfigError, match=fragment):
         check_fractions(val, test)

@@ -26,8 +26,18 @@ def run(demo_run):
 
 def test_demo_run_has_metrics_weights_hash_and_registered_model(demo_run, run):
     metrics, params, tags = run["metrics"], run["params"], run["tags"]
-    for key in ("test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "test_auprc", "test_sensitivity",
-                "test_specificity", "test_ece", "test_ece_uncalibrated", "test_brier", "temperature"):
+    for key in (
+        "test_auroc",
+        "test_auroc_ci_low",
+        "test_auroc_ci_high",
+        "test_auprc",
+        "test_sensitivity",
+        "test_specificity",
+        "test_ece",
+        "test_ece_uncalibrated",
+        "test_brier",
+        "temperature",
+    ):
         assert key in metrics, key
     assert metrics["test_auroc_ci_low"] <= metrics["test_auroc"] <= metrics["test_auroc_ci_high"]
     assert metrics["test_auroc"] > 0.6  # small cohort here; the full demo reaches ≥ 0.8

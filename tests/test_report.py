@@ -28,8 +28,20 @@ from pipeline.records import MANIFEST_COLUMNS
 from pipeline.report import collect_context, render_report, write_report
 from pipeline.report.fmt import as_floats, ci, count, duration, num, table, with_ci
 
-SECTIONS = ("summary", "cohort", "exclusions", "preprocessing", "model", "training", "performance",
-            "calibration", "subgroups", "transfer", "provenance", "warnings")
+SECTIONS = (
+    "summary",
+    "cohort",
+    "exclusions",
+    "preprocessing",
+    "model",
+    "training",
+    "performance",
+    "calibration",
+    "subgroups",
+    "transfer",
+    "provenance",
+    "warnings",
+)
 # Things that must never reach the report: quarantine paths/details and free text naming a patient.
 SECRETS = ("DOE^JOHN", "MRN0042", "1.2.840.113619", "ST. MARY", "unreadable header of patient")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -68,50 +80,116 @@ def _manifest(root: Path, rng: np.random.Generator) -> pd.DataFrame:
         "path,reason,detail\n"
         "DOE^JOHN/MRN0042/IM0001.dcm,decode-error,JPEG stream truncated (SOP 1.2.840.113619.2.1)\n"
         "DOE^JOHN/MRN0042/notes.txt,not-dicom,ST. MARY export log\n"
-        "X/empty.dcm,empty-file,\n")
-    (root / "ingest_report.json").write_text(json.dumps({  # the layout pipeline.ingest writes
-        "format": 1, "parameters": {"val": 0.2, "test": 0.3, "seed": 0}, "files_seen": 103,
-        "files": {"dicom": 101, "nifti": 0, "rejected_at_scan": 2}, "units": 100, "subjects": 100,
-        "quarantined": {"files": 3, "by_reason": {"decode-error": 1, "not-dicom": 1, "empty-file": 1}},
-        "splits": {"train": {"units": 50, "subjects": 50, "by_label": {"0": 35, "1": 15}}},
-        "labels": {"given": True, "rows": 101, "problems": [
-            {"line": 7, "problem": "no-images", "detail": "MRN0042 unreadable header of patient"},
-            {"line": 9, "problem": "no-images", "detail": "MRN0043"}], "warnings": []},
-        "warnings": ["label '1': 3 subject(s), none in val; check the split fractions",
-                     "archive DOE^JOHN/MRN0042 skipped"],
-        "unit_warnings": ["img-00ab: irregular slice spacing: 1 to 2 mm"], "manifest_sha256": "ab" * 32}))
+        "X/empty.dcm,empty-file,\n"
+    )
+    (root / "ingest_report.json").write_text(
+        json.dumps(
+            {  # the layout pipeline.ingest writes
+                "format": 1,
+                "parameters": {"val": 0.2, "test": 0.3, "seed": 0},
+                "files_seen": 103,
+                "files": {"dicom": 101, "nifti": 0, "rejected_at_scan": 2},
+                "units": 100,
+                "subjects": 100,
+                "quarantined": {"files": 3, "by_reason": {"decode-error": 1, "not-dicom": 1, "empty-file": 1}},
+                "splits": {"train": {"units": 50, "subjects": 50, "by_label": {"0": 35, "1": 15}}},
+                "labels": {
+                    "given": True,
+                    "rows": 101,
+                    "problems": [
+                        {"line": 7, "problem": "no-images", "detail": "MRN0042 unreadable header of patient"},
+                        {"line": 9, "problem": "no-images", "detail": "MRN0043"},
+                    ],
+                    "warnings": [],
+                },
+                "warnings": [
+                    "label '1': 3 subject(s), none in val; check the split fractions",
+                    "archive DOE^JOHN/MRN0042 skipped",
+                ],
+                "unit_warnings": ["img-00ab: irregular slice spacing: 1 to 2 mm"],
+                "manifest_sha256": "ab" * 32,
+            }
+        )
+    )
     return frame
 
 
-def _log_run(cfg: dict, frame: pd.DataFrame, rng: np.random.Generator, *, signal: float, evaluate: bool,
-             manifest_dir: Path) -> str:
+def _log_run(
+    cfg: dict, frame: pd.DataFrame, rng: np.random.Generator, *, signal: float, evaluate: bool, manifest_dir: Path
+) -> str:
     """Log one run the way pipeline.run does (params, tags, artifacts, per-epoch metrics, evaluation)."""
-    flat = {"prepare.dims": "2d", "prepare.preset": "xray", "prepare.size": "[224, 224]",
-            "model.backbone": "tf_efficientnet_lite0", "model.weights": cfg["model"]["weights"],
-            "finetune.strategy": "linear-probe", "classes": '["0", "1"]', "n_train": 50, "n_val": 20, "n_test": 30}
+    flat = {
+        "prepare.dims": "2d",
+        "prepare.preset": "xray",
+        "prepare.size": "[224, 224]",
+        "model.backbone": "tf_efficientnet_lite0",
+        "model.weights": cfg["model"]["weights"],
+        "finetune.strategy": "linear-probe",
+        "classes": '["0", "1"]',
+        "n_train": 50,
+        "n_val": 20,
+        "n_test": 30,
+    }
     sha = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db" if signal > 1 else "none"
-    tags = {"config_hash": "c0ffee0123456789", "manifest_hash": _hash(manifest_dir), "git_commit": "abc123def",
-            "weights_sha256": sha, "prepare_hash": "feedbeef00112233", "stage": "train"}
+    tags = {
+        "config_hash": "c0ffee0123456789",
+        "manifest_hash": _hash(manifest_dir),
+        "git_commit": "abc123def",
+        "weights_sha256": sha,
+        "prepare_hash": "feedbeef00112233",
+        "stage": "train",
+    }
     with tracking.start_run("report-test", tags=tags) as run_id:
         tracking.log_params({**flat, "weights_sha256": sha})
         tracking.log_json(cfg, "config.json")
-        tracking.log_json({"backbone": "tf_efficientnet_lite0", "weights": cfg["model"]["weights"],
-                           "weights_file": "/opt/weights/efficientnet-lite0-57934424.pth", "weights_sha256": sha,
-                           "dims": "2d", "in_channels": 1, "channel_method": "sum-fold RGB->1", "inflation": None,
-                           "num_classes": 2, "missing_keys": [], "unexpected_keys": [], "total_params": 3371042,
-                           "trainable_params": 2562, "mean": [0.5], "std": [0.5], "input_size": [224, 224]},
-                          "adaptation_summary.json")
+        tracking.log_json(
+            {
+                "backbone": "tf_efficientnet_lite0",
+                "weights": cfg["model"]["weights"],
+                "weights_file": "/opt/weights/efficientnet-lite0-57934424.pth",
+                "weights_sha256": sha,
+                "dims": "2d",
+                "in_channels": 1,
+                "channel_method": "sum-fold RGB->1",
+                "inflation": None,
+                "num_classes": 2,
+                "missing_keys": [],
+                "unexpected_keys": [],
+                "total_params": 3371042,
+                "trainable_params": 2562,
+                "mean": [0.5],
+                "std": [0.5],
+                "input_size": [224, 224],
+            },
+            "adaptation_summary.json",
+        )
         tracking.log_json(frame[["image_id", "subject_id", "split", "label"]].to_dict("list"), "splits.json")
         hist = {"train_loss": [], "val_loss": [], "val_auroc": [], "lr": []}
         for epoch in range(6):
-            row = {"train_loss": 0.7 - 0.05 * epoch, "val_loss": 0.68 - 0.03 * epoch, "val_auroc": 0.6 + 0.04 * epoch,
-                   "lr": 3e-3, "trainable_params": 2562, "epoch_seconds": 1.5, "images_per_s": 33.0}
+            row = {
+                "train_loss": 0.7 - 0.05 * epoch,
+                "val_loss": 0.68 - 0.03 * epoch,
+                "val_auroc": 0.6 + 0.04 * epoch,
+                "lr": 3e-3,
+                "trainable_params": 2562,
+                "epoch_seconds": 1.5,
+                "images_per_s": 33.0,
+            }
             tracking.log_metrics(row, step=epoch)
             for k in hist:
                 hist[k].append(row[k])
         tracking.log_metrics({"best_epoch": 5, "epochs_run": 6, "train_seconds": 9.2, "stopped_early": 0.0})
-        tracking.log_json({"class_weights": [0.77, 1.43], "trainable_by_phase": [2562], "history": hist,
-                           "device": "cpu", "platform": "Linux-x86_64", "torch": "2.14.1"}, "training_summary.json")
+        tracking.log_json(
+            {
+                "class_weights": [0.77, 1.43],
+                "trainable_by_phase": [2562],
+                "history": hist,
+                "device": "cpu",
+                "platform": "Linux-x86_64",
+                "torch": "2.14.1",
+            },
+            "training_summary.json",
+        )
         tracking.log_figure(training_curves_figure(hist), "figures/training_curves.png")
         if evaluate:
             _log_evaluation(frame, rng, signal)
@@ -129,19 +207,41 @@ def _log_evaluation(frame: pd.DataFrame, rng: np.random.Generator, signal: float
     yv, yt = val["label"].astype(int).to_numpy(), test["label"].astype(int).to_numpy()
     zv = np.column_stack([np.zeros(len(yv)), signal * (yv - 0.5) + rng.normal(0, 1, len(yv))])
     zt = np.column_stack([np.zeros(len(yt)), signal * (yt - 0.5) + rng.normal(0, 1, len(yt))])
-    s = evaluation_summary(yv, zv, yt, zt, test["subject_id"].to_numpy(), operating_points=["youden",
-                           "sensitivity@0.90"], n_boot=200, subgroups={"sex": test["sex"].to_numpy(),
-                           "site": test["site"].to_numpy()})
+    s = evaluation_summary(
+        yv,
+        zv,
+        yt,
+        zt,
+        test["subject_id"].to_numpy(),
+        operating_points=["youden", "sensitivity@0.90"],
+        n_boot=200,
+        subgroups={"sex": test["sex"].to_numpy(), "site": test["site"].to_numpy()},
+    )
     tracking.log_metrics(s["metrics"])
     rel = s["reliability"]
     # reliability bins go in as numpy arrays, as pipeline.run logs them (MLflow writes them as "[0. 0.1 ...]")
-    tracking.log_json({**_jsonable({"operating_points": s["operating_points"], "subgroups": s["subgroups"],
-                                    "notes": s["notes"], "classes": ["0", "1"], "discrimination": s["discrimination"]}),
-                       "reliability": {k: rel[k] for k in ("n_bins", "before", "after")}}, "evaluation.json")
+    tracking.log_json(
+        {
+            **_jsonable(
+                {
+                    "operating_points": s["operating_points"],
+                    "subgroups": s["subgroups"],
+                    "notes": s["notes"],
+                    "classes": ["0", "1"],
+                    "discrimination": s["discrimination"],
+                }
+            ),
+            "reliability": {k: rel[k] for k in ("n_bins", "before", "after")},
+        },
+        "evaluation.json",
+    )
     p = s["probs_test"][:, 1]
-    for name, fig in {"roc.png": roc_figure(yt, p, s["operating_points"]), "pr.png": pr_figure(yt, p),
-                      "confusion.png": confusion_figure(s["discrimination"]["confusion_matrix"], ["0", "1"]),
-                      "reliability.png": reliability_figure(rel["probs_before"], rel["probs_after"], yt)}.items():
+    for name, fig in {
+        "roc.png": roc_figure(yt, p, s["operating_points"]),
+        "pr.png": pr_figure(yt, p),
+        "confusion.png": confusion_figure(s["discrimination"]["confusion_matrix"], ["0", "1"]),
+        "reliability.png": reliability_figure(rel["probs_before"], rel["probs_after"], yt),
+    }.items():
         tracking.log_figure(fig, f"figures/{name}")
     tracking.set_tags({"stage": "evaluated", "model_uri": "models:/m-123", "registered_model": "report-test/1"})
 
@@ -154,11 +254,21 @@ def store(tmp_path_factory) -> dict:
     rng = np.random.default_rng(0)
     manifest_dir = root / "manifest"
     frame = _manifest(manifest_dir, rng)
-    cfg = {"experiment": "report-test", "data": {"manifest": str(manifest_dir)},
-           "model": {"backbone": "tf_efficientnet_lite0", "weights": "imagenet"},
-           "finetune": {"strategy": "linear-probe", "epochs": 6}, "evaluate": {"calibration": "temperature"}}
-    scratch = _log_run({**cfg, "model": {**cfg["model"], "weights": "none"}}, frame, rng, signal=1.0,
-                       evaluate=True, manifest_dir=manifest_dir)
+    cfg = {
+        "experiment": "report-test",
+        "data": {"manifest": str(manifest_dir)},
+        "model": {"backbone": "tf_efficientnet_lite0", "weights": "imagenet"},
+        "finetune": {"strategy": "linear-probe", "epochs": 6},
+        "evaluate": {"calibration": "temperature"},
+    }
+    scratch = _log_run(
+        {**cfg, "model": {**cfg["model"], "weights": "none"}},
+        frame,
+        rng,
+        signal=1.0,
+        evaluate=True,
+        manifest_dir=manifest_dir,
+    )
     main = _log_run(cfg, frame, rng, signal=2.0, evaluate=True, manifest_dir=manifest_dir)
     untested = _log_run(cfg, frame, rng, signal=3.0, evaluate=False, manifest_dir=manifest_dir)
     with tracking.start_run("report-test", tags={"stage": "evaluated"}) as broken:  # damaged artifacts
@@ -166,8 +276,15 @@ def store(tmp_path_factory) -> dict:
         garbage = root / "evaluation.json"
         garbage.write_text("{not json")
         tracking.log_artifact(garbage)
-    return {"uri": uri, "root": root, "manifest": manifest_dir, "main": main, "scratch": scratch,
-            "untested": untested, "broken": broken}
+    return {
+        "uri": uri,
+        "root": root,
+        "manifest": manifest_dir,
+        "main": main,
+        "scratch": scratch,
+        "untested": untested,
+        "broken": broken,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +370,10 @@ def test_report_has_every_section_headline_and_figures(store, main_html):
         assert f'<section id="{sid}">' in main_html
         assert f'href="#{sid}"' in main_html
     m = tracking.get_run(store["main"])["metrics"]
-    headline = (f"AUROC {m['test_auroc']:.2f} (95% CI {m['test_auroc_ci_low']:.2f}–{m['test_auroc_ci_high']:.2f}) "
-                "on 30 test images from 30 patients")
+    headline = (
+        f"AUROC {m['test_auroc']:.2f} (95% CI {m['test_auroc_ci_low']:.2f}–{m['test_auroc_ci_high']:.2f}) "
+        "on 30 test images from 30 patients"
+    )
     assert headline in _section(main_html, "summary")
     assert main_html.count('src="data:image/png;base64,') == 5  # roc, pr, confusion, reliability, curves
     assert f"{m['test_ece']:.3f}" in _section(main_html, "calibration")
@@ -271,19 +390,21 @@ def test_cohort_and_exclusions_are_counts_from_the_manifest(store, main_html):
     frame = pd.read_parquet(store["manifest"] / "manifest.parquet")
     cohort = _section(main_html, "cohort")
     test = frame[frame["split"] == "test"]
-    row = (f"<td>test</td><td class=\"num\">30</td><td class=\"num\">30</td>"
-           f"<td class=\"num\">{(test['label'] == '0').sum()}</td><td class=\"num\">{(test['label'] == '1').sum()}</td>")
+    row = (
+        f'<td>test</td><td class="num">30</td><td class="num">30</td>'
+        f'<td class="num">{(test["label"] == "0").sum()}</td><td class="num">{(test["label"] == "1").sum()}</td>'
+    )
     assert row in cohort
     for caption in ("sex", "age band", "site", "manufacturer"):
         assert f"Images by {caption} and split" in cohort
     excl = _section(main_html, "exclusions")
     for reason in ("decode-error", "not-dicom", "empty-file"):
-        assert f"<td>{reason}</td><td class=\"num\">1</td>" in excl
-    assert "<td>no-images</td><td class=\"num\">2</td><td>7, 9</td>" in excl  # label problems by kind
-    assert "<td>irregular slice spacing</td><td class=\"num\">6</td>" in excl  # flagged units, by kind
+        assert f'<td>{reason}</td><td class="num">1</td>' in excl
+    assert '<td>no-images</td><td class="num">2</td><td>7, 9</td>' in excl  # label problems by kind
+    assert '<td>irregular slice spacing</td><td class="num">6</td>' in excl  # flagged units, by kind
     assert "Ingest: label &#39;1&#39;: 3 subject(s), none in val" in excl
     assert "a warning withheld from the report" in excl
-    assert "<td>files.rejected_at_scan</td><td class=\"num\">2</td>" in excl
+    assert '<td>files.rejected_at_scan</td><td class="num">2</td>' in excl
     assert "parameters" not in excl
     assert "by_label" not in excl
 
@@ -302,8 +423,12 @@ def test_report_is_self_contained(main_html):
 
 
 def test_self_contained_check_catches_remote_resources(main_html):
-    for bad in ('<img src="https://cdn.example/x.png">', '<script src="//cdn.example/x.js"></script>',
-                '<link rel="stylesheet" href="http://x/y.css">', '<div style="background:url(x.png)"></div>'):
+    for bad in (
+        '<img src="https://cdn.example/x.png">',
+        '<script src="//cdn.example/x.js"></script>',
+        '<link rel="stylesheet" href="http://x/y.css">',
+        '<div style="background:url(x.png)"></div>',
+    ):
         with pytest.raises(AssertionError):
             assert_self_contained(main_html.replace("</main>", bad + "</main>"))
 
@@ -319,14 +444,23 @@ def test_transfer_gain_against_the_from_scratch_run(store, main_html):
 
 def test_provenance_names_commit_hashes_and_reproduce_command(store, main_html):
     prov = _section(main_html, "provenance")
-    for text in ("abc123def", "c0ffee0123456789", "feedbeef00112233", "report-test/1", store["main"],
-                 "matches the manifest read for this report", "medxfer run repro/config.json", "mlflow"):
+    for text in (
+        "abc123def",
+        "c0ffee0123456789",
+        "feedbeef00112233",
+        "report-test/1",
+        store["main"],
+        "matches the manifest read for this report",
+        "medxfer run repro/config.json",
+        "mlflow",
+    ):
         assert text in prov, text
 
 
 def test_unevaluated_run_says_not_available(store, tmp_path):
-    html = write_report(store["untested"], tmp_path / "r.html", tracking_uri=store["uri"],
-                        manifest_dir=store["manifest"]).read_text()
+    html = write_report(
+        store["untested"], tmp_path / "r.html", tracking_uri=store["uri"], manifest_dir=store["manifest"]
+    ).read_text()
     for sid in ("performance", "calibration", "subgroups"):
         assert "has not been evaluated" in _section(html, sid)
     assert "has not been evaluated" in _section(html, "warnings")
@@ -374,8 +508,11 @@ def test_any_part_of_the_context_may_be_missing_or_malformed(store):
     deep["evaluation"]["operating_points"] = [{"rule": None, "val": "x", "test": [1]}, "junk"]
     deep["evaluation"]["subgroups"] = [{"auroc": "high"}, 3]
     deep["evaluation"]["reliability"] = {"after": {"edges": "[0 1]", "count": "x"}}
-    deep["training"] = {"trainable_by_phase": ["many", None], "class_weights": [None, "x", 1],
-                        "history": {"val_auroc": [None, "y"]}}
+    deep["training"] = {
+        "trainable_by_phase": ["many", None],
+        "class_weights": [None, "x", 1],
+        "history": {"val_auroc": [None, "y"]},
+    }
     deep["adaptation"]["missing_keys"] = "head.weight"
     deep["cohort"]["attributes"] = "junk"
     html = render_report(deep)
@@ -407,10 +544,23 @@ def test_write_is_atomic_and_unknown_run_is_a_tracking_error(store, tmp_path):
 def screenshot(html_file: Path, png: Path, width: int = 1200, height: int = 2400) -> str:
     """Render `html_file` in headless Chromium, save a PNG, return Chromium's stderr log."""
     profile = png.parent / f"profile-{png.stem}"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={width},{height}",
-           "--enable-logging=stderr", "--v=0", html_file.resolve().as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--screenshot={png}",
+        f"--window-size={width},{height}",
+        "--enable-logging=stderr",
+        "--v=0",
+        html_file.resolve().as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.is_file(), proc.stderr[-2000:]
@@ -451,8 +601,10 @@ def test_report_of_the_real_demo_run(demo_run):
         assert f'<section id="{sid}">' in html
     assert_self_contained(html)
     m = demo_run["metrics"]
-    assert (f"AUROC {m['test_auroc']:.2f} (95% CI {m['test_auroc_ci_low']:.2f}–{m['test_auroc_ci_high']:.2f}) "
-            f"on {int(m['test_n_images'])} test images from {int(m['test_n_patients'])} patients") in html
+    assert (
+        f"AUROC {m['test_auroc']:.2f} (95% CI {m['test_auroc_ci_low']:.2f}–{m['test_auroc_ci_high']:.2f}) "
+        f"on {int(m['test_n_images'])} test images from {int(m['test_n_patients'])} patients"
+    ) in html
     assert html.count('src="data:image/png;base64,') == 5
     assert "matches the manifest read for this report" in html
     for word in ("not been evaluated", "unreadable", "not available: no manifest"):
@@ -462,7 +614,9 @@ def test_report_of_the_real_demo_run(demo_run):
     for path in (demo_run["root"] / "cohort" / "archive").rglob("*"):
         if path.is_file():
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            secrets |= {str(ds.get(k, "")) for k in ("PatientName", "PatientID", "AccessionNumber",
-                                                     "StudyInstanceUID", "InstitutionName")}
+            secrets |= {
+                str(ds.get(k, ""))
+                for k in ("PatientName", "PatientID", "AccessionNumber", "StudyInstanceUID", "InstitutionName")
+            }
     leaked = [x for x in secrets - {""} if x in html]
     assert not leaked, leaked[:5]

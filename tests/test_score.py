@@ -52,16 +52,29 @@ def archive(tmp_path_factory) -> dict:
     (cxr.archive_dir / "MRN7654321_notes.txt").write_text("not an image\n")
     mr = cxr.archive_dir / "sub-99" / "anat"
     mr.mkdir(parents=True)
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 1), dtype=np.float32), np.eye(4)),
-             mr / "sub-99_T1w.nii.gz")
-    return {"root": root, "source": cxr.archive_dir, "labels": cxr.labels_csv, "key": root / "keys" / "k.key",
-            "patient_ids": pd.read_csv(cxr.labels_csv, dtype=str)["patient_id"].tolist()}
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 1), dtype=np.float32), np.eye(4)),
+        mr / "sub-99_T1w.nii.gz",
+    )
+    return {
+        "root": root,
+        "source": cxr.archive_dir,
+        "labels": cxr.labels_csv,
+        "key": root / "keys" / "k.key",
+        "patient_ids": pd.read_csv(cxr.labels_csv, dtype=str)["patient_id"].tolist(),
+    }
 
 
 def _log(net: nn.Module, classes: list[str], name: str, threshold: float | None = 0.22, **extra) -> str:
     spec = make_spec("2d", "xray", [64, 64], {"mean": (0.5,), "std": (0.5,)})
-    meta = {"prepare": spec.as_dict(), "classes": classes, "temperature": 1.5,
-            "operating_point": {"rule": "youden", "threshold": threshold}, "train_run_id": "test", **extra}
+    meta = {
+        "prepare": spec.as_dict(),
+        "classes": classes,
+        "temperature": 1.5,
+        "operating_point": {"rule": "youden", "threshold": threshold},
+        "train_run_id": "test",
+        **extra,
+    }
     with tracking.start_run("score-tests"):
         info = tracking.log_model(tracking.CalibratedNet(net, 1.5), np.zeros((1, 1, 64, 64), np.float32), meta, name)
     return f"models:/{name}/{info['version']}"
@@ -89,8 +102,11 @@ def models(tmp_path_factory) -> dict:
     net, _ = build_model("tf_efficientnet_lite0", "none", num_classes=2, in_channels=1, dims="2d")
     tri, _ = build_model("tf_efficientnet_lite0", "none", num_classes=3, in_channels=1, dims="2d")
     far = {"n": 50, "intensity_mean": [5.0, 0.1], "intensity_std": [0.5, 0.1]}
-    return {"uri": uri, "binary": _log(net, ["0", "1"], "tiny", reference_stats=far),
-            "tri": _log(tri, ["a", "b", "c"], "tri")}
+    return {
+        "uri": uri,
+        "binary": _log(net, ["0", "1"], "tiny", reference_stats=far),
+        "tri": _log(tri, ["a", "b", "c"], "tri"),
+    }
 
 
 def _score(models: dict, archive: dict, out: Path, model: str = "binary", **kw) -> dict:
@@ -102,14 +118,29 @@ def _score(models: dict, archive: dict, out: Path, model: str = "binary", **kw) 
 def scored(models, archive, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("score-out") / "predictions.parquet"
     result = _score(models, archive, out, labels=archive["labels"])
-    return {"result": result, "out": out, "table": pd.read_parquet(out),
-            "metrics": json.loads(Path(f"{out}.metrics.json").read_text())}
+    return {
+        "result": result,
+        "out": out,
+        "table": pd.read_parquet(out),
+        "metrics": json.loads(Path(f"{out}.metrics.json").read_text()),
+    }
 
 
 def test_every_unit_and_junk_file_gets_one_row(scored):
     t, r = scored["table"], scored["result"]
-    assert list(t.columns) == ["image_id", "subject_id", "modality", "prob", "decision", "status", "reason",
-                               "detail", "source_ref", "model_uri", "model_version"]
+    assert list(t.columns) == [
+        "image_id",
+        "subject_id",
+        "modality",
+        "prob",
+        "decision",
+        "status",
+        "reason",
+        "detail",
+        "source_ref",
+        "model_uri",
+        "model_version",
+    ]
     assert (r["n_ok"], r["n_failed"]) == (9, 8 + 1 + len(JUNK))
     ok = t[t["status"] == "ok"]
     assert set(ok["modality"]) <= {"DX", "CR"}
@@ -208,10 +239,20 @@ def test_2d_model_with_slice_reduction_scores_ct_volumes_and_refuses_xrays(model
     net, _ = build_model("tf_efficientnet_lite0", "none", num_classes=2, in_channels=1, dims="2d")
     spec = make_spec("2d", "ct-lung", [32, 32], {"mean": (0.5,), "std": (0.5,)}, reduce="mip")
     with tracking.start_run("score-tests"):
-        info = tracking.log_model(tracking.CalibratedNet(net), np.zeros((1, 1, 32, 32), np.float32),
-                                  {"prepare": spec.as_dict(), "classes": ["0", "1"]}, "mip")
-    result = score(f"models:/mip/{info['version']}", archive["source"], tmp_path / "mip.parquet",
-                   tracking_uri=models["uri"], key_file=archive["key"], **SETTINGS)
+        info = tracking.log_model(
+            tracking.CalibratedNet(net),
+            np.zeros((1, 1, 32, 32), np.float32),
+            {"prepare": spec.as_dict(), "classes": ["0", "1"]},
+            "mip",
+        )
+    result = score(
+        f"models:/mip/{info['version']}",
+        archive["source"],
+        tmp_path / "mip.parquet",
+        tracking_uri=models["uri"],
+        key_file=archive["key"],
+        **SETTINGS,
+    )
     t = pd.read_parquet(result["out"]).set_index("modality")
     assert (t.loc["CT", "status"] == "ok").all()
     assert len(t.loc["CT"]) == 8
@@ -234,7 +275,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(models, archive, score
         "s._ChunkWriter._commit = slow\n"
         f"s.score({models['binary']!r}, {str(archive['source'])!r}, {str(out)!r}, tracking_uri={models['uri']!r},"
         f" labels={str(archive['labels'])!r}, key_file={str(archive['key'])!r}, batch_size=2, chunk_size=3,"
-        " progress=False)\n")
+        " progress=False)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     chunks = Path(f"{out}.work") / "chunks"
@@ -253,9 +295,23 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(models, archive, score
 
 def test_cli_score_with_adapt_bn(models, archive, scored, tmp_path, capsys):
     out = tmp_path / "cli.parquet"
-    code = main(["score", str(archive["source"]), "--model", models["binary"], "--out", str(out),
-                 "--tracking-uri", models["uri"], "--key-file", str(archive["key"]), "--batch-size", "4",
-                 "--adapt-bn"])
+    code = main(
+        [
+            "score",
+            str(archive["source"]),
+            "--model",
+            models["binary"],
+            "--out",
+            str(out),
+            "--tracking-uri",
+            models["uri"],
+            "--key-file",
+            str(archive["key"]),
+            "--batch-size",
+            "4",
+            "--adapt-bn",
+        ]
+    )
     assert code == 0
     assert "scored 9 units, 11 failures" in capsys.readouterr().out
     metrics = json.loads(Path(f"{out}.metrics.json").read_text())
@@ -274,8 +330,9 @@ def test_ray_engine_equals_local(models, archive, tmp_path):
     local = _score(models, archive, tmp_path / "local.parquet", adapt_bn=True, labels=archive["labels"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env())
     try:
-        remote = _score(models, archive, tmp_path / "ray.parquet", engine="ray", workers=2, adapt_bn=True,
-                        labels=archive["labels"])
+        remote = _score(
+            models, archive, tmp_path / "ray.parquet", engine="ray", workers=2, adapt_bn=True, labels=archive["labels"]
+        )
     finally:
         ray.shutdown()
     assert remote["engine"] == "ray"
@@ -283,12 +340,15 @@ def test_ray_engine_equals_local(models, archive, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(remote["out"]), pd.read_parquet(local["out"]), check_exact=True)
 
 
-@pytest.mark.parametrize(("kw", "error", "match"), [
-    ({"engine": "rey"}, ConfigError, "did you mean 'ray'"),
-    ({"batch_size": 0}, ConfigError, "--batch-size: must be a whole number >= 1, got 0"),
-    ({"chunk_size": 2.5}, ConfigError, "--chunk-size"),
-    ({"workers": -1}, ConfigError, "--workers: must be a whole number >= 0"),
-])
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"engine": "rey"}, ConfigError, "did you mean 'ray'"),
+        ({"batch_size": 0}, ConfigError, "--batch-size: must be a whole number >= 1, got 0"),
+        ({"chunk_size": 2.5}, ConfigError, "--chunk-size"),
+        ({"workers": -1}, ConfigError, "--workers: must be a whole number >= 0"),
+    ],
+)
 def test_bad_arguments_fail_with_a_named_fix(models, archive, tmp_path, kw, error, match):
     with pytest.raises(error, match=match):
         _score(models, archive, tmp_path / "bad.parquet", **kw)

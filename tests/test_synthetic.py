@@ -18,11 +18,30 @@ from pipeline.errors import ConfigError
 from pipeline.synthetic import KINDS, SyntheticCohort, make_cohort
 
 HEADERS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "AccessionNumber",
-    "InstitutionName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyDate",
-    "Modality", "Manufacturer", "ManufacturerModelName", "BodyPartExamined",
-    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation",
-    "RescaleSlope", "RescaleIntercept", "PixelSpacing", "InstanceNumber", "SeriesNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "AccessionNumber",
+    "InstitutionName",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "BodyPartExamined",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "PixelSpacing",
+    "InstanceNumber",
+    "SeriesNumber",
     "SeriesDescription",
 )
 HEX = re.compile(r"^[0-9A-Fa-f]+$")
@@ -52,8 +71,7 @@ def ct(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCohort:
 
 
 @pytest.mark.parametrize("which", ["cxr", "ct"])
-def test_files_decode_with_full_headers_and_file_meta(which: str,
-                                                      request: pytest.FixtureRequest) -> None:
+def test_files_decode_with_full_headers_and_file_meta(which: str, request: pytest.FixtureRequest) -> None:
     cohort = request.getfixturevalue(which)
     files = _read_all(cohort)
     assert len(files) == cohort.n_files > 0
@@ -69,8 +87,7 @@ def test_files_decode_with_full_headers_and_file_meta(which: str,
         assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
 
 
-def test_files_are_byte_identical_to_pydicom_dcmwrite(cxr: SyntheticCohort,
-                                                      ct: SyntheticCohort) -> None:
+def test_files_are_byte_identical_to_pydicom_dcmwrite(cxr: SyntheticCohort, ct: SyntheticCohort) -> None:
     for path in _files(cxr)[:5] + _files(ct)[:5]:
         ds = pydicom.dcmread(path)
         fresh = Dataset()
@@ -85,8 +102,10 @@ def test_files_are_byte_identical_to_pydicom_dcmwrite(cxr: SyntheticCohort,
 def test_cxr_images_look_like_chest_radiographs(cxr: SyntheticCohort) -> None:
     photometric = set()
     for _, ds in _read_all(cxr):
-        expected_sop = {"DX": pydicom.uid.DigitalXRayImageStorageForPresentation,
-                        "CR": pydicom.uid.ComputedRadiographyImageStorage}
+        expected_sop = {
+            "DX": pydicom.uid.DigitalXRayImageStorageForPresentation,
+            "CR": pydicom.uid.ComputedRadiographyImageStorage,
+        }
         assert ds.SOPClassUID == expected_sop[ds.Modality]
         assert (ds.BitsStored, ds.PixelRepresentation) == (12, 0)
         assert 1.3 < float(ds.PixelSpacing[0]) < 1.5
@@ -121,8 +140,7 @@ def test_cxr_opacity_is_faint_local_and_inside_the_lung() -> None:
     patient = synthetic._make_patients(np.random.default_rng(0), 4, 0.5, 0)[0]
     anat = synthetic._cxr_anatomy(np.random.default_rng(1), patient)
     finding = {"side": 1.0, "du": 0.2, "dv": -0.2, "r": 0.08, "c": 0.2}
-    with_, without = (synthetic._chest_image(np.random.default_rng(2), anat, f, (256, 256))
-                      for f in (finding, None))
+    with_, without = (synthetic._chest_image(np.random.default_rng(2), anat, f, (256, 256)) for f in (finding, None))
     diff = with_.astype(float) - without.astype(float)
     changed = diff > 50
     assert 0.002 < changed.mean() < 0.03  # a small round patch, not a global shift
@@ -154,8 +172,7 @@ def _ct_volumes(ct: SyntheticCohort) -> dict[str, tuple[np.ndarray, float]]:
     out = {}
     for uid, dss in by_series.items():
         dss.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-        vol = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept)
-                        for d in dss])
+        vol = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
         out[uid] = (vol, float(dss[0].PixelSpacing[0]))
     return out
 
@@ -253,8 +270,7 @@ def test_labels_match_dicom_patients(cxr: SyntheticCohort) -> None:
 
 
 @pytest.mark.parametrize(("n", "fraction", "expected"), [(10, 0.5, 5), (8, 0.25, 2), (4, 0.01, 1)])
-def test_positive_fraction_is_honoured(tmp_path: Path, n: int, fraction: float,
-                                       expected: int) -> None:
+def test_positive_fraction_is_honoured(tmp_path: Path, n: int, fraction: float, expected: int) -> None:
     cohort = make_cohort(tmp_path, "cxr2d", n=n, seed=0, positive_fraction=fraction)
     labels = [int(r["label"]) for r in _labels(cohort)]
     assert cohort.n_positive == sum(labels) == expected
@@ -282,13 +298,16 @@ def test_rerun_replaces_own_archive_but_refuses_a_foreign_one(tmp_path: Path) ->
         make_cohort(foreign, "cxr2d", n=4)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"kind": "cxr"}, r"unknown synthetic kind 'cxr' \(did you mean 'cxr2d'\?\)"),
-    ({"kind": "mri"}, r"expected one of cxr2d, ct3d"),
-    ({"n": 3}, r"n=3 is invalid; expected an integer >= 4"),
-    ({"positive_fraction": 0.0}, r"positive_fraction=0.0 is outside \(0, 1\)"),
-    ({"positive_fraction": 1.0}, r"positive_fraction=1.0 is outside"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kind": "cxr"}, r"unknown synthetic kind 'cxr' \(did you mean 'cxr2d'\?\)"),
+        ({"kind": "mri"}, r"expected one of cxr2d, ct3d"),
+        ({"n": 3}, r"n=3 is invalid; expected an integer >= 4"),
+        ({"positive_fraction": 0.0}, r"positive_fraction=0.0 is outside \(0, 1\)"),
+        ({"positive_fraction": 1.0}, r"positive_fraction=1.0 is outside"),
+    ],
+)
 def test_bad_arguments_raise_config_error(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as info:
         make_cohort(tmp_path, **kwargs)

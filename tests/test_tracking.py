@@ -29,9 +29,22 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend, local artifacts) on a free loopback port."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
-           str(root / "artifacts"), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -69,8 +82,9 @@ def _log_everything(uri: str) -> tuple[str, dict]:
             tracking.log_metrics({"val_auroc": 0.5 + 0.1 * step}, step=step)
         tracking.log_metrics({"test_auroc": 0.9, "test_auroc__sex.F": 0.8, "nan_is_skipped": float("nan")})
         model = tracking.CalibratedNet(Tiny(), temperature=2.0)
-        info = tracking.log_model(model, np.zeros((1, 1, 4, 4), np.float32), {"classes": ["0", "1"]},
-                                  register_as="tracking-test-model")
+        info = tracking.log_model(
+            model, np.zeros((1, 1, 4, 4), np.float32), {"classes": ["0", "1"]}, register_as="tracking-test-model"
+        )
     return run_id, info
 
 

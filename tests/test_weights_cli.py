@@ -1,4 +1,4 @@
-"""Explicit weight files through `pipeline.run.train` (sha256 recorded), and the CLI's exit 2 on bad backbones/weights."""
+"""Explicit weight files through `pipeline.run.train` (sha256 recorded); the CLI's exit 2 on bad backbones/weights."""
 
 from __future__ import annotations
 
@@ -38,18 +38,29 @@ def manifest(tmp_path_factory) -> Path:
     """A tiny ingested cxr2d cohort (24 patients, half positive; both classes in every split) shared here."""
     root = tmp_path_factory.mktemp("cxr")
     cohort = make_cohort(root / "cohort", kind="cxr2d", n=24, seed=3, positive_fraction=0.5)
-    ingest(cohort.archive_dir, cohort.labels_csv, root / "manifest", key_file=fixed_key(root / "key"), val=0.25, test=0.25,
-           seed=0, progress=False)
+    ingest(
+        cohort.archive_dir,
+        cohort.labels_csv,
+        root / "manifest",
+        key_file=fixed_key(root / "key"),
+        val=0.25,
+        test=0.25,
+        seed=0,
+        progress=False,
+    )
     return root / "manifest"
 
 
 def _raw(manifest: Path, tmp: Path, **model) -> dict:
-    return {"experiment": "weights-test", "data": {"manifest": str(manifest)},
-            "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32], "cache_dir": str(tmp / "cache")},
-            "model": {"backbone": "resnet18", "weights": "none", **model},
-            "finetune": {"strategy": "linear-probe", "epochs": 1, "batch_size": 8, "device": "cpu"},
-            "evaluate": {"bootstrap": 0, "subgroups": []},
-            "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
+    return {
+        "experiment": "weights-test",
+        "data": {"manifest": str(manifest)},
+        "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32], "cache_dir": str(tmp / "cache")},
+        "model": {"backbone": "resnet18", "weights": "none", **model},
+        "finetune": {"strategy": "linear-probe", "epochs": 1, "batch_size": 8, "device": "cpu"},
+        "evaluate": {"bootstrap": 0, "subgroups": []},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+    }
 
 
 def _write(raw: dict, path: Path) -> Path:
@@ -77,7 +88,9 @@ def test_explicit_weights_file_is_loaded_and_its_sha256_recorded(manifest, resne
     assert run["tags"]["weights_sha256"] == sha
     assert run["params"]["model.weights"] == str(path)
     # the logged checkpoint holds the file's tensors: a frozen backbone keeps them exactly
-    ckpt = torch.load(tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp_path / "dl"), weights_only=False)
+    ckpt = torch.load(
+        tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp_path / "dl"), weights_only=False
+    )
     body = ckpt["state_dict"]
     assert torch.equal(body["features.layer3.1.conv2.weight"], state["layer3.1.conv2.weight"])
     assert torch.equal(body["features.bn1.running_var"], state["bn1.running_var"])
@@ -136,16 +149,20 @@ def test_missing_weights_path_exits_2_naming_it(manifest, tmp_path, capsys):
 
 
 def test_weights_file_of_another_backbone_exits_2(manifest, resnet18_file, tmp_path, capsys):
-    path = _write(_raw(manifest, tmp_path, backbone="densenet121", weights=str(resnet18_file[0])),
-                  tmp_path / "mismatch.yaml")
+    path = _write(
+        _raw(manifest, tmp_path, backbone="densenet121", weights=str(resnet18_file[0])), tmp_path / "mismatch.yaml"
+    )
     assert main(["train", str(path)]) == 2
     assert "does not fit backbone 'densenet121'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("model", "expected"), [
-    ({"backbone": "resnet19"}, "did you mean 'resnet18'"),
-    ({"weights": "/nowhere/resnet18.pth"}, "'/nowhere/resnet18.pth' is not an existing file"),
-])
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ({"backbone": "resnet19"}, "did you mean 'resnet18'"),
+        ({"weights": "/nowhere/resnet18.pth"}, "'/nowhere/resnet18.pth' is not an existing file"),
+    ],
+)
 def test_bad_model_fails_before_ingest(tmp_path, capsys, model, expected):
     """The model is checked first: the (absent) archive is never reached and no manifest is written."""
     raw = _raw(tmp_path / "new-manifest", tmp_path, **model)

@@ -56,15 +56,35 @@ def _densenet_body(net: Any) -> tuple[OrderedDict[str, nn.Module], int]:
 
 
 _FAMILIES: dict[str, _Family] = {
-    "timm-efficientnet": _Family(lambda a: timm.create_model(a, pretrained=False), _timm_body, "conv_stem",
-                                 "classifier", {"conv_stem": "stem", "bn1": "stem", "blocks": "stage{}",
-                                                "conv_head": "head_conv", "bn2": "head_conv"}, "global_pool"),
-    "torchvision-resnet": _Family(lambda a: getattr(torchvision.models, a)(weights=None), _resnet_body, "conv1",
-                                  "fc", {"conv1": "stem", "bn1": "stem", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}}, "avgpool"),
-    "torchvision-densenet": _Family(lambda a: getattr(torchvision.models, a)(weights=None), _densenet_body, "conv0",
-                                    "classifier", {"conv0": "stem", "norm0": "stem", "norm5": "denseblock4",
-                                                   **{f"{p}{i}": f"denseblock{i}" for i in range(1, 5)
-                                                      for p in ("denseblock", "transition")}}, "avgpool"),
+    "timm-efficientnet": _Family(
+        lambda a: timm.create_model(a, pretrained=False),
+        _timm_body,
+        "conv_stem",
+        "classifier",
+        {"conv_stem": "stem", "bn1": "stem", "blocks": "stage{}", "conv_head": "head_conv", "bn2": "head_conv"},
+        "global_pool",
+    ),
+    "torchvision-resnet": _Family(
+        lambda a: getattr(torchvision.models, a)(weights=None),
+        _resnet_body,
+        "conv1",
+        "fc",
+        {"conv1": "stem", "bn1": "stem", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}},
+        "avgpool",
+    ),
+    "torchvision-densenet": _Family(
+        lambda a: getattr(torchvision.models, a)(weights=None),
+        _densenet_body,
+        "conv0",
+        "classifier",
+        {
+            "conv0": "stem",
+            "norm0": "stem",
+            "norm5": "denseblock4",
+            **{f"{p}{i}": f"denseblock{i}" for i in range(1, 5) for p in ("denseblock", "transition")},
+        },
+        "avgpool",
+    ),
 }
 
 
@@ -86,8 +106,9 @@ class Features(nn.Sequential):
     to (B, num_features). Slicewise runs the 2D body on every slice and pools over slices as
     the body pools in-plane (mean for avg, max for max)."""
 
-    def __init__(self, layers: OrderedDict[str, nn.Module], in_channels: int, slicewise: bool = False,
-                 pool: str = "avg"):
+    def __init__(
+        self, layers: OrderedDict[str, nn.Module], in_channels: int, slicewise: bool = False, pool: str = "avg"
+    ):
         super().__init__(layers)
         self.in_channels = in_channels
         self.slicewise = slicewise
@@ -105,8 +126,10 @@ class Features(nn.Sequential):
         ndim = 5 if self.spatial_dims == 3 or self.slicewise else 4
         if x.ndim != ndim or x.shape[1] != self.in_channels:
             layout = "(B, C, D, H, W)" if ndim == 5 else "(B, C, H, W)"
-            raise DataError(f"model input: expected {layout} with C={self.in_channels}, got shape "
-                            f"{tuple(x.shape)}; check prepare.dims/slices against model.in_channels")
+            raise DataError(
+                f"model input: expected {layout} with C={self.in_channels}, got shape "
+                f"{tuple(x.shape)}; check prepare.dims/slices against model.in_channels"
+            )
         if not self.slicewise:
             return super().forward(x)
         b, c, d, h, w = x.shape
@@ -160,34 +183,52 @@ def layer_groups(model: MedNet) -> list[tuple[str, list[str]]]:
     for pname, _ in model.named_parameters():
         hits = sum(pname == p or pname.startswith(p + ".") for p in prefixes)
         if hits != 1:
-            raise ConfigError(f"layer_groups: parameter '{pname}' is in {hits} groups of '{model.backbone}'; expected 1")
+            raise ConfigError(
+                f"layer_groups: parameter '{pname}' is in {hits} groups of '{model.backbone}'; expected 1"
+            )
     return list(groups.items())
 
 
-def _check_options(num_classes: int, in_channels: int, dims: str, inflation: str, slicewise: bool,
-                   pool: str, keep_depth: int) -> None:
+def _check_options(
+    num_classes: int, in_channels: int, dims: str, inflation: str, slicewise: bool, pool: str, keep_depth: int
+) -> None:
     for field_name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model.{field_name}: must be a whole number >= 1, got {value!r}")
     if dims not in DIMS:
         raise ConfigError(f"prepare.dims: unknown '{dims}'{did_you_mean(dims, DIMS)}; use one of {', '.join(DIMS)}")
     if inflation not in INFLATIONS:
-        raise ConfigError(f"model.inflation: unknown '{inflation}'{did_you_mean(inflation, INFLATIONS)}; "
-                          f"use one of {', '.join(INFLATIONS)}")
+        raise ConfigError(
+            f"model.inflation: unknown '{inflation}'{did_you_mean(inflation, INFLATIONS)}; "
+            f"use one of {', '.join(INFLATIONS)}"
+        )
     if slicewise and dims == "2d":
-        raise ConfigError("model.slicewise: applies to dims 2.5d or 3d (a stack of slices), not 2d; "
-                          "set slicewise: false or change prepare.dims")
+        raise ConfigError(
+            "model.slicewise: applies to dims 2.5d or 3d (a stack of slices), not 2d; "
+            "set slicewise: false or change prepare.dims"
+        )
     if pool not in POOLS:
         raise ConfigError(f"model.pool: unknown '{pool}'{did_you_mean(pool, POOLS)}; use one of {', '.join(POOLS)}")
     if keep_depth and (dims != "3d" or slicewise):
-        raise ConfigError("model.keep_depth: applies to inflated 3D networks (prepare.dims 3d, slicewise false); "
-                          "set keep_depth: 0")
+        raise ConfigError(
+            "model.keep_depth: applies to inflated 3D networks (prepare.dims 3d, slicewise false); set keep_depth: 0"
+        )
 
 
-def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet", *, num_classes: int = 2,
-                in_channels: int = 1, dims: str = "2d", inflation: str = "i3d-mean",
-                depth_padding: str = "replicate", weights_dir: str | Path | None = None,
-                slicewise: bool = False, pool: str = "avg", keep_depth: int = 0) -> tuple[MedNet, AdaptationSummary]:
+def build_model(
+    backbone: str = "tf_efficientnet_lite0",
+    weights: str = "imagenet",
+    *,
+    num_classes: int = 2,
+    in_channels: int = 1,
+    dims: str = "2d",
+    inflation: str = "i3d-mean",
+    depth_padding: str = "replicate",
+    weights_dir: str | Path | None = None,
+    slicewise: bool = False,
+    pool: str = "avg",
+    keep_depth: int = 0,
+) -> tuple[MedNet, AdaptationSummary]:
     """Build an ImageNet backbone adapted to a medical input, with a new classification head.
 
     Steps: resolve the local weights file (`resolve_weights`), load it strictly into the RGB
@@ -245,12 +286,24 @@ def build_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagene
         features = cast(Features, inflate_to_3d(features, inflation, depth_padding, keep_depth))
     model = MedNet(features, num_features, num_classes, backbone)
     summary = AdaptationSummary(
-        backbone=backbone, weights=str(weights), weights_file=str(path) if path else None, weights_sha256=sha,
-        dims=dims, in_channels=in_channels, channel_method=channel_method,
-        inflation=inflation if inflated else None, depth_padding=depth_padding if inflated else None,
-        keep_depth=keep_depth if inflated else None, pool=pool,
-        num_classes=num_classes, missing_keys=missing,
-        unexpected_keys=unexpected, total_params=sum(p.numel() for p in model.parameters()),
+        backbone=backbone,
+        weights=str(weights),
+        weights_file=str(path) if path else None,
+        weights_sha256=sha,
+        dims=dims,
+        in_channels=in_channels,
+        channel_method=channel_method,
+        inflation=inflation if inflated else None,
+        depth_padding=depth_padding if inflated else None,
+        keep_depth=keep_depth if inflated else None,
+        pool=pool,
+        num_classes=num_classes,
+        missing_keys=missing,
+        unexpected_keys=unexpected,
+        total_params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        mean=spec.mean, std=spec.std, input_size=spec.input_size)
+        mean=spec.mean,
+        std=spec.std,
+        input_size=spec.input_size,
+    )
     return model, summary

@@ -33,8 +33,10 @@ def fold_rgb_weight(weight: torch.Tensor, in_channels: int) -> tuple[torch.Tenso
     if int(in_channels) != in_channels or in_channels < 1:
         raise ConfigError(f"model.in_channels: must be a whole number >= 1, got {in_channels!r}")
     if weight.ndim < 3 or weight.shape[1] != 3:
-        raise ConfigError(f"first convolution: expected an RGB kernel (out, 3, ...), got shape "
-                          f"{tuple(weight.shape)}; channel folding needs ImageNet RGB weights")
+        raise ConfigError(
+            f"first convolution: expected an RGB kernel (out, 3, ...), got shape "
+            f"{tuple(weight.shape)}; channel folding needs ImageNet RGB weights"
+        )
     w = weight.detach()
     if in_channels == 3:
         return w.clone(), "none"
@@ -65,8 +67,10 @@ def adapt_first_conv(conv: nn.Conv2d, in_channels: int, *, pretrained: bool = Tr
     if int(in_channels) != in_channels or in_channels < 1:
         raise ConfigError(f"model.in_channels: must be a whole number >= 1, got {in_channels!r}")
     if conv.groups != 1:
-        raise ConfigError(f"first convolution has groups={conv.groups}; channel adaptation supports "
-                          "only ordinary (groups=1) first convolutions")
+        raise ConfigError(
+            f"first convolution has groups={conv.groups}; channel adaptation supports "
+            "only ordinary (groups=1) first convolutions"
+        )
     new = copy.deepcopy(conv)
     if in_channels == conv.in_channels:
         return new, "none"

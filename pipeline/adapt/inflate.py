@@ -49,8 +49,9 @@ def inflate_conv_weight(weight: torch.Tensor, method: str = "i3d-mean") -> torch
 
 def _check_method(method: str) -> None:
     if method not in INFLATIONS:
-        raise ConfigError(f"model.inflation: unknown '{method}'{did_you_mean(method, INFLATIONS)}; "
-                          f"use one of {', '.join(INFLATIONS)}")
+        raise ConfigError(
+            f"model.inflation: unknown '{method}'{did_you_mean(method, INFLATIONS)}; use one of {', '.join(INFLATIONS)}"
+        )
 
 
 def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -69,8 +70,15 @@ class InflatedConv3d(nn.Conv3d):
     of a 16-32-slice volume barely vary (the eval-mode collapse this padding avoids).
     """
 
-    def __init__(self, *args, pad: tuple[int, int, int] = (0, 0, 0), same: bool = False,
-                 depth_padding: str = "replicate", spatial_mode: str = "constant", **kwargs):
+    def __init__(
+        self,
+        *args,
+        pad: tuple[int, int, int] = (0, 0, 0),
+        same: bool = False,
+        depth_padding: str = "replicate",
+        spatial_mode: str = "constant",
+        **kwargs,
+    ):
         super().__init__(*args, padding=0, **kwargs)  # type: ignore[misc]
         self.pad, self.same, self.depth_padding, self.spatial_mode = tuple(pad), same, depth_padding, spatial_mode
 
@@ -80,8 +88,10 @@ class InflatedConv3d(nn.Conv3d):
 
     def _pads(self, x: torch.Tensor) -> list[tuple[int, int]]:
         if self.same:
-            return [_same_pad(int(n), k, s, d) for n, k, s, d in
-                    zip(x.shape[-3:], self.kernel_size, self.stride, self.dilation, strict=True)]
+            return [
+                _same_pad(int(n), k, s, d)
+                for n, k, s, d in zip(x.shape[-3:], self.kernel_size, self.stride, self.dilation, strict=True)
+            ]
         return [(p, p) for p in self.pad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +110,19 @@ class InflatedConv3d(nn.Conv3d):
 class BatchNormAct3d(nn.BatchNorm3d):
     """BatchNorm3d followed by timm's `drop` and `act` (same state-dict keys as BatchNormAct2d)."""
 
-    def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
-                 track_running_stats: bool, drop: nn.Module, act: nn.Module):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        track_running_stats: bool,
+        drop: nn.Module,
+        act: nn.Module,
+    ):
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats
+        )
         self.drop = drop
         self.act = act
 
@@ -139,8 +158,9 @@ class GlobalPool(nn.Module):
         super().__init__()
         kind = (pool_type or "").lower().removeprefix("fast") or ("avg" if pool_type else "")
         if kind not in ("", "avg", "max", "avgmax", "catavgmax"):
-            raise ConfigError(f"inflate: global pool type '{pool_type}' is not supported; "
-                              "use avg, max, avgmax or catavgmax")
+            raise ConfigError(
+                f"inflate: global pool type '{pool_type}' is not supported; use avg, max, avgmax or catavgmax"
+            )
         self.pool_type = kind
         self.flatten = flatten
 
@@ -191,11 +211,22 @@ def _conv(conv: nn.Conv2d, how: _How) -> nn.Conv3d:
     same = type(conv) is Conv2dSame or conv.padding == "same"
     pad = (0, 0, 0) if same or conv.padding == "valid" else _triple(conv.padding)
     spatial_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    new = InflatedConv3d(conv.in_channels, conv.out_channels, _triple(conv.kernel_size), stride=_triple(conv.stride),
-                         dilation=_triple(conv.dilation), groups=conv.groups, bias=conv.bias is not None,
-                         pad=pad, same=same, depth_padding=how.depth_padding, spatial_mode=spatial_mode)
-    new.weight = nn.Parameter(inflate_conv_weight(conv.weight, how.method).contiguous(),
-                              requires_grad=conv.weight.requires_grad)
+    new = InflatedConv3d(
+        conv.in_channels,
+        conv.out_channels,
+        _triple(conv.kernel_size),
+        stride=_triple(conv.stride),
+        dilation=_triple(conv.dilation),
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        pad=pad,
+        same=same,
+        depth_padding=how.depth_padding,
+        spatial_mode=spatial_mode,
+    )
+    new.weight = nn.Parameter(
+        inflate_conv_weight(conv.weight, how.method).contiguous(), requires_grad=conv.weight.requires_grad
+    )
     if conv.bias is not None:
         new.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
     return new
@@ -212,14 +243,24 @@ def _batchnorm(bn: nn.BatchNorm2d) -> nn.BatchNorm3d:
 
 def _pool(pool: nn.MaxPool2d | nn.AvgPool2d) -> nn.Module:
     if isinstance(pool, nn.MaxPool2d):
-        return MaxPool3dDepthSafe(_triple(pool.kernel_size), _triple(pool.stride), _triple(pool.padding),
-                                  _triple(pool.dilation), return_indices=pool.return_indices,
-                                  ceil_mode=pool.ceil_mode)
+        return MaxPool3dDepthSafe(
+            _triple(pool.kernel_size),
+            _triple(pool.stride),
+            _triple(pool.padding),
+            _triple(pool.dilation),
+            return_indices=pool.return_indices,
+            ceil_mode=pool.ceil_mode,
+        )
     kh = _pair(pool.kernel_size)[0]
     divisor = None if pool.divisor_override is None else pool.divisor_override * kh
-    return AvgPool3dDepthSafe(_triple(pool.kernel_size), _triple(pool.stride), _triple(pool.padding),
-                              ceil_mode=pool.ceil_mode, count_include_pad=pool.count_include_pad,
-                              divisor_override=divisor)
+    return AvgPool3dDepthSafe(
+        _triple(pool.kernel_size),
+        _triple(pool.stride),
+        _triple(pool.padding),
+        ceil_mode=pool.ceil_mode,
+        count_include_pad=pool.count_include_pad,
+        divisor_override=divisor,
+    )
 
 
 def _adaptive(pool: nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d) -> nn.Module:
@@ -234,8 +275,10 @@ def _select_pool(pool: SelectAdaptivePool2d) -> GlobalPool:
     flatten = isinstance(pool.flatten, nn.Flatten) or getattr(pool.pool, "flatten", False) is True
     inner_size = getattr(pool.pool, "output_size", 1)
     if inner_size not in (1, (1, 1), [1, 1]):
-        raise ConfigError(f"inflate: SelectAdaptivePool2d with output size {inner_size} is not supported; "
-                          "only global pooling (output size 1) inflates")
+        raise ConfigError(
+            f"inflate: SelectAdaptivePool2d with output size {inner_size} is not supported; "
+            "only global pooling (output size 1) inflates"
+        )
     return GlobalPool(pool.pool_type, flatten=flatten)
 
 
@@ -287,10 +330,21 @@ def _convert(m: nn.Module, how: _How) -> nn.Module:
 
 def _leftover_2d(module: nn.Module) -> list[str]:
     """Names of modules that still look two-dimensional after conversion."""
-    bad_types = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveMaxPool2d, nn.Dropout2d, nn.InstanceNorm2d)
-    return [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
-            if isinstance(m, bad_types) or "2d" in type(m).__name__.lower()]
+    bad_types = (
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+        nn.Dropout2d,
+        nn.InstanceNorm2d,
+    )
+    return [
+        f"{name or '<root>'} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if isinstance(m, bad_types) or "2d" in type(m).__name__.lower()
+    ]
 
 
 def _triple3(v: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -338,14 +392,15 @@ def _keep_depth(net: nn.Module, levels: int) -> None:
                 m.dilation = (1, *_triple3(m.dilation)[1:])  # type: ignore[assignment]
 
 
-def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: str = "replicate",
-                  keep_depth: int = 0) -> nn.Module:
+def inflate_to_3d(
+    module: nn.Module, method: str = "i3d-mean", depth_padding: str = "replicate", keep_depth: int = 0
+) -> nn.Module:
     """Convert a 2D network into its 3D counterpart, inflating its weights; the input is untouched.
 
     Converts Conv2d (grouped and depthwise included; timm's ``Conv2dSame`` and torch's "same"
     keep TF-'same' padding) to `InflatedConv3d`, BatchNorm2d (timm's ``BatchNormAct2d`` too),
-    max/avg pooling, adaptive and timm ``SelectAdaptivePool2d`` global pooling, timm squeeze-excite blocks, Dropout2d and
-    InstanceNorm2d; activations and other modules are kept. Kernels, strides, paddings and
+    max/avg pooling, adaptive and timm ``SelectAdaptivePool2d`` global pooling, timm squeeze-excite
+    blocks, Dropout2d and InstanceNorm2d; activations and other modules are kept. Kernels, strides, paddings and
     dilations gain a depth entry equal to their height entry. Pooling windows edge-pad the depth
     axis when a volume is thinner than the window, so thin volumes go through.
 
@@ -369,13 +424,17 @@ def inflate_to_3d(module: nn.Module, method: str = "i3d-mean", depth_padding: st
     _check_method(method)
     if depth_padding not in DEPTH_PADDINGS:
         hint = did_you_mean(depth_padding, DEPTH_PADDINGS)
-        raise ConfigError(f"model.depth_padding: unknown '{depth_padding}'{hint}; use one of {', '.join(DEPTH_PADDINGS)}")
+        raise ConfigError(
+            f"model.depth_padding: unknown '{depth_padding}'{hint}; use one of {', '.join(DEPTH_PADDINGS)}"
+        )
     if not isinstance(keep_depth, int) or keep_depth < 0:
         raise ConfigError(f"model.keep_depth: expected a whole number >= 0, got {keep_depth!r}")
     converted = _convert(copy.deepcopy(module), _How(method, depth_padding))
     leftover = _leftover_2d(converted)
     if leftover:
-        raise ConfigError(f"inflate: no 3D counterpart for {len(leftover)} module(s): {', '.join(leftover[:5])}; "
-                          "use dims 2d/2.5d or slicewise=True for this backbone")
+        raise ConfigError(
+            f"inflate: no 3D counterpart for {len(leftover)} module(s): {', '.join(leftover[:5])}; "
+            "use dims 2d/2.5d or slicewise=True for this backbone"
+        )
     _keep_depth(converted, keep_depth)
     return converted

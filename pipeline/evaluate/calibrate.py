@@ -46,8 +46,10 @@ def check_logits(logits: Any, name: str = "logits") -> np.ndarray:
             f"got shape {z.shape}. Pass the model's raw outputs, one row per image."
         )
     if not np.all(np.isfinite(z)):
-        raise DataError(f"{name}: {int((~np.isfinite(z)).sum())} non-finite values (NaN/inf); "
-                        "check the model outputs before calibrating.")
+        raise DataError(
+            f"{name}: {int((~np.isfinite(z)).sum())} non-finite values (NaN/inf); "
+            "check the model outputs before calibrating."
+        )
     return z
 
 
@@ -61,9 +63,11 @@ def check_labels(y: Any, n: int, n_classes: int, name: str = "y") -> np.ndarray:
     if labels.shape != (n,):
         raise DataError(f"{name}: expected shape ({n},) to match the predictions, got {labels.shape}.")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_classes:
-        raise DataError(f"{name}: expected integer class indices in [0, {n_classes - 1}], got dtype "
-                        f"{labels.dtype} with values {np.unique(labels)[:10].tolist()}; "
-                        "map label names to indices first.")
+        raise DataError(
+            f"{name}: expected integer class indices in [0, {n_classes - 1}], got dtype "
+            f"{labels.dtype} with values {np.unique(labels)[:10].tolist()}; "
+            "map label names to indices first."
+        )
     return labels.astype(np.int64)
 
 
@@ -90,8 +94,9 @@ class Calibrator:
 
     def _check_fitted(self, logits: Any) -> np.ndarray:
         if self.n_classes_ is None:
-            raise ConfigError(f"{type(self).__name__} is not fitted: call fit(logits_val, y_val) "
-                              "before transform(logits).")
+            raise ConfigError(
+                f"{type(self).__name__} is not fitted: call fit(logits_val, y_val) before transform(logits)."
+            )
         z = check_logits(logits)
         if z.shape[1] != self.n_classes_:
             raise DataError(f"logits: fitted on {self.n_classes_} classes, got {z.shape[1]} columns.")
@@ -127,8 +132,14 @@ class TemperatureScaler(Calibrator):
     def fit(self, logits: Any, y: Any) -> TemperatureScaler:
         """Fit T on validation logits (N, C) and labels (N,); returns self."""
         z, labels = _check_xy(logits, y)
-        res = minimize(self._nll_and_grad, x0=np.zeros(1), args=(z, labels), jac=True,
-                       method="L-BFGS-B", bounds=[(-_MAX_LOG_T, _MAX_LOG_T)])
+        res = minimize(
+            self._nll_and_grad,
+            x0=np.zeros(1),
+            args=(z, labels),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=[(-_MAX_LOG_T, _MAX_LOG_T)],
+        )
         self.temperature_ = float(np.exp(res.x[0]))
         self.nll_before_ = self._nll_and_grad(np.zeros(1), z, labels)[0]
         self.nll_after_ = float(res.fun)
@@ -201,7 +212,8 @@ class IsotonicCalibrator(Calibrator):
         cols = [1] if z.shape[1] == 2 else range(z.shape[1])
         self.regressors_ = [
             IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(
-                p[:, c], (labels == c).astype(np.float64))
+                p[:, c], (labels == c).astype(np.float64)
+            )
             for c in cols
         ]
         self.n_classes_ = z.shape[1]
@@ -247,6 +259,8 @@ def make_calibrator(name: str) -> Calibrator:
     """
     if name not in CALIBRATORS:
         choices = list(CALIBRATORS)
-        raise ConfigError(f"evaluate.calibration: unknown method '{name}'{did_you_mean(name, choices)}; "
-                          f"expected one of {', '.join(choices)}.")
+        raise ConfigError(
+            f"evaluate.calibration: unknown method '{name}'{did_you_mean(name, choices)}; "
+            f"expected one of {', '.join(choices)}."
+        )
     return CALIBRATORS[name]()

@@ -30,8 +30,10 @@ def _probs(probs: Any, name: str = "probs") -> np.ndarray:
     if p.ndim != 2 or p.shape[1] < 2 or len(p) == 0:
         raise DataError(f"{name}: expected probabilities shaped (N, C) or (N,) for binary, got {p.shape}.")
     if not np.all(np.isfinite(p)) or p.min() < -1e-9 or p.max() > 1 + 1e-9:
-        raise DataError(f"{name}: expected finite values in [0, 1]; pass probabilities, not logits "
-                        "(use calibrate.softmax on logits).")
+        raise DataError(
+            f"{name}: expected finite values in [0, 1]; pass probabilities, not logits "
+            "(use calibrate.softmax on logits)."
+        )
     return p
 
 
@@ -49,8 +51,10 @@ def as_binary(y: Any, prob: Any, name: str = "prob", *, scores: bool = False) ->
     if p.ndim == 2 and p.shape[1] == 2:
         p = p[:, 1]
     if p.ndim != 1 or len(p) == 0:
-        raise DataError(f"{name}: expected the positive-class probability shaped (N,), got {p.shape}; "
-                        "this metric is defined for binary tasks only.")
+        raise DataError(
+            f"{name}: expected the positive-class probability shaped (N,), got {p.shape}; "
+            "this metric is defined for binary tasks only."
+        )
     if scores:
         if not np.all(np.isfinite(p)):
             raise DataError(f"{name}: {int((~np.isfinite(p)).sum())} non-finite scores (NaN/inf).")
@@ -82,9 +86,14 @@ def _binned(conf: np.ndarray, target: np.ndarray, n_bins: int) -> dict[str, Any]
         acc = np.bincount(idx, weights=target, minlength=n_bins) / count
     gap = np.abs(acc - mean_conf)
     filled = count > 0
-    return {"edges": edges, "count": count.astype(int), "confidence": mean_conf, "accuracy": acc,
-            "ece": float(np.sum(count[filled] * gap[filled]) / len(conf)),
-            "mce": float(gap[filled].max())}
+    return {
+        "edges": edges,
+        "count": count.astype(int),
+        "confidence": mean_conf,
+        "accuracy": acc,
+        "ece": float(np.sum(count[filled] * gap[filled]) / len(conf)),
+        "mce": float(gap[filled].max()),
+    }
 
 
 def ece(probs: Any, y: Any, n_bins: int = N_BINS) -> float:
@@ -100,8 +109,7 @@ def mce(probs: Any, y: Any, n_bins: int = N_BINS) -> float:
 def classwise_ece(probs: Any, y: Any, n_bins: int = N_BINS) -> float:
     """Class-wise ECE (Kull et al. 2019): mean over classes c of the ECE of P(c) against [y == c]."""
     p, labels = _xy(probs, y)
-    per_class = [_binned(p[:, c], (labels == c).astype(np.float64), n_bins)["ece"]
-                 for c in range(p.shape[1])]
+    per_class = [_binned(p[:, c], (labels == c).astype(np.float64), n_bins)["ece"] for c in range(p.shape[1])]
     return float(np.mean(per_class))
 
 
@@ -144,8 +152,7 @@ def calibration_slope_intercept(prob: Any, y: Any) -> tuple[float, float]:
     """
     p, labels = as_binary(y, prob)
     if labels.min() == labels.max():
-        raise DataError("y: calibration slope needs both classes present; got only class "
-                        f"{labels[0]}.")
+        raise DataError(f"y: calibration slope needs both classes present; got only class {labels[0]}.")
     lp = np.log(np.clip(p, 1e-12, 1 - 1e-12) / np.clip(1 - p, 1e-12, 1 - 1e-12))
     t = labels.astype(np.float64)
     ones = np.ones((len(p), 1))
@@ -197,17 +204,18 @@ def discrimination(y: Any, probs: Any) -> dict[str, Any]:
         "balanced_accuracy": float(np.mean(np.diag(cm)[rows > 0] / rows[rows > 0])),
         "confusion_matrix": cm.tolist(),
     }
-    auprc = [float(average_precision_score(labels == c, p[:, c])) if rows[c] else None
-             for c in range(n_classes)]
+    auprc = [float(average_precision_score(labels == c, p[:, c])) if rows[c] else None for c in range(n_classes)]
     if n_classes == 2:
-        out.update(auroc=auroc(labels, p), auprc=auprc[1],
-                   f1=float(f1_score(labels, pred, zero_division=0)))
+        out.update(auroc=auroc(labels, p), auprc=auprc[1], f1=float(f1_score(labels, pred, zero_division=0)))
         return out
     per = [_auc_binary(labels == c, p[:, c]) for c in range(n_classes)]
-    out.update(auroc=auroc(labels, p), auroc_per_class=per, auprc_per_class=auprc,
-               auprc=_mean_defined(auprc),
-               f1=float(f1_score(labels, pred, average="macro", labels=list(range(n_classes)),
-                                 zero_division=0)))
+    out.update(
+        auroc=auroc(labels, p),
+        auroc_per_class=per,
+        auprc_per_class=auprc,
+        auprc=_mean_defined(auprc),
+        f1=float(f1_score(labels, pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
+    )
     return out
 
 
@@ -230,8 +238,10 @@ def parse_rule(rule: str) -> tuple[str, float | None]:
         value = float(target)
         if 0.0 < value <= 1.0:
             return kind, value
-        raise ConfigError(f"evaluate.operating_points: '{rule}' has target {value}; write it as a "
-                          f"fraction in (0, 1], e.g. {kind}@0.90.")
+        raise ConfigError(
+            f"evaluate.operating_points: '{rule}' has target {value}; write it as a "
+            f"fraction in (0, 1], e.g. {kind}@0.90."
+        )
     raise ConfigError(
         f"evaluate.operating_points: unknown rule '{rule}'{did_you_mean(str(rule), RULE_EXAMPLES)}; "
         "expected 'youden', 'sensitivity@<target>' (e.g. sensitivity@0.90) or "
@@ -252,8 +262,10 @@ def choose_operating_point(y_val: Any, prob_val: Any, rule: str) -> float:
     kind, target = parse_rule(rule)
     p, labels = as_binary(y_val, prob_val, "prob_val")
     if labels.min() == labels.max():
-        raise DataError(f"y_val: operating point '{rule}' needs both classes in the validation "
-                        f"split; only class {labels[0]} is present. Enlarge the validation split.")
+        raise DataError(
+            f"y_val: operating point '{rule}' needs both classes in the validation "
+            f"split; only class {labels[0]} is present. Enlarge the validation split."
+        )
     goal = 0.0 if target is None else target - 1e-12  # tolerance for float targets like 0.9
     fpr, tpr, thr = roc_curve(labels, p, drop_intermediate=False)
     thr = thr.astype(np.float64)
@@ -278,9 +290,17 @@ def at_threshold(y: Any, prob: Any, threshold: float) -> dict[str, Any]:
     pos = labels == 1
     tp, fp = int(np.sum(pred & pos)), int(np.sum(pred & ~pos))
     fn, tn = int(np.sum(~pred & pos)), int(np.sum(~pred & ~pos))
-    return {"threshold": float(threshold), "sensitivity": _ratio(tp, tp + fn),
-            "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp),
-            "npv": _ratio(tn, tn + fn), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    return {
+        "threshold": float(threshold),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
 
 
 # --------------------------------------------------------------------------- uncertainty
@@ -316,13 +336,22 @@ def _metric_fn(metric: str | Callable[[Any, Any], float | None]) -> Callable[[An
     if callable(metric):
         return metric
     if metric not in METRICS:
-        raise ConfigError(f"metric: unknown name '{metric}'{did_you_mean(metric, METRICS)}; "
-                          f"expected a callable(y, prob) or one of {', '.join(METRICS)}.")
+        raise ConfigError(
+            f"metric: unknown name '{metric}'{did_you_mean(metric, METRICS)}; "
+            f"expected a callable(y, prob) or one of {', '.join(METRICS)}."
+        )
     return METRICS[metric]
 
 
-def bootstrap_ci(metric: str | Callable[[Any, Any], float | None], y: Any, prob: Any, groups: Any,
-                 n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+def bootstrap_ci(
+    metric: str | Callable[[Any, Any], float | None],
+    y: Any,
+    prob: Any,
+    groups: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float]:
     """Point estimate and percentile CI of metric(y, prob), resampling patients (not images).
 
     Args:
@@ -336,13 +365,17 @@ def bootstrap_ci(metric: str | Callable[[Any, Any], float | None], y: Any, prob:
     labels, p = np.asarray(y), np.asarray(prob)
     point = fn(labels, p)
     if point is None:
-        raise DataError("bootstrap_ci: the metric is undefined on the full data (e.g. AUROC with "
-                        "one class); it cannot be bootstrapped.")
+        raise DataError(
+            "bootstrap_ci: the metric is undefined on the full data (e.g. AUROC with "
+            "one class); it cannot be bootstrapped."
+        )
     vals = [fn(labels[i], p[i]) for i in _patient_resamples(labels, groups, n_boot, seed)]
     vals = [v for v in vals if v is not None and np.isfinite(v)]
     if not vals:
-        raise DataError("bootstrap_ci: no patient resample contained every class; the data has "
-                        "too few patients per class for a confidence interval.")
+        raise DataError(
+            "bootstrap_ci: no patient resample contained every class; the data has "
+            "too few patients per class for a confidence interval."
+        )
     low, high = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
     return float(point), float(low), float(high)
 
@@ -372,14 +405,29 @@ def delong_test(y: Any, prob_a: Any, prob_b: Any) -> dict[str, float]:
         z = diff / se
     else:
         z = 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se, "z": float(z),
-            "p": float(2 * stats.norm.sf(abs(z))), "ci_low": diff - 1.959964 * se,
-            "ci_high": diff + 1.959964 * se}
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "diff": diff,
+        "se": se,
+        "z": float(z),
+        "p": float(2 * stats.norm.sf(abs(z))),
+        "ci_low": diff - 1.959964 * se,
+        "ci_high": diff + 1.959964 * se,
+    }
 
 
-def paired_bootstrap(y: Any, prob_a: Any, prob_b: Any, groups: Any, n_boot: int = 1000,
-                     seed: int = 0, *, metric: str | Callable[[Any, Any], float | None] = "auroc",
-                     alpha: float = 0.05) -> dict[str, Any]:
+def paired_bootstrap(
+    y: Any,
+    prob_a: Any,
+    prob_b: Any,
+    groups: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    metric: str | Callable[[Any, Any], float | None] = "auroc",
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """Compare two models on the same cases by resampling patients; both see the same resamples.
 
     Returns:
@@ -392,15 +440,23 @@ def paired_bootstrap(y: Any, prob_a: Any, prob_b: Any, groups: Any, n_boot: int 
     a, b = fn(labels, pa), fn(labels, pb)
     if a is None or b is None:
         raise DataError("paired_bootstrap: the metric is undefined on the full data.")
-    diffs = np.array([fn(labels[i], pa[i]) - fn(labels[i], pb[i])
-                      for i in _patient_resamples(labels, groups, n_boot, seed)])
+    diffs = np.array(
+        [fn(labels[i], pa[i]) - fn(labels[i], pb[i]) for i in _patient_resamples(labels, groups, n_boot, seed)]
+    )
     if len(diffs) == 0:
         raise DataError("paired_bootstrap: no patient resample contained every class.")
     low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
     p = min(1.0, 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
-    return {"metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"),
-            "value_a": float(a), "value_b": float(b), "diff": float(a - b),
-            "ci_low": float(low), "ci_high": float(high), "p": float(p), "n_boot": len(diffs)}
+    return {
+        "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"),
+        "value_a": float(a),
+        "value_b": float(b),
+        "diff": float(a - b),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "p": float(p),
+        "n_boot": len(diffs),
+    }
 
 
 # --------------------------------------------------------------------------- subgroups
@@ -412,8 +468,16 @@ def _attr_values(values: Any, n: int, name: str) -> np.ndarray:
     return np.where(missing, "missing", v.astype(str))
 
 
-def subgroup_metrics(y: Any, prob: Any, groups: Any, attrs: Mapping[str, Any], threshold: float | None,
-                     n_boot: int = 200, seed: int = 0, min_cases: int = 10) -> list[dict[str, Any]]:
+def subgroup_metrics(
+    y: Any,
+    prob: Any,
+    groups: Any,
+    attrs: Mapping[str, Any],
+    threshold: float | None,
+    n_boot: int = 200,
+    seed: int = 0,
+    min_cases: int = 10,
+) -> list[dict[str, Any]]:
     """Per attribute value: size, prevalence, AUROC with patient-bootstrap CI, sens/spec at threshold.
 
     Binary `prob` is P(class 1) (N,) or (N, 2); an (N, C > 2) array gives macro AUROC only
@@ -436,13 +500,18 @@ def subgroup_metrics(y: Any, prob: Any, groups: Any, attrs: Mapping[str, Any], t
             ys, ps = labels[m], p[m]
             counts = np.bincount(ys, minlength=p.shape[1])
             row: dict[str, Any] = {
-                "attribute": attr, "value": value, "n": int(m.sum()),
+                "attribute": attr,
+                "value": value,
+                "n": int(m.sum()),
                 "n_patients": len(np.unique(g[m].astype(str))),
                 "n_pos": int(counts[1]) if binary else None,
                 "prevalence": float(counts[1] / m.sum()) if binary else None,
                 "too_few": bool(counts[present].min() < min_cases),
-                "auroc": None, "ci_low": None, "ci_high": None,
-                "sensitivity": None, "specificity": None,
+                "auroc": None,
+                "ci_low": None,
+                "ci_high": None,
+                "sensitivity": None,
+                "specificity": None,
             }
             if not row["too_few"]:
                 row["auroc"], row["ci_low"], row["ci_high"] = _auroc_ci(ys, ps, g[m], n_boot, seed)
@@ -453,8 +522,9 @@ def subgroup_metrics(y: Any, prob: Any, groups: Any, attrs: Mapping[str, Any], t
     return rows
 
 
-def _auroc_ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int,
-              seed: int) -> tuple[float | None, float | None, float | None]:
+def _auroc_ci(
+    y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int, seed: int
+) -> tuple[float | None, float | None, float | None]:
     try:
         return bootstrap_ci(auroc, y, p, groups, n_boot=n_boot, seed=seed)
     except DataError:  # every resample lost a class (very few patients): report the point only
@@ -477,24 +547,36 @@ def _flat(prefix: str, values: Mapping[str, Any], keys: tuple[str, ...]) -> dict
 
 
 def _calibration_metrics(y: np.ndarray, probs: np.ndarray, raw: np.ndarray, n_bins: int) -> dict:
-    out = {"test_ece": ece(probs, y, n_bins), "test_ece_uncalibrated": ece(raw, y, n_bins),
-           "test_mce": mce(probs, y, n_bins), "test_classwise_ece": classwise_ece(probs, y, n_bins),
-           "test_brier": brier(probs, y), "test_brier_uncalibrated": brier(raw, y),
-           "test_nll": nll(probs, y), "test_nll_uncalibrated": nll(raw, y), "ece_n_bins": n_bins}
+    out = {
+        "test_ece": ece(probs, y, n_bins),
+        "test_ece_uncalibrated": ece(raw, y, n_bins),
+        "test_mce": mce(probs, y, n_bins),
+        "test_classwise_ece": classwise_ece(probs, y, n_bins),
+        "test_brier": brier(probs, y),
+        "test_brier_uncalibrated": brier(raw, y),
+        "test_nll": nll(probs, y),
+        "test_nll_uncalibrated": nll(raw, y),
+        "ece_n_bins": n_bins,
+    }
     if probs.shape[1] == 2 and y.min() != y.max():
         slope, intercept = calibration_slope_intercept(probs[:, 1], y)
         out.update(test_calibration_slope=slope, test_calibration_intercept=intercept)
     return out
 
 
-def _operating_points(yv: np.ndarray, pv: np.ndarray, yt: np.ndarray, pt: np.ndarray,
-                      rules: tuple[str, ...] | list[str]) -> tuple[list[dict], dict[str, float]]:
+def _operating_points(
+    yv: np.ndarray, pv: np.ndarray, yt: np.ndarray, pt: np.ndarray, rules: tuple[str, ...] | list[str]
+) -> tuple[list[dict], dict[str, float]]:
     ops: list[dict[str, Any]] = []
     flat: dict[str, float] = {}
     for k, rule in enumerate(rules):
         thr = choose_operating_point(yv, pv[:, 1], rule)
-        op: dict[str, Any] = {"rule": rule, "threshold": thr, "val": at_threshold(yv, pv[:, 1], thr),
-              "test": at_threshold(yt, pt[:, 1], thr)}
+        op: dict[str, Any] = {
+            "rule": rule,
+            "threshold": thr,
+            "val": at_threshold(yv, pv[:, 1], thr),
+            "test": at_threshold(yt, pt[:, 1], thr),
+        }
         ops.append(op)
         names = ("sensitivity", "specificity", "ppv", "npv")
         if k == 0:
@@ -504,10 +586,20 @@ def _operating_points(yv: np.ndarray, pv: np.ndarray, yt: np.ndarray, pt: np.nda
     return ops, flat
 
 
-def evaluation_summary(y_val: Any, logits_val: Any, y_test: Any, logits_test: Any, groups_test: Any,
-                       *, operating_points: tuple[str, ...] | list[str] = ("youden",),
-                       n_boot: int = 1000, seed: int = 0, subgroups: Mapping[str, Any] | None = None,
-                       calibration: str = "temperature", n_bins: int = N_BINS) -> dict[str, Any]:
+def evaluation_summary(
+    y_val: Any,
+    logits_val: Any,
+    y_test: Any,
+    logits_test: Any,
+    groups_test: Any,
+    *,
+    operating_points: tuple[str, ...] | list[str] = ("youden",),
+    n_boot: int = 1000,
+    seed: int = 0,
+    subgroups: Mapping[str, Any] | None = None,
+    calibration: str = "temperature",
+    n_bins: int = N_BINS,
+) -> dict[str, Any]:
     """Calibrate on validation, evaluate on test: the numbers an auditor needs, in one dict.
 
     The calibrator is fitted on (logits_val, y_val) only; operating points are chosen on the
@@ -531,10 +623,15 @@ def evaluation_summary(y_val: Any, logits_val: Any, y_test: Any, logits_test: An
     pv, pt, raw = calibrator.transform(zv), calibrator.transform(zt), softmax(zt)
     disc = discrimination(yt, pt)
     point, low, high = bootstrap_ci(auroc, yt, pt, groups_test, n_boot=n_boot, seed=seed)
-    metrics = {"test_auroc": point, "test_auroc_ci_low": low, "test_auroc_ci_high": high,
-               **_flat("test_", disc, ("auprc", "accuracy", "balanced_accuracy", "f1")),
-               **_calibration_metrics(yt, pt, raw, n_bins), "test_n_images": float(len(yt)),
-               "test_n_patients": float(len(np.unique(np.asarray(groups_test).astype(str))))}
+    metrics = {
+        "test_auroc": point,
+        "test_auroc_ci_low": low,
+        "test_auroc_ci_high": high,
+        **_flat("test_", disc, ("auprc", "accuracy", "balanced_accuracy", "f1")),
+        **_calibration_metrics(yt, pt, raw, n_bins),
+        "test_n_images": float(len(yt)),
+        "test_n_patients": float(len(np.unique(np.asarray(groups_test).astype(str)))),
+    }
     val_auroc = auroc(yv, pv)
     if val_auroc is not None:
         metrics["val_auroc"] = val_auroc
@@ -549,13 +646,32 @@ def evaluation_summary(y_val: Any, logits_val: Any, y_test: Any, logits_test: An
     elif rules:
         notes.append(f"operating points {rules} skipped: defined for binary tasks only")
     threshold = ops[0]["threshold"] if ops else None
-    groups_rows = subgroup_metrics(yt, pt, groups_test, subgroups or {}, threshold,
-                                   n_boot=n_boot, seed=seed)
-    metrics.update({metric_key("test_auroc", f"{r['attribute']}.{r['value']}"): r["auroc"]
-                    for r in groups_rows if not r["too_few"] and r["auroc"] is not None})
-    reliability = {"n_bins": n_bins, "y": yt, "probs_before": raw, "probs_after": pt,
-                   "before": reliability_bins(raw, yt, n_bins), "after": reliability_bins(pt, yt, n_bins)}
-    return {"metrics": {k: float(v) for k, v in metrics.items()}, "temperature": temperature,
-            "operating_points": ops, "subgroups": groups_rows, "calibrator": calibrator,
-            "probs_val": pv, "probs_test": pt, "probs_test_uncalibrated": raw,
-            "reliability": reliability, "discrimination": disc, "notes": notes}
+    groups_rows = subgroup_metrics(yt, pt, groups_test, subgroups or {}, threshold, n_boot=n_boot, seed=seed)
+    metrics.update(
+        {
+            metric_key("test_auroc", f"{r['attribute']}.{r['value']}"): r["auroc"]
+            for r in groups_rows
+            if not r["too_few"] and r["auroc"] is not None
+        }
+    )
+    reliability = {
+        "n_bins": n_bins,
+        "y": yt,
+        "probs_before": raw,
+        "probs_after": pt,
+        "before": reliability_bins(raw, yt, n_bins),
+        "after": reliability_bins(pt, yt, n_bins),
+    }
+    return {
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "temperature": temperature,
+        "operating_points": ops,
+        "subgroups": groups_rows,
+        "calibrator": calibrator,
+        "probs_val": pv,
+        "probs_test": pt,
+        "probs_test_uncalibrated": raw,
+        "reliability": reliability,
+        "discrimination": disc,
+        "notes": notes,
+    }

@@ -66,9 +66,13 @@ def roc_figure(y: Any, prob: Any, operating_points: Iterable[Any] | None = None)
     for rule, thr in _op_points(operating_points):
         op = at_threshold(labels, p, thr)
         if op["sensitivity"] is not None and op["specificity"] is not None:
-            ax.plot(1 - op["specificity"], op["sensitivity"], "o", ms=7,
-                    label=f"{rule} (t = {thr:.3f}: sens {op['sensitivity']:.2f}, "
-                          f"spec {op['specificity']:.2f})")
+            ax.plot(
+                1 - op["specificity"],
+                op["sensitivity"],
+                "o",
+                ms=7,
+                label=f"{rule} (t = {thr:.3f}: sens {op['sensitivity']:.2f}, spec {op['specificity']:.2f})",
+            )
     _square(ax, "1 − specificity (false-positive rate)", "sensitivity (true-positive rate)")
     ax.set_title("ROC curve")
     ax.legend(loc="lower right", fontsize="small")
@@ -100,8 +104,13 @@ def reliability_figure(probs_before: Any, probs_after: Any, y: Any, n_bins: int 
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="_perfect calibration")
     for name, table, marker in (("before", before, "s"), ("after", after, "o")):
         filled = table["count"] > 0
-        ax.plot(table["confidence"][filled], table["accuracy"][filled], marker=marker, lw=1.5,
-                label=f"{name} calibration (ECE = {table['ece']:.3f})")
+        ax.plot(
+            table["confidence"][filled],
+            table["accuracy"][filled],
+            marker=marker,
+            lw=1.5,
+            label=f"{name} calibration (ECE = {table['ece']:.3f})",
+        )
     centres = (before["edges"][:-1] + before["edges"][1:]) / 2
     width = 1.0 / n_bins
     ax_count.bar(centres - width / 4, before["count"], width=width / 2, label="before")
@@ -120,8 +129,7 @@ def confusion_figure(cm: Any, class_names: Sequence[str]) -> Figure:
     """Confusion matrix (rows = true, columns = predicted) with counts and row percentages."""
     mat = np.asarray(cm)
     if mat.ndim != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] != len(class_names):
-        raise DataError(f"cm: expected a square matrix matching {len(class_names)} class names, "
-                        f"got shape {mat.shape}.")
+        raise DataError(f"cm: expected a square matrix matching {len(class_names)} class names, got shape {mat.shape}.")
     rows = mat.sum(axis=1, keepdims=True)
     share = np.divide(mat, rows, out=np.zeros(mat.shape, dtype=float), where=rows > 0)
     size = 2.5 + 0.8 * len(class_names)
@@ -129,8 +137,15 @@ def confusion_figure(cm: Any, class_names: Sequence[str]) -> Figure:
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i, j in np.ndindex(mat.shape):
-        ax.text(j, i, f"{mat[i, j]}\n{100 * share[i, j]:.0f}%", ha="center", va="center",
-                color="white" if share[i, j] > 0.5 else "black", fontsize="small")
+        ax.text(
+            j,
+            i,
+            f"{mat[i, j]}\n{100 * share[i, j]:.0f}%",
+            ha="center",
+            va="center",
+            color="white" if share[i, j] > 0.5 else "black",
+            fontsize="small",
+        )
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, labels=list(class_names))
     ax.set_yticks(ticks, labels=list(class_names))

@@ -6,6 +6,20 @@ from pipeline.finetune.losses import FocalLoss, make_loss
 from pipeline.finetune.options import check_options
 from pipeline.finetune.probe import extract_features, feature_cache_key, linear_probe, logistic_head
 
-__all__ = ["FocalLoss", "TrainResult", "World", "auroc", "check_options", "extract_features", "feature_cache_key",
-           "finetune", "init_distributed", "linear_probe", "logistic_head", "make_loss", "pick_device",
-           "predict_logits", "shutdown"]
+__all__ = [
+    "FocalLoss",
+    "TrainResult",
+    "World",
+    "auroc",
+    "check_options",
+    "extract_features",
+    "feature_cache_key",
+    "finetune",
+    "init_distributed",
+    "linear_probe",
+    "logistic_head",
+    "make_loss",
+    "pick_device",
+    "predict_logits",
+    "shutdown",
+]

@@ -42,16 +42,21 @@ def load_state(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"cannot resume: no training checkpoint at {path}; the run never finished an epoch "
-                          "or the file was removed. Start a new run (without --resume)")
+        raise ConfigError(
+            f"cannot resume: no training checkpoint at {path}; the run never finished an epoch "
+            "or the file was removed. Start a new run (without --resume)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors: name the file
-        raise DataError(f"{path} is not a readable training checkpoint ({type(exc).__name__}: {exc}); "
-                        "delete it and start a new run") from None
+        raise DataError(
+            f"{path} is not a readable training checkpoint ({type(exc).__name__}: {exc}); delete it and start a new run"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise DataError(f"{path}: expected a '{FORMAT}' training checkpoint, got "
-                        f"{state.get('format') if isinstance(state, dict) else type(state).__name__}")
+        raise DataError(
+            f"{path}: expected a '{FORMAT}' training checkpoint, got "
+            f"{state.get('format') if isinstance(state, dict) else type(state).__name__}"
+        )
     return state
 
 
@@ -66,12 +71,18 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
 def check_fingerprint(saved: dict[str, Any], cfg: Any, path: str | Path) -> None:
     """Raise ConfigError listing every setting that differs from the interrupted run's."""
     now = fingerprint(cfg)
-    diffs = [f"finetune.{k}: {saved.get(k)!r} then, {now.get(k)!r} now"
-             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    diffs = [
+        f"finetune.{k}: {saved.get(k)!r} then, {now.get(k)!r} now"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if diffs:
-        raise ConfigError(f"cannot resume from {path}: the config differs from the interrupted run's:\n  - "
-                          + "\n  - ".join(diffs) + "\nuse the same config (only the resume target, device, "
-                          "num_workers and compile may change) or start a new run")
+        raise ConfigError(
+            f"cannot resume from {path}: the config differs from the interrupted run's:\n  - "
+            + "\n  - ".join(diffs)
+            + "\nuse the same config (only the resume target, device, "
+            "num_workers and compile may change) or start a new run"
+        )
 
 
 def random_states(obj: Any, depth: int = 6, seen: set[int] | None = None) -> list[np.random.RandomState]:
@@ -105,15 +116,17 @@ def _np_unstate(state: tuple) -> tuple:
 
 def capture_rng(loader_gen: torch.Generator | None, extra: list[np.random.RandomState]) -> dict[str, Any]:
     """torch (CPU and CUDA), numpy, python, the loader's generator and `extra` RandomStates."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": _np_state(cast(tuple, np.random.get_state())), "python": random.getstate(),
-            "loader": loader_gen.get_state() if loader_gen is not None else None,
-            "extra": [_np_state(cast(tuple, r.get_state())) for r in extra]}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": _np_state(cast(tuple, np.random.get_state())),
+        "python": random.getstate(),
+        "loader": loader_gen.get_state() if loader_gen is not None else None,
+        "extra": [_np_state(cast(tuple, r.get_state())) for r in extra],
+    }
 
 
-def restore_rng(state: dict[str, Any], loader_gen: torch.Generator | None,
-                extra: list[np.random.RandomState]) -> None:
+def restore_rng(state: dict[str, Any], loader_gen: torch.Generator | None, extra: list[np.random.RandomState]) -> None:
     """Put back what `capture_rng` saved (CUDA states only where the devices match)."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():

@@ -64,8 +64,10 @@ def init_distributed(device: str = "auto") -> World:
         return World(device=dev)
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
     if missing:
-        raise ConfigError(f"WORLD_SIZE={size} but {', '.join(missing)} unset: start multi-process training with "
-                          "`torchrun --nproc-per-node N -m pipeline train CONFIG`, or unset WORLD_SIZE")
+        raise ConfigError(
+            f"WORLD_SIZE={size} but {', '.join(missing)} unset: start multi-process training with "
+            "`torchrun --nproc-per-node N -m pipeline train CONFIG`, or unset WORLD_SIZE"
+        )
     local_rank = int(os.environ["LOCAL_RANK"])
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)

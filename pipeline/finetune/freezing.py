@@ -56,8 +56,15 @@ def set_bn_policy(model: nn.Module, bn: str) -> None:
                 m.eval()
 
 
-def param_groups(model: nn.Module, groups: Groups, trainable: set[int], lr: float, decay: float,
-                 head_lr: float | None = None, weight_decay: float = 1e-4) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    groups: Groups,
+    trainable: set[int],
+    lr: float,
+    decay: float,
+    head_lr: float | None = None,
+    weight_decay: float = 1e-4,
+) -> list[dict]:
     """One optimizer group per trainable layer group; lr decays by `decay` per group from the head."""
     by_group: dict[int, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -68,6 +75,13 @@ def param_groups(model: nn.Module, groups: Groups, trainable: set[int], lr: floa
     out = []
     for g in sorted(by_group):
         group_lr = (head_lr or lr) if g == top else lr * decay ** (top - g)
-        out.append({"params": by_group[g], "lr": group_lr, "initial_lr": group_lr,
-                    "name": groups[g][0], "weight_decay": weight_decay})
+        out.append(
+            {
+                "params": by_group[g],
+                "lr": group_lr,
+                "initial_lr": group_lr,
+                "name": groups[g][0],
+                "weight_decay": weight_decay,
+            }
+        )
     return out

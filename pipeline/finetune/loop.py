@@ -76,8 +76,14 @@ def auroc(y: np.ndarray, logits: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 32,
-                   num_workers: int = 0, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) and labels (N,) in dataset order."""
     model.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -107,6 +113,7 @@ def _cosine_with_warmup(total_steps: int, warmup: int, offset: int = 0) -> Calla
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -134,10 +141,21 @@ class _Loop:
     net: Any = None  # what runs forward in training: the model, DDP(model) and/or torch.compile of it
 
 
-def finetune(model: nn.Module, groups: list[tuple[str, list[str]]], train_ds: Dataset, val_ds: Dataset,
-             y_train: np.ndarray, cfg: Any, n_classes: int, on_epoch: EpochHook | None = None,
-             unfreeze_every: int | None = None, partial_freeze: int | None = None,
-             checkpoint: str | Path | None = None, resume: bool = False, distributed: bool = True) -> TrainResult:
+def finetune(
+    model: nn.Module,
+    groups: list[tuple[str, list[str]]],
+    train_ds: Dataset,
+    val_ds: Dataset,
+    y_train: np.ndarray,
+    cfg: Any,
+    n_classes: int,
+    on_epoch: EpochHook | None = None,
+    unfreeze_every: int | None = None,
+    partial_freeze: int | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    distributed: bool = True,
+) -> TrainResult:
     """Train `model` with strategy finetune | partial | gradual | linear-probe (uncached).
 
     Per epoch: (gradual: unfreeze the next group) → train one pass (AMP and channels_last on
@@ -171,8 +189,10 @@ def finetune(model: nn.Module, groups: list[tuple[str, list[str]]], train_ds: Da
     loss_fn = make_loss(cfg.loss, weights, cfg.focal_gamma, world.device)
     loader, gen = _train_loader(train_ds, y_train, weights, cfg, world)
     rngs = random_states(train_ds)  # e.g. MONAI augmentation states, saved with each checkpoint
-    st = _Loop(TrainResult(model=model, class_weights=weights.tolist(), device=str(world.device)),
-               copy.deepcopy(model.state_dict()))
+    st = _Loop(
+        TrainResult(model=model, class_weights=weights.tolist(), device=str(world.device)),
+        copy.deepcopy(model.state_dict()),
+    )
     if resume:
         _restore(st, Path(checkpoint or ""), model, groups, cfg, len(loader), n_frozen, world, gen, rngs)
     start = time.time() - st.result.seconds
@@ -195,8 +215,9 @@ def finetune(model: nn.Module, groups: list[tuple[str, list[str]]], train_ds: Da
     return st.result
 
 
-def _train_loader(train_ds: Dataset, y_train: np.ndarray, weights: np.ndarray, cfg: Any,
-                  world: World) -> tuple[DataLoader, torch.Generator]:
+def _train_loader(
+    train_ds: Dataset, y_train: np.ndarray, weights: np.ndarray, cfg: Any, world: World
+) -> tuple[DataLoader, torch.Generator]:
     """This process's loader: its share (batch_size / world) of every global batch, in a per-epoch order."""
     per_rank = cfg.batch_size // world.size
     if cfg.sampler == "weighted":
@@ -204,9 +225,16 @@ def _train_loader(train_ds: Dataset, y_train: np.ndarray, weights: np.ndarray, c
     else:
         sampler = EpochSampler(len(train_ds), None, cfg.seed, world.rank, world.size)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(cfg.seed)  # seeds the workers' augmentation, nothing else
-    loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, generator=gen, num_workers=cfg.num_workers,
-                        drop_last=len(sampler) > per_rank, worker_init_fn=_seed_worker if cfg.num_workers else None,
-                        pin_memory=world.device.type == "cuda")
+    loader = DataLoader(
+        train_ds,
+        batch_size=per_rank,
+        sampler=sampler,
+        generator=gen,
+        num_workers=cfg.num_workers,
+        drop_last=len(sampler) > per_rank,
+        worker_init_fn=_seed_worker if cfg.num_workers else None,
+        pin_memory=world.device.type == "cuda",
+    )
     return loader, gen
 
 
@@ -217,24 +245,45 @@ def _seed_worker(worker_id: int) -> None:
         state.seed((info.seed + i) % 2**32)  # type: ignore[union-attr]
 
 
-def _enter_phase(st: _Loop, model: nn.Module, groups: list, cfg: Any, phase: int, epoch: int, steps: int,
-                 n_frozen: int, world: World, record: bool = True) -> None:
+def _enter_phase(
+    st: _Loop,
+    model: nn.Module,
+    groups: list,
+    cfg: Any,
+    phase: int,
+    epoch: int,
+    steps: int,
+    n_frozen: int,
+    world: World,
+    record: bool = True,
+) -> None:
     trainable = trainable_group_indices(cfg.strategy, len(groups), phase=phase, partial_freeze=n_frozen)
     st.n_trainable = apply_freezing(model, groups, trainable)
     if record:
         st.result.trainable_by_phase.append(st.n_trainable)
-    st.optimizer = torch.optim.AdamW(param_groups(model, groups, trainable, cfg.lr, cfg.layer_lr_decay,
-                                                  cfg.head_lr, cfg.weight_decay))
+    st.optimizer = torch.optim.AdamW(
+        param_groups(model, groups, trainable, cfg.lr, cfg.layer_lr_decay, cfg.head_lr, cfg.weight_decay)
+    )
     st.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        st.optimizer, _cosine_with_warmup(cfg.epochs * steps, max(1, steps // 2), offset=epoch * steps))
+        st.optimizer, _cosine_with_warmup(cfg.epochs * steps, max(1, steps // 2), offset=epoch * steps)
+    )
     st.net = wrap(model, world)
     if cfg.compile:
         st.net = torch.compile(st.net)
     st.phase, st.phase_start = phase, epoch
 
 
-def _train_epoch(net: nn.Module, model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
-                 loss_fn: nn.Module, device: torch.device, bn: str, clip: float = 1.0) -> tuple[float, int]:
+def _train_epoch(
+    net: nn.Module,
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: Any,
+    scheduler: Any,
+    loss_fn: nn.Module,
+    device: torch.device,
+    bn: str,
+    clip: float = 1.0,
+) -> tuple[float, int]:
     """One pass over this process's share of the training data; returns (summed loss, images seen)."""
     net.train()
     set_bn_policy(model, bn)
@@ -256,8 +305,9 @@ def _train_epoch(net: nn.Module, model: nn.Module, loader: DataLoader, optimizer
     return float(total), seen
 
 
-def _run_epoch(st: _Loop, model: nn.Module, loader: DataLoader, val_ds: Dataset, loss_fn: nn.Module, cfg: Any,
-               world: World) -> dict[str, float]:
+def _run_epoch(
+    st: _Loop, model: nn.Module, loader: DataLoader, val_ds: Dataset, loss_fn: nn.Module, cfg: Any, world: World
+) -> dict[str, float]:
     """Train one epoch, then validate on rank 0; the metrics row, identical on every rank."""
     t0 = time.perf_counter()
     loss_sum, seen = _train_epoch(st.net, model, loader, st.optimizer, st.scheduler, loss_fn, world.device, cfg.bn)
@@ -267,10 +317,18 @@ def _run_epoch(st: _Loop, model: nn.Module, loader: DataLoader, val_ds: Dataset,
     row: dict[str, float] | None = None
     if world.lead:
         val_logits, val_y = predict_logits(model, val_ds, world.device, cfg.batch_size, cfg.num_workers)
-        val_loss = loss_fn(torch.as_tensor(val_logits, device=world.device), torch.as_tensor(val_y, device=world.device))
-        row = {"train_loss": loss_sum / max(1, seen), "val_loss": float(val_loss), "val_auroc": auroc(val_y, val_logits),
-               "lr": st.optimizer.param_groups[-1]["lr"], "trainable_params": st.n_trainable,
-               "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / max(1e-9, train_s)}
+        val_loss = loss_fn(
+            torch.as_tensor(val_logits, device=world.device), torch.as_tensor(val_y, device=world.device)
+        )
+        row = {
+            "train_loss": loss_sum / max(1, seen),
+            "val_loss": float(val_loss),
+            "val_auroc": auroc(val_y, val_logits),
+            "lr": st.optimizer.param_groups[-1]["lr"],
+            "trainable_params": st.n_trainable,
+            "epoch_seconds": time.perf_counter() - t0,
+            "images_per_s": seen / max(1e-9, train_s),
+        }
         row.update({f"lr_{g['name']}": g["lr"] for g in st.optimizer.param_groups[:-1]})
     return broadcast(row, world)
 
@@ -292,26 +350,55 @@ def _update(st: _Loop, model: nn.Module, epoch: int, row: dict[str, float], cfg:
 
 def _pack(st: _Loop, model: nn.Module, cfg: Any, gen: torch.Generator, rngs: list) -> dict[str, Any]:
     r = st.result
-    return {"model": model.state_dict(), "best_state": st.best_state, "optimizer": st.optimizer.state_dict(),
-            "scheduler": st.scheduler.state_dict(), "next_epoch": st.next_epoch, "phase": st.phase,
-            "phase_start": st.phase_start, "patience": st.patience, "history": r.history, "best_epoch": r.best_epoch,
-            "best_metric": r.best_metric, "stopped_early": r.stopped_early, "seconds": r.seconds,
-            "trainable_by_phase": r.trainable_by_phase, "config": fingerprint(cfg), "rng": capture_rng(gen, rngs)}
+    return {
+        "model": model.state_dict(),
+        "best_state": st.best_state,
+        "optimizer": st.optimizer.state_dict(),
+        "scheduler": st.scheduler.state_dict(),
+        "next_epoch": st.next_epoch,
+        "phase": st.phase,
+        "phase_start": st.phase_start,
+        "patience": st.patience,
+        "history": r.history,
+        "best_epoch": r.best_epoch,
+        "best_metric": r.best_metric,
+        "stopped_early": r.stopped_early,
+        "seconds": r.seconds,
+        "trainable_by_phase": r.trainable_by_phase,
+        "config": fingerprint(cfg),
+        "rng": capture_rng(gen, rngs),
+    }
 
 
-def _restore(st: _Loop, path: Path, model: nn.Module, groups: list, cfg: Any, steps: int, n_frozen: int,
-             world: World, gen: torch.Generator, rngs: list) -> None:
+def _restore(
+    st: _Loop,
+    path: Path,
+    model: nn.Module,
+    groups: list,
+    cfg: Any,
+    steps: int,
+    n_frozen: int,
+    world: World,
+    gen: torch.Generator,
+    rngs: list,
+) -> None:
     """Load a checkpoint into the loop: weights, optimizer and schedule of its phase, history, RNG states."""
     state = load_state(path)
     check_fingerprint(state["config"], cfg, path)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise ConfigError(f"cannot resume: {path} does not fit this model ({str(exc).splitlines()[0]}); "
-                          "use the model.* settings of the interrupted run") from None
+        raise ConfigError(
+            f"cannot resume: {path} does not fit this model ({str(exc).splitlines()[0]}); "
+            "use the model.* settings of the interrupted run"
+        ) from None
     r = st.result
     r.history, r.best_epoch, r.best_metric = state["history"], state["best_epoch"], state["best_metric"]
-    r.stopped_early, r.seconds, r.trainable_by_phase = state["stopped_early"], state["seconds"], state["trainable_by_phase"]
+    r.stopped_early, r.seconds, r.trainable_by_phase = (
+        state["stopped_early"],
+        state["seconds"],
+        state["trainable_by_phase"],
+    )
     r.epochs_run = r.resumed_from = st.next_epoch = state["next_epoch"]
     st.best_state, st.patience = state["best_state"], state["patience"]
     _enter_phase(st, model, groups, cfg, state["phase"], state["phase_start"], steps, n_frozen, world, record=False)

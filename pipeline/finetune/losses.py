@@ -38,8 +38,9 @@ class FocalLoss(nn.Module):
         return (w * loss).sum() / w.sum()
 
 
-def make_loss(name: str, weights: np.ndarray | None, gamma: float = 2.0,
-              device: torch.device | str = "cpu") -> nn.Module:
+def make_loss(
+    name: str, weights: np.ndarray | None, gamma: float = 2.0, device: torch.device | str = "cpu"
+) -> nn.Module:
     """The training loss named by ``finetune.loss``.
 
     Args:

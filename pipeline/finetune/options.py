@@ -18,25 +18,35 @@ def check_options(cfg: Any, world_size: int = 1, augment: bool = False) -> None:
         augment: whether ``prepare.augment.enabled`` is on (a cached-feature head cannot use it).
     """
     problems = []
-    checks = (("focal_gamma", cfg.focal_gamma >= 0, "must be ≥ 0 (0 is plain cross-entropy)"),
-              ("unfreeze_every", cfg.unfreeze_every >= 1, "must be ≥ 1 epoch per gradual phase"),
-              ("partial_freeze", cfg.partial_freeze >= 0, "must be ≥ 0 layer groups frozen from the stem"),
-              ("logistic_c", cfg.logistic_c > 0, "must be > 0 (inverse L2 strength of the logistic head)"))
+    checks = (
+        ("focal_gamma", cfg.focal_gamma >= 0, "must be ≥ 0 (0 is plain cross-entropy)"),
+        ("unfreeze_every", cfg.unfreeze_every >= 1, "must be ≥ 1 epoch per gradual phase"),
+        ("partial_freeze", cfg.partial_freeze >= 0, "must be ≥ 0 layer groups frozen from the stem"),
+        ("logistic_c", cfg.logistic_c > 0, "must be > 0 (inverse L2 strength of the logistic head)"),
+    )
     for name, ok, rule in checks:
         if not ok:
             problems.append(f"finetune.{name}: {rule}, got {getattr(cfg, name)}")
     metric = cfg.early_stopping.metric
     if metric not in STOP_METRICS:
-        problems.append(f"finetune.early_stopping.metric: unknown '{metric}'{did_you_mean(metric, STOP_METRICS)}; "
-                        f"use one of {list(STOP_METRICS)}")
+        problems.append(
+            f"finetune.early_stopping.metric: unknown '{metric}'{did_you_mean(metric, STOP_METRICS)}; "
+            f"use one of {list(STOP_METRICS)}"
+        )
     if cfg.head == "logistic" and cfg.strategy != "linear-probe":
-        problems.append(f"finetune.head: 'logistic' is fitted on cached features of a frozen backbone; it needs "
-                        f"strategy linear-probe, got '{cfg.strategy}' (use head: linear)")
+        problems.append(
+            f"finetune.head: 'logistic' is fitted on cached features of a frozen backbone; it needs "
+            f"strategy linear-probe, got '{cfg.strategy}' (use head: linear)"
+        )
     if cfg.head == "logistic" and augment:
-        problems.append("finetune.head: 'logistic' needs cached features, which augmentation rules out; "
-                        "set prepare.augment.enabled: false or head: linear")
+        problems.append(
+            "finetune.head: 'logistic' needs cached features, which augmentation rules out; "
+            "set prepare.augment.enabled: false or head: linear"
+        )
     if cfg.batch_size % world_size:
-        problems.append(f"finetune.batch_size: {cfg.batch_size} is the global batch and must divide evenly over "
-                        f"{world_size} processes; use a multiple of {world_size}")
+        problems.append(
+            f"finetune.batch_size: {cfg.batch_size} is the global batch and must divide evenly over "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
     if problems:
         raise ConfigError("invalid finetune options:\n  - " + "\n  - ".join(problems))

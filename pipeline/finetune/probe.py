@@ -27,8 +27,14 @@ Features = tuple[torch.Tensor, torch.Tensor]  # (N, F) float32 features, (N,) in
 
 
 @torch.no_grad()
-def extract_features(features: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
-                     cache_file: Path | None = None, desc: str = "features") -> Features:
+def extract_features(
+    features: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int,
+    cache_file: Path | None = None,
+    desc: str = "features",
+) -> Features:
     """Pooled backbone features for every item, computed once (and cached to `cache_file`, atomically)."""
     if cache_file is not None and cache_file.exists():
         blob = torch.load(cache_file, weights_only=True)
@@ -75,9 +81,16 @@ def _freeze_all_but_head(model: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters())
 
 
-def linear_probe(model: nn.Module, train_feats: Features, val_feats: Features, cfg: Any, n_classes: int,
-                 on_epoch: EpochHook | None = None, checkpoint: str | Path | None = None,
-                 resume: bool = False) -> TrainResult:
+def linear_probe(
+    model: nn.Module,
+    train_feats: Features,
+    val_feats: Features,
+    cfg: Any,
+    n_classes: int,
+    on_epoch: EpochHook | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+) -> TrainResult:
     """Train only `model.head` on cached features (frozen backbone): seconds, not minutes.
 
     Runs in this process on CPU (even under torchrun); `checkpoint` and `resume` as in `finetune`.
@@ -88,15 +101,32 @@ def linear_probe(model: nn.Module, train_feats: Features, val_feats: Features, c
     probe_cfg = copy.copy(cfg)
     probe_cfg.device, probe_cfg.num_workers, probe_cfg.strategy, probe_cfg.bn = "cpu", 0, "finetune", "train"
     probe_cfg.compile, probe_cfg.head = False, "linear"
-    result = finetune(_HeadOnly(model.get_submodule("head")), [("head", ["head"])], train_ds, val_ds, train_feats[1].numpy(),
-                      probe_cfg, n_classes, on_epoch, checkpoint=checkpoint, resume=resume, distributed=False)
+    result = finetune(
+        _HeadOnly(model.get_submodule("head")),
+        [("head", ["head"])],
+        train_ds,
+        val_ds,
+        train_feats[1].numpy(),
+        probe_cfg,
+        n_classes,
+        on_epoch,
+        checkpoint=checkpoint,
+        resume=resume,
+        distributed=False,
+    )
     result.model = model.cpu()
     result.trainable_by_phase = [n_head]
     return result
 
 
-def logistic_head(model: nn.Module, train_feats: Features, val_feats: Features, cfg: Any, n_classes: int,
-                  on_epoch: EpochHook | None = None) -> TrainResult:
+def logistic_head(
+    model: nn.Module,
+    train_feats: Features,
+    val_feats: Features,
+    cfg: Any,
+    n_classes: int,
+    on_epoch: EpochHook | None = None,
+) -> TrainResult:
     """Fit `model.head` by scikit-learn logistic regression on cached features (``finetune.head: logistic``).
 
     The features are standardised, `LogisticRegression(C=cfg.logistic_c, class_weight=...)` is
@@ -111,12 +141,15 @@ def logistic_head(model: nn.Module, train_feats: Features, val_feats: Features, 
     t0 = time.perf_counter()
     head = model.get_submodule("head")
     if not isinstance(head, nn.Linear) or head.out_features != n_classes:
-        raise ConfigError(f"finetune.head: logistic needs an nn.Linear head with {n_classes} outputs, "
-                          f"got {head!r}; use head: linear")
+        raise ConfigError(
+            f"finetune.head: logistic needs an nn.Linear head with {n_classes} outputs, got {head!r}; use head: linear"
+        )
     x, y = train_feats[0].double().numpy(), train_feats[1].numpy().astype(int)
     if len(np.unique(y)) != n_classes:
-        raise DataError(f"finetune.head logistic: the train split holds classes {np.unique(y).tolist()} of "
-                        f"{n_classes}; every class needs train images")
+        raise DataError(
+            f"finetune.head logistic: the train split holds classes {np.unique(y).tolist()} of "
+            f"{n_classes}; every class needs train images"
+        )
     weights = class_weights(y, n_classes, cfg.class_weights)
     mu, sd = x.mean(axis=0), x.std(axis=0)
     sd = np.where(sd > 1e-12, sd, 1.0)
@@ -136,17 +169,27 @@ def logistic_head(model: nn.Module, train_feats: Features, val_feats: Features, 
     row.update(trainable_params=n_head, epoch_seconds=seconds, images_per_s=len(y) / max(seconds, 1e-9))
     if on_epoch is not None:
         on_epoch(0, row)
-    return TrainResult(model=model, history={k: [float(v)] for k, v in row.items()}, best_epoch=0,
-                       best_metric=row.get(cfg.early_stopping.metric, float("nan")), epochs_run=1, seconds=seconds,
-                       class_weights=weights.tolist(), trainable_by_phase=[n_head], device="cpu")
+    return TrainResult(
+        model=model,
+        history={k: [float(v)] for k, v in row.items()},
+        best_epoch=0,
+        best_metric=row.get(cfg.early_stopping.metric, float("nan")),
+        epochs_run=1,
+        seconds=seconds,
+        class_weights=weights.tolist(),
+        trainable_by_phase=[n_head],
+        device="cpu",
+    )
 
 
 @torch.no_grad()
 def _head_row(head: nn.Module, train_feats: Features, val_feats: Features, loss_fn: nn.Module) -> dict[str, float]:
     train_logits, val_logits = head(train_feats[0].float()), head(val_feats[0].float())
-    return {"train_loss": float(loss_fn(train_logits, train_feats[1].long())),
-            "val_loss": float(loss_fn(val_logits, val_feats[1].long())),
-            "val_auroc": auroc(val_feats[1].numpy(), val_logits.numpy())}
+    return {
+        "train_loss": float(loss_fn(train_logits, train_feats[1].long())),
+        "val_loss": float(loss_fn(val_logits, val_feats[1].long())),
+        "val_auroc": auroc(val_feats[1].numpy(), val_logits.numpy()),
+    }
 
 
 class _HeadOnly(nn.Module):

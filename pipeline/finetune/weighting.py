@@ -37,8 +37,10 @@ def class_weights(y_train: np.ndarray, n_classes: int, mode: Any = "balanced", b
     elif mode == "effective-number":
         w = (1 - beta) / (1 - np.power(beta, np.maximum(counts, 1)))
     else:
-        raise ConfigError(f"finetune.class_weights: unknown '{mode}'{did_you_mean(str(mode), MODES)}; "
-                          f"use one of {list(MODES)} or a list of {n_classes} numbers")
+        raise ConfigError(
+            f"finetune.class_weights: unknown '{mode}'{did_you_mean(str(mode), MODES)}; "
+            f"use one of {list(MODES)} or a list of {n_classes} numbers"
+        )
     return w * n_classes / w.sum()
 
 
@@ -72,11 +74,12 @@ class EpochSampler(Sampler[int]):
         pad = len(self) * self.world - self.n
         if pad:
             order = torch.cat([order, order.repeat(math.ceil(pad / self.n))[:pad]])
-        return iter(order[self.rank::self.world].tolist())
+        return iter(order[self.rank :: self.world].tolist())
 
 
-def weighted_sampler(y_train: np.ndarray, weights: np.ndarray, seed: int = 0, rank: int = 0,
-                     world: int = 1) -> EpochSampler:
+def weighted_sampler(
+    y_train: np.ndarray, weights: np.ndarray, seed: int = 0, rank: int = 0, world: int = 1
+) -> EpochSampler:
     """Sample each image with probability ∝ its class weight (with replacement, one epoch's worth).
 
     Args:

@@ -33,8 +33,13 @@ from pipeline.records import QuarantineEntry
 
 GPL_HINT = "the GPLv3 decoder pylibjpeg-libjpeg installs as an optional extra: pip install 'medxfer[gpl-codecs]'"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_NOT_IMAGES = {"RTDOSE": "an RT dose grid", "SEG": "a segmentation mask", "RTSTRUCT": "an RT structure set",
-               "REG": "a registration", "RWV": "a real-world value map"}
+_NOT_IMAGES = {
+    "RTDOSE": "an RT dose grid",
+    "SEG": "a segmentation mask",
+    "RTSTRUCT": "an RT structure set",
+    "REG": "a registration",
+    "RWV": "a real-world value map",
+}
 _RECOGNISABLE = ("SOPClassUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "Rows")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # the files of one series share these identifiers: hash each distinct one once per process
@@ -131,8 +136,13 @@ def _fix_transfer_syntax(ds: Dataset) -> None:
     meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     if "TransferSyntaxUID" not in meta:
         implicit, little = ds.original_encoding
-        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                  ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little is not False
+            else ExplicitVRBigEndian
+        )
         ds.file_meta = meta
 
 
@@ -143,8 +153,11 @@ def _check_image(ds: Dataset) -> None:
     modality = str(ds.get("Modality", "") or "").upper()
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         sop = getattr(ds.get("SOPClassUID"), "name", "") or "object"
-        raise UnitError("no-pixel-data", f"{modality or 'unknown modality'} {sop} has no pixel data "
-                                         "(reports, presentation states, RT plans/structures are skipped)")
+        raise UnitError(
+            "no-pixel-data",
+            f"{modality or 'unknown modality'} {sop} has no pixel data "
+            "(reports, presentation states, RT plans/structures are skipped)",
+        )
     if modality in _NOT_IMAGES:
         raise UnitError("unsupported", f"{modality} holds {_NOT_IMAGES[modality]}, not an image")
     missing = [k for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation") if k not in ds]
@@ -153,8 +166,11 @@ def _check_image(ds: Dataset) -> None:
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     samples = int(ds.get("SamplesPerPixel") or 1)
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
-        raise UnitError("unsupported", f"PhotometricInterpretation {photometric} with {samples} sample(s) per "
-                                       "pixel: only greyscale (MONOCHROME1/MONOCHROME2) images are ingested")
+        raise UnitError(
+            "unsupported",
+            f"PhotometricInterpretation {photometric} with {samples} sample(s) per "
+            "pixel: only greyscale (MONOCHROME1/MONOCHROME2) images are ingested",
+        )
     if int(ds.BitsAllocated) == 1:
         raise UnitError("unsupported", "1-bit (binary) pixel data is a mask, not an image")
     if "PixelData" in ds:
@@ -166,8 +182,11 @@ def _check_decoder(ds: Dataset) -> None:
     problem = _decoder_problem(tsyntax)
     if problem:
         raise UnitError(*problem)
-    if (tsyntax == JPEGExtended12Bit and int(ds.get("BitsStored") or 8) > 8
-            and importlib.util.find_spec("libjpeg") is None):
+    if (
+        tsyntax == JPEGExtended12Bit
+        and int(ds.get("BitsStored") or 8) > 8
+        and importlib.util.find_spec("libjpeg") is None
+    ):
         raise UnitError("no-decoder", f"12-bit 'JPEG Extended' needs pylibjpeg-libjpeg; {GPL_HINT}")
 
 
@@ -177,11 +196,16 @@ def _decoder_problem(tsyntax: UID) -> tuple[str, str] | None:
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
-        return ("unsupported", f"transfer syntax '{tsyntax.name}' has no pixel decoder "
-                               "(video and private syntaxes are not ingested)")
+        return (
+            "unsupported",
+            f"transfer syntax '{tsyntax.name}' has no pixel decoder (video and private syntaxes are not ingested)",
+        )
     if not decoder.is_available:
-        return ("no-decoder", f"no installed decoder for '{tsyntax.name}'; {GPL_HINT} "
-                              f"(options: {'; '.join(decoder.missing_dependencies)})")
+        return (
+            "no-decoder",
+            f"no installed decoder for '{tsyntax.name}'; {GPL_HINT} "
+            f"(options: {'; '.join(decoder.missing_dependencies)})",
+        )
     return None
 
 
@@ -217,20 +241,30 @@ def _geometry(ds: Dataset, n_frames: int) -> Geometry:
     measures = _item(shared, "PixelMeasuresSequence") or _item(frames[0], "PixelMeasuresSequence")
     spacing = _floats(measures, "PixelSpacing") or spacing
     thickness = _first(_floats(measures, "SliceThickness")) or thickness
-    orients = {tuple(np.round(o, 4).tolist()) if o else None for o in
-               (_floats(_item(f, "PlaneOrientationSequence") or _item(shared, "PlaneOrientationSequence"),
-                        "ImageOrientationPatient") for f in frames)}
+    orients = {
+        tuple(np.round(o, 4).tolist()) if o else None
+        for o in (
+            _floats(
+                _item(f, "PlaneOrientationSequence") or _item(shared, "PlaneOrientationSequence"),
+                "ImageOrientationPatient",
+            )
+            for f in frames
+        )
+    }
     if len(orients) > 1:
         raise UnitError("unsupported", "the frames of this multi-frame file have different orientations")
     iop = list(orients.pop() or []) or iop
-    positions = [_floats(_item(f, "PlanePositionSequence") or _item(shared, "PlanePositionSequence"),
-                         "ImagePositionPatient") for f in frames]
+    positions = [
+        _floats(_item(f, "PlanePositionSequence") or _item(shared, "PlanePositionSequence"), "ImagePositionPatient")
+        for f in frames
+    ]
     complete = bool(iop) and len(positions) == n_frames and all(positions)
     return iop, spacing, thickness, positions if complete else None  # type: ignore[return-value]
 
 
-def _frame_positions(ds: Dataset, ipp: list[float] | None, iop: list[float] | None,
-                     n_frames: int) -> list[list[float]] | None:
+def _frame_positions(
+    ds: Dataset, ipp: list[float] | None, iop: list[float] | None, n_frames: int
+) -> list[list[float]] | None:
     """Positions of an old-style multi-frame stack: one IPP plus GridFrameOffsetVector or SpacingBetweenSlices."""
     offsets = _floats(ds, "GridFrameOffsetVector")
     gap = _first(_floats(ds, "SpacingBetweenSlices"))
@@ -287,22 +321,45 @@ def _native_pixels(ds: Dataset, h: DicomHeader) -> dict[str, Any] | None:
     """
     raw = ds.get_item("PixelData") if "PixelData" in ds else None
     tsyntax = ds.file_meta.TransferSyntaxUID
-    if (not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF or h.n_frames != 1
-            or tsyntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-            or any(k in ds for k in ("PerFrameFunctionalGroupsSequence", "ModalityLUTSequence", "FloatPixelData",
-                                     "DoubleFloatPixelData", "NumberOfFrames"))
-            or not all(k in ds for k in ("BitsStored", "PixelRepresentation", "SamplesPerPixel"))
-            or str(ds.PhotometricInterpretation).strip().upper() != "MONOCHROME2"):
+    if (
+        not isinstance(raw, RawDataElement)
+        or raw.length == 0xFFFFFFFF
+        or h.n_frames != 1
+        or tsyntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        or any(
+            k in ds
+            for k in (
+                "PerFrameFunctionalGroupsSequence",
+                "ModalityLUTSequence",
+                "FloatPixelData",
+                "DoubleFloatPixelData",
+                "NumberOfFrames",
+            )
+        )
+        or not all(k in ds for k in ("BitsStored", "PixelRepresentation", "SamplesPerPixel"))
+        or str(ds.PhotometricInterpretation).strip().upper() != "MONOCHROME2"
+    ):
         return None
     allocated, stored, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation)
     nbytes = h.rows * h.cols * allocated // 8
-    if (allocated not in (8, 16, 32) or not 0 < stored <= allocated or signed not in (0, 1)
-            or raw.length not in (nbytes, nbytes + nbytes % 2) or nbytes == 0):
+    if (
+        allocated not in (8, 16, 32)
+        or not 0 < stored <= allocated
+        or signed not in (0, 1)
+        or raw.length not in (nbytes, nbytes + nbytes % 2)
+        or nbytes == 0
+    ):
         return None
     rescale = "RescaleSlope" in ds and "RescaleIntercept" in ds
-    return {"offset": int(raw.value_tell), "nbytes": nbytes, "dtype": f"<{'iu'[1 - signed]}{allocated // 8}",
-            "shift": allocated - stored, "rows": h.rows, "cols": h.cols,
-            "rescale": [float(ds.RescaleSlope), float(ds.RescaleIntercept)] if rescale else None}
+    return {
+        "offset": int(raw.value_tell),
+        "nbytes": nbytes,
+        "dtype": f"<{'iu'[1 - signed]}{allocated // 8}",
+        "shift": allocated - stored,
+        "rows": h.rows,
+        "cols": h.cols,
+        "rescale": [float(ds.RescaleSlope), float(ds.RescaleIntercept)] if rescale else None,
+    }
 
 
 def _header_from(ds: Dataset, relpath: str, key: bytes) -> DicomHeader:
@@ -322,13 +379,26 @@ def _header_from(ds: Dataset, relpath: str, key: bytes) -> DicomHeader:
     iop, spacing, thickness, frame_ipp = _geometry(ds, n_frames)
     acquisition = "|".join(text(k) for k in ("AcquisitionNumber", "EchoNumbers", "TemporalPositionIdentifier"))
     return DicomHeader(
-        relpath=relpath, series_key=_digest(key, "series-key", series),
+        relpath=relpath,
+        series_key=_digest(key, "series-key", series),
         sop_key=digest(key, "sop", text("SOPInstanceUID") or relpath)[:32],
-        subject_id=_pseudonym(key, "subject", patient), study_id=_pseudonym(key, "study", study),
-        series_id=_pseudonym(key, "series", series), modality=text("Modality").upper(),
-        manufacturer=text("Manufacturer"), rows=int(ds.Rows), cols=int(ds.Columns), n_frames=n_frames,
-        spacing=spacing, thickness=thickness, slice_gap=_first(_floats(ds, "SpacingBetweenSlices")), iop=iop,
-        ipp=_floats(ds, "ImagePositionPatient"), frame_ipp=frame_ipp, acquisition=acquisition, warnings=notes)
+        subject_id=_pseudonym(key, "subject", patient),
+        study_id=_pseudonym(key, "study", study),
+        series_id=_pseudonym(key, "series", series),
+        modality=text("Modality").upper(),
+        manufacturer=text("Manufacturer"),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        n_frames=n_frames,
+        spacing=spacing,
+        thickness=thickness,
+        slice_gap=_first(_floats(ds, "SpacingBetweenSlices")),
+        iop=iop,
+        ipp=_floats(ds, "ImagePositionPatient"),
+        frame_ipp=frame_ipp,
+        acquisition=acquisition,
+        warnings=notes,
+    )
 
 
 # ----------------------------------------------------------------------------------------- grouping
@@ -354,16 +424,20 @@ def _overlap(members: list[DicomHeader]) -> int:
     return _repeats([h.ipp for h in members], members[0].iop)  # type: ignore[misc, arg-type]
 
 
-def _split_duplicates(gkey: str, members: list[DicomHeader],
-                      quarantine: list[QuarantineEntry]) -> list[tuple[str, list[DicomHeader]]]:
+def _split_duplicates(
+    gkey: str, members: list[DicomHeader], quarantine: list[QuarantineEntry]
+) -> list[tuple[str, list[DicomHeader]]]:
     """Slices sharing a position: drop copies of one instance, else split by acquisition, else quarantine."""
     if not _overlap(members):
         return [(gkey, members)]
     kept: dict[str, DicomHeader] = {}
     for h in members:
         if h.sop_key in kept:
-            quarantine.append(QuarantineEntry(h.relpath, "inconsistent-series",
-                                              f"duplicate copy of the instance in {kept[h.sop_key].relpath}"))
+            quarantine.append(
+                QuarantineEntry(
+                    h.relpath, "inconsistent-series", f"duplicate copy of the instance in {kept[h.sop_key].relpath}"
+                )
+            )
         else:
             kept[h.sop_key] = h
     members = list(kept.values())
@@ -376,9 +450,14 @@ def _split_duplicates(gkey: str, members: list[DicomHeader],
         return [(f"{gkey};acq={a}", g) for a, g in sorted(by_acq.items())]
     n_positions = len(members) - _overlap(members)
     for h in members:
-        quarantine.append(QuarantineEntry(h.relpath, "inconsistent-series",
-                                          f"{len(members)} slices of one series at only {n_positions} distinct "
-                                          "positions (several stacks or repeated scans in one series)"))
+        quarantine.append(
+            QuarantineEntry(
+                h.relpath,
+                "inconsistent-series",
+                f"{len(members)} slices of one series at only {n_positions} distinct "
+                "positions (several stacks or repeated scans in one series)",
+            )
+        )
     return []
 
 
@@ -402,8 +481,13 @@ def plan_units(headers: list[DicomHeader], key: bytes) -> tuple[list[UnitPlan], 
             if _stackable(group[0]):
                 units += _split_duplicates(gkey, group, quarantine)
             elif group[0].frame_ipp and _repeats(group[0].frame_ipp, group[0].iop or []):
-                quarantine.append(QuarantineEntry(group[0].relpath, "unsupported", "multi-frame file with repeated "
-                                                  "frame positions (several stacks or time points)"))
+                quarantine.append(
+                    QuarantineEntry(
+                        group[0].relpath,
+                        "unsupported",
+                        "multi-frame file with repeated frame positions (several stacks or time points)",
+                    )
+                )
             else:
                 units.append((gkey, group))
         for split_key, group in units:
@@ -425,8 +509,19 @@ def _plan(group: list[DicomHeader], image_id: str) -> UnitPlan:
     else:
         frames = [(h.relpath, i if h.n_frames > 1 else -1) for i in range(h.n_frames)]
         affine, more = _flat_affine(h)
-    return UnitPlan(image_id, h.subject_id, h.study_id, h.series_id, h.modality, h.manufacturer, "dicom",
-                    frames, affine, notes + more, {m.relpath: m.pixel for m in group if m.pixel})
+    return UnitPlan(
+        image_id,
+        h.subject_id,
+        h.study_id,
+        h.series_id,
+        h.modality,
+        h.manufacturer,
+        "dicom",
+        frames,
+        affine,
+        notes + more,
+        {m.relpath: m.pixel for m in group if m.pixel},
+    )
 
 
 def _in_plane(h: DicomHeader) -> tuple[list[float], list[str]]:
@@ -444,8 +539,9 @@ def _flat_affine(h: DicomHeader) -> tuple[list[list[float]], list[str]]:
     return np.diag([col_mm, row_mm, dz, 1.0]).tolist(), notes
 
 
-def _stack(entries: list[tuple[str, int, list[float]]], h: DicomHeader,
-           thicknesses: list[float | None]) -> tuple[list[tuple[str, int]], list[list[float]], list[str]]:
+def _stack(
+    entries: list[tuple[str, int, list[float]]], h: DicomHeader, thicknesses: list[float | None]
+) -> tuple[list[tuple[str, int]], list[list[float]], list[str]]:
     """Sort slices by position along the slice normal; build the LPS affine and flip it to RAS."""
     row, col = np.asarray(h.iop[:3]), np.asarray(h.iop[3:])  # type: ignore[index]
     normal = np.cross(row, col)
@@ -479,8 +575,7 @@ def _spacing_warnings(gaps: np.ndarray, step: float) -> list[str]:
     notes = []
     missing = [round(g / step) - 1 for g in gaps if g > 1.5 * step]
     if missing:
-        notes.append(f"gap: {sum(missing)} missing slice(s) at {len(missing)} place(s) "
-                     f"(slice spacing {step:.4g} mm)")
+        notes.append(f"gap: {sum(missing)} missing slice(s) at {len(missing)} place(s) (slice spacing {step:.4g} mm)")
     irregular = [g for g in gaps if abs(g - step) > max(0.01 * step, 0.01) and g <= 1.5 * step]
     if irregular:
         notes.append(f"irregular slice spacing: {gaps.min():.4g} to {gaps.max():.4g} mm (median {step:.4g} mm)")
@@ -500,8 +595,9 @@ def decode_plan(source: Path, plan: UnitPlan) -> np.ndarray:
             fast = decode_native(source / relpath, native) if native else None
             current, arr = relpath, decode_file(source / relpath, relpath) if fast is None else fast
         if slices and arr.shape[1:] != slices[0].shape:
-            raise UnitError("inconsistent-series", f"pixel data {arr.shape[1:]} differs from the series' "
-                                                   f"{slices[0].shape}", relpath)
+            raise UnitError(
+                "inconsistent-series", f"pixel data {arr.shape[1:]} differs from the series' {slices[0].shape}", relpath
+            )
         slices.append(arr[max(index, 0)])
     return np.ascontiguousarray(np.stack(slices, axis=-1).transpose(1, 0, 2))
 
@@ -571,8 +667,9 @@ def _frame_transform(ds: Dataset, index: int) -> Dataset:
     if "PerFrameFunctionalGroupsSequence" not in ds:
         return ds
     per_frame = ds.PerFrameFunctionalGroupsSequence[index]
-    item = (_item(per_frame, "PixelValueTransformationSequence")
-            or _item(_item(ds, "SharedFunctionalGroupsSequence"), "PixelValueTransformationSequence"))
+    item = _item(per_frame, "PixelValueTransformationSequence") or _item(
+        _item(ds, "SharedFunctionalGroupsSequence"), "PixelValueTransformationSequence"
+    )
     out = Dataset()
     source = item if item is not None and "RescaleSlope" in item else ds
     if "RescaleSlope" in source and "RescaleIntercept" in source:

@@ -17,8 +17,20 @@ from pipeline.records import MANIFEST_COLUMNS
 REQUIRED = ("patient_id", "label")
 SUBGROUPS_FIRST = ("sex", "age_band", "site")
 _CONSUMED = {"patient_id", "label", "path", "age", "modality"}
-_IDENTIFYING = ("name", "birth", "dob", "accession", "mrn", "ssn", "address", "phone", "email",
-                "institution", "patientid", "patient_id")
+_IDENTIFYING = (
+    "name",
+    "birth",
+    "dob",
+    "accession",
+    "mrn",
+    "ssn",
+    "address",
+    "phone",
+    "email",
+    "institution",
+    "patientid",
+    "patient_id",
+)
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([YMWD]?)$", re.IGNORECASE)
 _PER_YEAR = {"": 1.0, "Y": 1.0, "M": 12.0, "W": 52.0, "D": 365.0}
 
@@ -92,20 +104,26 @@ def _columns(columns: list[str]) -> tuple[list[str], list[str]]:
 
 def _read_frame(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise DataError(f"labels file {path} not found; pass a CSV with columns "
-                        "patient_id,label[,sex,age,site,...] or leave labels out to ingest unlabeled")
+        raise DataError(
+            f"labels file {path} not found; pass a CSV with columns "
+            "patient_id,label[,sex,age,site,...] or leave labels out to ingest unlabeled"
+        )
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"labels file {path} is not a readable UTF-8 CSV ({type(exc).__name__}: "
-                        f"{str(exc).strip()[:200]}); expected a header line patient_id,label[,...]") from exc
+        raise DataError(
+            f"labels file {path} is not a readable UTF-8 CSV ({type(exc).__name__}: "
+            f"{str(exc).strip()[:200]}); expected a header line patient_id,label[,...]"
+        ) from exc
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         hints = "".join(did_you_mean(c, frame.columns) for c in missing)
-        raise DataError(f"labels file {path} lacks column(s) {', '.join(missing)}{hints}; found columns "
-                        f"{list(frame.columns)}, expected patient_id,label[,sex,age,site,...]. "
-                        "Fix: rename the header line")
+        raise DataError(
+            f"labels file {path} lacks column(s) {', '.join(missing)}{hints}; found columns "
+            f"{list(frame.columns)}, expected patient_id,label[,sex,age,site,...]. "
+            "Fix: rename the header line"
+        )
     return frame.fillna("").map(lambda v: str(v).strip())
 
 
@@ -155,27 +173,45 @@ def _row(table: LabelTable, rec: dict[str, str], line: int, key: bytes, rel: str
     if "age" in rec:
         band = age_band(rec["age"])
         if band is None:
-            table.problems.append({"line": line, "problem": "bad-age",
-                                   "detail": "age is not a number of years (e.g. 64 or 064Y); age_band left empty"})
+            table.problems.append(
+                {
+                    "line": line,
+                    "problem": "bad-age",
+                    "detail": "age is not a number of years (e.g. 64 or 064Y); age_band left empty",
+                }
+            )
         extras["age_band"] = band or ""
     if not rec["label"]:
-        table.problems.append({"line": line, "problem": "empty-label",
-                               "detail": "label is empty: this patient's images stay unlabeled"})
+        table.problems.append(
+            {"line": line, "problem": "empty-label", "detail": "label is empty: this patient's images stay unlabeled"}
+        )
     subject = pseudonym(key, "subject", rec["patient_id"])
     return LabelRow(line, subject, rel, rec["label"], extras, rec.get("modality", "").upper())
 
 
-def _duplicate(table: LabelTable, rows: dict, k: tuple[str, str], line: int, first: tuple[int, tuple[str, ...]],
-               values: tuple[str, ...], columns: list[str]) -> None:
+def _duplicate(
+    table: LabelTable,
+    rows: dict,
+    k: tuple[str, str],
+    line: int,
+    first: tuple[int, tuple[str, ...]],
+    values: tuple[str, ...],
+    columns: list[str],
+) -> None:
     first_line, first_values = first
     if values == first_values:
         table.problems.append({"line": line, "problem": "duplicate", "detail": f"same as line {first_line}; used once"})
         return
     differ = [c for c, a, b in zip(columns, first_values, values, strict=True) if a != b]
     what = "patient_id and path" if k[1] else "patient_id"
-    table.problems.append({"line": line, "problem": "conflict",
-                           "detail": f"same {what} as line {first_line} but different {', '.join(differ)}; "
-                                     "the images of this row stay unlabeled until one row is removed"})
+    table.problems.append(
+        {
+            "line": line,
+            "problem": "conflict",
+            "detail": f"same {what} as line {first_line} but different {', '.join(differ)}; "
+            "the images of this row stay unlabeled until one row is removed",
+        }
+    )
     table.n_conflicts += 1
     row = rows[k]
     row.label, row.extras = "", {c: "" for c in row.extras}
@@ -216,8 +252,9 @@ def label_warnings(labels: list[str]) -> list[str]:
     return out
 
 
-def join_labels(units: list[dict], table: LabelTable | None, key: bytes, *, val: float, test: float,
-                seed: int) -> list[str]:
+def join_labels(
+    units: list[dict], table: LabelTable | None, key: bytes, *, val: float, test: float, seed: int
+) -> list[str]:
     """Set label, subgroup columns and split on every unit row (in place).
 
     A NIfTI unit joins the labels row naming its path, else the row of its subject; DICOM units
@@ -241,6 +278,7 @@ def join_labels(units: list[dict], table: LabelTable | None, key: bytes, *, val:
     for unit in units:
         unit["split"] = splits.get(unit["subject_id"], "") if unit["label"] else ""
     if table is not None:
-        unmatched_rows(table, {u["subject_id"] for u in units},
-                       {u["_path"] for u in units if u["source_format"] == "nifti"})
+        unmatched_rows(
+            table, {u["subject_id"] for u in units}, {u["_path"] for u in units if u["source_format"] == "nifti"}
+        )
     return notes

@@ -54,9 +54,19 @@ _SCAN_BATCH = 32
 _TYPES = {"shape": pa.list_(pa.int64()), "spacing_mm": pa.list_(pa.float64()), "n_files": pa.int64()}
 
 
-def ingest(source: str | Path, labels: str | Path | None, out: str | Path, *, key_file: str | Path | None = None,
-           val: float = 0.15, test: float = 0.15, seed: int = 0, strict: bool = False, workers: int = 1,
-           progress: bool = True) -> IngestResult:
+def ingest(
+    source: str | Path,
+    labels: str | Path | None,
+    out: str | Path,
+    *,
+    key_file: str | Path | None = None,
+    val: float = 0.15,
+    test: float = 0.15,
+    seed: int = 0,
+    strict: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> IngestResult:
     """Turn an archive of DICOM series and NIfTI volumes into a pseudonymised manifest directory.
 
     Writes under `out` (each file atomically, the manifest only once everything succeeded):
@@ -109,8 +119,9 @@ def ingest(source: str | Path, labels: str | Path | None, out: str | Path, *, ke
     return IngestResult(str(out_dir), len(frame), len(quarantine), report)
 
 
-def _check_args(source: str | Path, labels: str | Path | None, out: str | Path, val: float, test: float,
-                workers: int) -> tuple[Path, Path, Path | None]:
+def _check_args(
+    source: str | Path, labels: str | Path | None, out: str | Path, val: float, test: float, workers: int
+) -> tuple[Path, Path, Path | None]:
     check_fractions(val, test)
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers={workers!r} must be a whole number >= 1 (1 = no process pool)")
@@ -119,8 +130,10 @@ def _check_args(source: str | Path, labels: str | Path | None, out: str | Path, 
         raise DataError(f"SOURCE {source} is not a folder; pass the root folder of the DICOM/NIfTI archive")
     labels_path = Path(labels).expanduser().resolve() if labels else None
     if labels_path is not None and not labels_path.is_file():
-        raise DataError(f"labels file {labels} not found; pass a CSV with columns patient_id,label[,...] "
-                        "or leave labels out to ingest unlabeled")
+        raise DataError(
+            f"labels file {labels} not found; pass a CSV with columns patient_id,label[,...] "
+            "or leave labels out to ingest unlabeled"
+        )
     return src, Path(out).expanduser().resolve(), labels_path
 
 
@@ -135,8 +148,9 @@ def _walk(source: Path, skip: set[Path]) -> list[str]:
             return (base / name).resolve() if (base / name).is_symlink() else real / name
 
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and resolved(d) not in skip)
-        found += [n if prefix == "." else f"{prefix}/{n}" for n in names
-                  if not n.startswith(".") and resolved(n) not in skip]
+        found += [
+            n if prefix == "." else f"{prefix}/{n}" for n in names if not n.startswith(".") and resolved(n) not in skip
+        ]
     return sorted(found)
 
 
@@ -155,8 +169,14 @@ class _Runner:
 
         self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=Console(stderr=True), disable=not progress)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not progress,
+        )
 
     def __enter__(self) -> _Runner:
         self.bar.start()
@@ -221,18 +241,22 @@ def _scan(src: Path, relpaths: list[str], key: bytes, cache: dict, run: _Runner)
             continue
         old = cache["files"].get(_path_key(key, rel))
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
-            files[rel] = {**old, "header": {**old["header"], "relpath": rel} if old["kind"] == "dicom" else old["header"]}
+            files[rel] = {
+                **old,
+                "header": {**old["header"], "relpath": rel} if old["kind"] == "dicom" else old["header"],
+            }
         else:
             todo.append(rel)
-    batches = [todo[i:i + _SCAN_BATCH] for i in range(0, len(todo), _SCAN_BATCH)]
+    batches = [todo[i : i + _SCAN_BATCH] for i in range(0, len(todo), _SCAN_BATCH)]
     results = run.map(_scan_batch, [(str(src), b, key) for b in batches], "scanning files", [len(b) for b in batches])
     for batch, entries in zip(batches, results, strict=True):
         files.update(zip(batch, entries, strict=True))
     return dict(sorted(files.items()))
 
 
-def _plan_all(files: dict[str, dict[str, Any]], table: LabelTable | None,
-              key: bytes) -> tuple[list[UnitPlan], list[QuarantineEntry]]:
+def _plan_all(
+    files: dict[str, dict[str, Any]], table: LabelTable | None, key: bytes
+) -> tuple[list[UnitPlan], list[QuarantineEntry]]:
     quarantine = [QuarantineEntry(rel, e["reason"], e["detail"]) for rel, e in files.items() if e["kind"] == "bad"]
     headers = [DicomHeader(**e["header"]) for e in files.values() if e["kind"] == "dicom"]
     plans, dropped = plan_units(headers, key)
@@ -249,8 +273,18 @@ def _nifti_plan(rel: str, table: LabelTable | None, key: bytes) -> UnitPlan:
         subject_id, study = pseudonym(key, "subject", raw), nifti_study(rel, raw)
         row = table.by_subject.get(subject_id) if table else None
     modality = (row.modality if row is not None else "") or bids_modality(rel)
-    return UnitPlan(pseudonym(key, "image", f"nifti:{rel}"), subject_id, pseudonym(key, "study", study),
-                    pseudonym(key, "series", f"nifti:{rel}"), modality, "", "nifti", [(rel, -1)], None, [])
+    return UnitPlan(
+        pseudonym(key, "image", f"nifti:{rel}"),
+        subject_id,
+        pseudonym(key, "study", study),
+        pseudonym(key, "series", f"nifti:{rel}"),
+        modality,
+        "",
+        "nifti",
+        [(rel, -1)],
+        None,
+        [],
+    )
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -278,8 +312,9 @@ def _signature(plan: UnitPlan, files: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _build(src: Path, out_dir: Path, plans: list[UnitPlan], files: dict, cache: dict,
-           run: _Runner) -> dict[str, dict[str, Any]]:
+def _build(
+    src: Path, out_dir: Path, plans: list[UnitPlan], files: dict, cache: dict, run: _Runner
+) -> dict[str, dict[str, Any]]:
     built: dict[str, dict[str, Any]] = {}
     todo = []
     for plan in plans:
@@ -296,7 +331,9 @@ def _build(src: Path, out_dir: Path, plans: list[UnitPlan], files: dict, cache: 
     return built
 
 
-def _collect(plans: list[UnitPlan], built: dict, quarantine: list[QuarantineEntry]) -> tuple[list[dict], list[QuarantineEntry]]:
+def _collect(
+    plans: list[UnitPlan], built: dict, quarantine: list[QuarantineEntry]
+) -> tuple[list[dict], list[QuarantineEntry]]:
     """Manifest rows (without labels) for decoded units; quarantine entries for failed ones."""
     units = []
     for plan in plans:
@@ -304,15 +341,31 @@ def _collect(plans: list[UnitPlan], built: dict, quarantine: list[QuarantineEntr
         if "error" in result:
             reason, detail, bad = result["error"]
             quarantine.append(QuarantineEntry(bad, reason, detail))
-            quarantine += [QuarantineEntry(rel, "inconsistent-series", f"another file of this unit failed ({bad}: {reason})")
-                           for rel in plan.files if rel != bad]
+            quarantine += [
+                QuarantineEntry(rel, "inconsistent-series", f"another file of this unit failed ({bad}: {reason})")
+                for rel in plan.files
+                if rel != bad
+            ]
             continue
-        units.append({"image_id": plan.image_id, "subject_id": plan.subject_id, "study_id": plan.study_id,
-                      "series_id": plan.series_id, "modality": plan.modality, "source_format": plan.source_format,
-                      "image_path": f"images/{plan.image_id}.nii", "shape": result["shape"],
-                      "spacing_mm": result["spacing_mm"], "n_files": len(plan.files),
-                      "content_sha256": result["content_sha256"], "manufacturer": plan.manufacturer,
-                      "warnings": ";".join(plan.warnings), "_path": plan.files[0], "_reused": result["reused"]})
+        units.append(
+            {
+                "image_id": plan.image_id,
+                "subject_id": plan.subject_id,
+                "study_id": plan.study_id,
+                "series_id": plan.series_id,
+                "modality": plan.modality,
+                "source_format": plan.source_format,
+                "image_path": f"images/{plan.image_id}.nii",
+                "shape": result["shape"],
+                "spacing_mm": result["spacing_mm"],
+                "n_files": len(plan.files),
+                "content_sha256": result["content_sha256"],
+                "manufacturer": plan.manufacturer,
+                "warnings": ";".join(plan.warnings),
+                "_path": plan.files[0],
+                "_reused": result["reused"],
+            }
+        )
     return units, sorted(set(quarantine), key=lambda q: (q.path, q.reason))
 
 
@@ -325,34 +378,63 @@ def _frame(units: list[dict], table: LabelTable | None) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------- output
 
 
-def _report(relpaths: list[str], files: dict, units: list[dict], quarantine: list[QuarantineEntry],
-            frame: pd.DataFrame, table: LabelTable | None, key: bytes, params: dict) -> dict[str, Any]:
+def _report(
+    relpaths: list[str],
+    files: dict,
+    units: list[dict],
+    quarantine: list[QuarantineEntry],
+    frame: pd.DataFrame,
+    table: LabelTable | None,
+    key: bytes,
+    params: dict,
+) -> dict[str, Any]:
     """ingest_report.json: counts, label problems by line number, warnings by image_id; no paths or IDs."""
     kinds = Counter(e["kind"] for e in files.values())
     per_split: dict[str, Any] = {}
     for split in (*SPLITS, ""):
         part = frame[frame["split"] == split]
-        per_split[split or "unlabeled"] = {"units": len(part), "subjects": int(part["subject_id"].nunique()),
-                                           "by_label": dict(sorted(Counter(part["label"]).items()))}
+        per_split[split or "unlabeled"] = {
+            "units": len(part),
+            "subjects": int(part["subject_id"].nunique()),
+            "by_label": dict(sorted(Counter(part["label"]).items())),
+        }
     unit_warnings = [f"{r.image_id}: {w}" for r in frame.itertuples() for w in r.warnings.split(";") if w]
     labels: dict[str, Any] = {"given": table is not None}
     if table is not None:
         unlabeled = frame.loc[frame["label"] == "", "image_id"].tolist()
-        labels.update(rows=table.n_rows, columns=table.columns, carried=table.carried, dropped=table.dropped,
-                      problems=table.problems, problem_counts=dict(Counter(p["problem"] for p in table.problems)),
-                      unlabeled_units=len(unlabeled), unlabeled_image_ids=unlabeled, warnings=table.warnings)
+        labels.update(
+            rows=table.n_rows,
+            columns=table.columns,
+            carried=table.carried,
+            dropped=table.dropped,
+            problems=table.problems,
+            problem_counts=dict(Counter(p["problem"] for p in table.problems)),
+            unlabeled_units=len(unlabeled),
+            unlabeled_image_ids=unlabeled,
+            warnings=table.warnings,
+        )
     warnings = ["no image units found under SOURCE"] if frame.empty else []
     reused = sum(u["_reused"] for u in units)
     return {
-        "format": 1, "key_id": key_id(key), "parameters": params,
+        "format": 1,
+        "key_id": key_id(key),
+        "parameters": params,
         "files_seen": len(relpaths),
         "files": {"dicom": kinds["dicom"], "nifti": kinds["nifti"], "rejected_at_scan": kinds["bad"]},
-        "units": len(frame), "units_reused": reused, "units_decoded": len(frame) - reused,
+        "units": len(frame),
+        "units_reused": reused,
+        "units_decoded": len(frame) - reused,
         "subjects": int(frame["subject_id"].nunique()),
         "units_by_modality": dict(sorted(Counter(frame["modality"]).items())),
         "units_by_format": dict(sorted(Counter(frame["source_format"]).items())),
-        "quarantined": {"files": len(quarantine), "by_reason": dict(sorted(Counter(q.reason for q in quarantine).items()))},
-        "splits": per_split, "labels": labels, "warnings": warnings, "unit_warnings": unit_warnings,
+        "quarantined": {
+            "files": len(quarantine),
+            "by_reason": dict(sorted(Counter(q.reason for q in quarantine).items())),
+        },
+        "splits": per_split,
+        "labels": labels,
+        "warnings": warnings,
+        "unit_warnings": unit_warnings,
         "manifest_sha256": "",
     }
 
@@ -385,9 +467,12 @@ def _strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTa
         lines.append(f"  ... and {len(quarantine) - 50} more")
     conflicts = [p for p in (table.problems if table else []) if p["problem"] == "conflict"]
     lines += [f"  labels line {p['line']}: {p['detail']}" for p in conflicts]
-    return (f"strict ingest of {src} stopped: {len(quarantine)} file(s) quarantined and {len(conflicts)} "
-            "conflicting labels row(s); the previous manifest (if any) is unchanged.\n" + "\n".join(lines) +
-            "\nFix: repair or remove these files and rows, or ingest without strict to quarantine them and go on")
+    return (
+        f"strict ingest of {src} stopped: {len(quarantine)} file(s) quarantined and {len(conflicts)} "
+        "conflicting labels row(s); the previous manifest (if any) is unchanged.\n"
+        + "\n".join(lines)
+        + "\nFix: repair or remove these files and rows, or ingest without strict to quarantine them and go on"
+    )
 
 
 def _clean(text: str, source: str) -> str:
@@ -417,10 +502,18 @@ def _path_key(key: bytes, relpath: str) -> str:
 
 def _save_cache(out_dir: Path, key: bytes, files: dict, built: dict) -> None:
     """Scan results keyed by hashed path (headers hold pseudonyms only) and decoded-unit results."""
-    units = {i: {k: r[k] for k in ("sig", "shape", "spacing_mm", "content_sha256")}
-             for i, r in built.items() if "error" not in r}
-    entries = {_path_key(key, rel): {**e, "header": {k: v for k, v in e["header"].items() if k != "relpath"}
-                                     if e["kind"] == "dicom" else e["header"]} for rel, e in files.items()}
+    units = {
+        i: {k: r[k] for k in ("sig", "shape", "spacing_mm", "content_sha256")}
+        for i, r in built.items()
+        if "error" not in r
+    }
+    entries = {
+        _path_key(key, rel): {
+            **e,
+            "header": {k: v for k, v in e["header"].items() if k != "relpath"} if e["kind"] == "dicom" else e["header"],
+        }
+        for rel, e in files.items()
+    }
     blob = {"version": CACHE_VERSION, "key_id": key_id(key), "files": entries, "units": units}
     atomic_write(out_dir / CACHE_FILE, json.dumps(blob).encode())
 
@@ -448,8 +541,10 @@ def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
     found, expected = list(frame.columns), list(MANIFEST_COLUMNS)
     if found[: len(expected)] != expected:
         missing = [c for c in expected if c not in found]
-        raise DataError(f"{path} does not start with the manifest columns in order (missing {missing}); found "
-                        f"{found}, expected {expected} then subgroup columns. Fix: re-run medxfer ingest")
+        raise DataError(
+            f"{path} does not start with the manifest columns in order (missing {missing}); found "
+            f"{found}, expected {expected} then subgroup columns. Fix: re-run medxfer ingest"
+        )
     bad = sorted(set(frame["split"]) - {*SPLITS, ""})
     if bad or frame["image_id"].duplicated().any():
         what = f"unknown split value(s) {bad} (expected {list(SPLITS)} or '')" if bad else "repeated image_id values"

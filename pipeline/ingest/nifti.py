@@ -15,8 +15,16 @@ from pipeline.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _INT16 = np.iinfo(np.int16)
-_BIDS_MODALITY = {"t1w": "MR", "t2w": "MR", "flair": "MR", "pd": "MR", "t2star": "MR", "bold": "MR",
-                  "dwi": "MR", "ct": "CT"}
+_BIDS_MODALITY = {
+    "t1w": "MR",
+    "t2w": "MR",
+    "flair": "MR",
+    "pd": "MR",
+    "t2star": "MR",
+    "bold": "MR",
+    "dwi": "MR",
+    "ct": "CT",
+}
 
 
 class UnitError(Exception):
@@ -57,7 +65,7 @@ def nifti_study(relpath: str, subject: str) -> str:
 
 
 def bids_modality(relpath: str) -> str:
-    """"MR" or "CT" from a BIDS suffix (``_T1w``, ``_bold``, ``_ct``, ...), else ""."""
+    """ "MR" or "CT" from a BIDS suffix (``_T1w``, ``_bold``, ``_ct``, ...), else ""."""
     name = PurePosixPath(relpath).name.lower()
     stem = name.split(".nii")[0]
     return _BIDS_MODALITY.get(stem.rsplit("_", 1)[-1], "") if "_" in stem else ""
@@ -69,10 +77,15 @@ def check_nifti_header(path: Path) -> tuple[int, ...]:
         img: Any = nib.load(path)
         shape = tuple(int(s) for s in img.shape)
     except Exception as exc:
-        raise UnitError("nifti-corrupt", f"nibabel cannot read the header ({type(exc).__name__}: {_short(exc)})") from exc
+        raise UnitError(
+            "nifti-corrupt", f"nibabel cannot read the header ({type(exc).__name__}: {_short(exc)})"
+        ) from exc
     if len(shape) > 4 or (len(shape) == 4 and shape[3] > 1):
-        raise UnitError("nifti-4d", f"shape {shape}: only 2D/3D images are ingested; split the series "
-                                    "into one 3D file per volume (e.g. nibabel.funcs.four_to_three)")
+        raise UnitError(
+            "nifti-4d",
+            f"shape {shape}: only 2D/3D images are ingested; split the series "
+            "into one 3D file per volume (e.g. nibabel.funcs.four_to_three)",
+        )
     if len(shape) < 2 or min(shape) < 1:
         raise UnitError("nifti-corrupt", f"shape {shape} is not an image")
     return shape
@@ -108,8 +121,13 @@ def finish_volume(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np
     """
     canon = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine))
     data = np.ascontiguousarray(np.asanyarray(canon.dataobj))
-    if (data.size and np.all(np.isfinite(data)) and data.min() >= _INT16.min and data.max() <= _INT16.max
-            and np.array_equal(data, np.round(data))):
+    if (
+        data.size
+        and np.all(np.isfinite(data))
+        and data.min() >= _INT16.min
+        and data.max() <= _INT16.max
+        and np.array_equal(data, np.round(data))
+    ):
         data = data.astype(np.int16)
     spacing = [round(float(z), 6) for z in np.sqrt((canon.affine[:3, :3] ** 2).sum(axis=0))]
     return data, np.asarray(canon.affine, dtype=np.float64), spacing
@@ -166,8 +184,10 @@ def read_volume(manifest_dir: str | Path, row: Mapping[str, Any] | str) -> tuple
     rel = f"images/{row}.nii" if isinstance(row, str) else str(row["image_path"])
     path = Path(manifest_dir) / rel
     if not path.is_file():
-        raise DataError(f"image {rel} of {Path(manifest_dir) / 'manifest.parquet'} is missing; re-run "
-                        "medxfer ingest (it rewrites missing images)")
+        raise DataError(
+            f"image {rel} of {Path(manifest_dir) / 'manifest.parquet'} is missing; re-run "
+            "medxfer ingest (it rewrites missing images)"
+        )
     try:
         img: Any = nib.load(path)
         return np.asanyarray(img.dataobj).astype(np.float32), np.asarray(img.affine, dtype=np.float64)

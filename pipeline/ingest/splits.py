@@ -19,8 +19,10 @@ def check_fractions(val: float, test: float) -> None:
         if not isinstance(value, int | float) or not 0.0 <= float(value) < 1.0:
             raise ConfigError(f"split fraction {name}={value!r} must be a number in [0, 1); e.g. {name}=0.15")
     if val + test >= 1.0:
-        raise ConfigError(f"split fractions val={val} + test={test} leave nothing for train; "
-                          "their sum must be below 1 (e.g. val=0.15, test=0.15)")
+        raise ConfigError(
+            f"split fractions val={val} + test={test} leave nothing for train; "
+            "their sum must be below 1 (e.g. val=0.15, test=0.15)"
+        )
 
 
 def split_of(key: bytes, subject_id: str, seed: int, val: float, test: float) -> str:
@@ -35,8 +37,9 @@ def split_of(key: bytes, subject_id: str, seed: int, val: float, test: float) ->
     return "val" if u < 1.0 - test else "test"
 
 
-def assign_splits(subject_labels: Mapping[str, Iterable[str]], key: bytes, *, val: float, test: float,
-                  seed: int) -> tuple[dict[str, str], list[str]]:
+def assign_splits(
+    subject_labels: Mapping[str, Iterable[str]], key: bytes, *, val: float, test: float, seed: int
+) -> tuple[dict[str, str], list[str]]:
     """Assign every labelled subject to one split, stratified by label.
 
     Within each label stratum every subject is placed by its own keyed-hash draw, so each
@@ -68,6 +71,8 @@ def assign_splits(subject_labels: Mapping[str, Iterable[str]], key: bytes, *, va
     for lab, counts in sorted(strata.items()):
         empty = [s for s, frac in (("val", val), ("test", test)) if frac > 0 and counts[s] == 0]
         if empty:
-            warnings.append(f"label {lab!r}: {sum(counts.values())} subject(s), none in {' or '.join(empty)}; "
-                            "add patients or change the split seed")
+            warnings.append(
+                f"label {lab!r}: {sum(counts.values())} subject(s), none in {' or '.join(empty)}; "
+                "add patients or change the split seed"
+            )
     return splits, warnings

@@ -26,18 +26,37 @@ from pipeline.errors import DataError, MedxferError
 from pipeline.records import SPLITS
 from pipeline.report.sections import build_view
 
-ARTIFACTS = {"config": "config.json", "adaptation": "adaptation_summary.json",
-             "training": "training_summary.json", "evaluation": "evaluation.json"}
+ARTIFACTS = {
+    "config": "config.json",
+    "adaptation": "adaptation_summary.json",
+    "training": "training_summary.json",
+    "evaluation": "evaluation.json",
+}
 FIGURES = ("roc", "pr", "confusion", "reliability", "training_curves")
 COHORT_ATTRIBUTES = ("sex", "age_band", "site", "manufacturer", "modality")
-PACKAGES = ("medxfer", "torch", "torchvision", "timm", "monai", "mlflow", "numpy", "pandas",
-            "scikit-learn", "scipy", "pydicom", "nibabel", "jinja2", "matplotlib")
+PACKAGES = (
+    "medxfer",
+    "torch",
+    "torchvision",
+    "timm",
+    "monai",
+    "mlflow",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "scipy",
+    "pydicom",
+    "nibabel",
+    "jinja2",
+    "matplotlib",
+)
 _PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _CODE = re.compile(r"^[a-z0-9][a-z0-9 _.\-/()]{0,59}$")
 
 
-def write_report(run_id: str, out: str | Path, *, tracking_uri: str | None = None,
-                 manifest_dir: str | Path | None = None) -> Path:
+def write_report(
+    run_id: str, out: str | Path, *, tracking_uri: str | None = None, manifest_dir: str | Path | None = None
+) -> Path:
     """Write the self-contained HTML audit report of an MLflow run.
 
     Args:
@@ -66,14 +85,14 @@ def write_report(run_id: str, out: str | Path, *, tracking_uri: str | None = Non
 
 def render_report(context: dict[str, Any]) -> str:
     """Render a context (as `collect_context` returns; any part may be missing) to an HTML string."""
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True)
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     template = env.from_string((files("pipeline.report") / "template.html").read_text(encoding="utf-8"))
     return template.render(**build_view(context))
 
 
-def collect_context(run_id: str, tracking_uri: str | None = None,
-                    manifest_dir: str | Path | None = None) -> dict[str, Any]:
+def collect_context(
+    run_id: str, tracking_uri: str | None = None, manifest_dir: str | Path | None = None
+) -> dict[str, Any]:
     """Everything the report shows, as plain JSON-like data: MLflow record, artifacts, cohort counts.
 
     Only counts leave the manifest folder (no paths, no pseudonyms, no quarantine details). A
@@ -83,9 +102,14 @@ def collect_context(run_id: str, tracking_uri: str | None = None,
     uri = tracking.connect(tracking_uri)
     run = tracking.get_run(run_id)
     problems: list[str] = []
-    ctx: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "run": run, "problems": problems,
-                           "experiment": tracking.experiment_name(run["experiment_id"]),
-                           "generated_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    ctx: dict[str, Any] = {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "run": run,
+        "problems": problems,
+        "experiment": tracking.experiment_name(run["experiment_id"]),
+        "generated_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     ctx["run"]["start_time"] = _start_time(run)
     with tempfile.TemporaryDirectory(prefix="medxfer-report-") as tmp, _quiet_downloads():
         for key, name in ARTIFACTS.items():
@@ -141,8 +165,9 @@ def _read_json(run_id: str, name: str, tmp: Path, problems: list[str]) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        problems.append(f"artifact {name} of run {run_id} is unreadable ({type(exc).__name__}); "
-                        "re-run the stage that writes it")
+        problems.append(
+            f"artifact {name} of run {run_id} is unreadable ({type(exc).__name__}); re-run the stage that writes it"
+        )
         return None
 
 
@@ -175,12 +200,15 @@ def _manifest_parts(folder: Any, splits: Any, problems: list[str]) -> tuple[dict
         try:
             frame = pd.read_parquet(root / "manifest.parquet")
         except Exception as exc:  # pyarrow raises several types for a damaged file
-            problems.append(f"{root / 'manifest.parquet'} is unreadable ({type(exc).__name__}); re-run "
-                            "`medxfer ingest`")
+            problems.append(
+                f"{root / 'manifest.parquet'} is unreadable ({type(exc).__name__}); re-run `medxfer ingest`"
+            )
         ingest = _ingest_parts(root, problems)
     elif root is not None:
-        problems.append(f"manifest folder {root} holds no manifest.parquet: cohort and exclusions come "
-                        "from the run's splits.json only; pass manifest_dir to write_report to include them")
+        problems.append(
+            f"manifest folder {root} holds no manifest.parquet: cohort and exclusions come "
+            "from the run's splits.json only; pass manifest_dir to write_report to include them"
+        )
     source = "manifest"
     if frame is None and isinstance(splits, dict):
         try:
@@ -204,28 +232,49 @@ def cohort_tables(frame: pd.DataFrame) -> dict[str, Any]:
     """Counts of images and patients by split and class, and of images by subgroup attribute × split."""
     if "split" not in frame.columns or "label" not in frame.columns:
         raise DataError(f"manifest: needs 'split' and 'label' columns, found {sorted(frame.columns)}")
-    frame = frame.assign(split=frame["split"].fillna("").astype(str).replace("", "unlabelled"),
-                         label=frame["label"].fillna("").astype(str))
+    frame = frame.assign(
+        split=frame["split"].fillna("").astype(str).replace("", "unlabelled"),
+        label=frame["label"].fillna("").astype(str),
+    )
     splits = [s for s in (*SPLITS, "unlabelled") if s in set(frame["split"])]
     classes = sorted({c for c in frame["label"] if c}, key=_class_key)
     rows = []
     for split in [*splits, "total"]:
         part = frame if split == "total" else frame[frame["split"] == split]
         counts = part["label"].value_counts()
-        rows.append([split, len(part), part["subject_id"].nunique() if "subject_id" in part else None,
-                     *[int(counts.get(c, 0)) for c in classes]])
-    out: dict[str, Any] = {"splits": splits, "classes": classes, "by_split": rows,
-                           "n_images": len(frame), "attributes": []}
+        rows.append(
+            [
+                split,
+                len(part),
+                part["subject_id"].nunique() if "subject_id" in part else None,
+                *[int(counts.get(c, 0)) for c in classes],
+            ]
+        )
+    out: dict[str, Any] = {
+        "splits": splits,
+        "classes": classes,
+        "by_split": rows,
+        "n_images": len(frame),
+        "attributes": [],
+    }
     for attr in COHORT_ATTRIBUTES:
         if attr not in frame.columns:
             continue
         values = frame[attr].fillna("").astype(str).replace("", "missing")
         table = pd.crosstab(values, frame["split"]).reindex(columns=splits, fill_value=0)
-        out["attributes"].append({"name": attr, "rows": [[str(v), *map(int, table.loc[v]), int(table.loc[v].sum())]
-                                                         for v in sorted(table.index, key=_class_key)]})
+        out["attributes"].append(
+            {
+                "name": attr,
+                "rows": [
+                    [str(v), *map(int, table.loc[v]), int(table.loc[v].sum())]
+                    for v in sorted(table.index, key=_class_key)
+                ],
+            }
+        )
     if "warnings" in frame.columns:
-        flagged = Counter(_code(w) for cell in frame["warnings"].fillna("").astype(str)
-                          for w in cell.split(";") if w.strip())
+        flagged = Counter(
+            _code(w) for cell in frame["warnings"].fillna("").astype(str) for w in cell.split(";") if w.strip()
+        )
         out["flagged"] = dict(flagged.most_common())
         out["n_flagged"] = int((frame["warnings"].fillna("").astype(str).str.strip() != "").sum())
     return out
@@ -240,8 +289,13 @@ def _class_key(value: str) -> tuple[int, float | str]:
 
 def _ingest_parts(root: Path, problems: list[str]) -> dict[str, Any]:
     """Quarantine counts by reason, and counts, label problems and warnings from ingest_report.json."""
-    out: dict[str, Any] = {"quarantine": None, "counts": None, "label_problems": None, "warnings": [],
-                           "unit_warnings": None}
+    out: dict[str, Any] = {
+        "quarantine": None,
+        "counts": None,
+        "label_problems": None,
+        "warnings": [],
+        "unit_warnings": None,
+    }
     qpath = root / "quarantine.csv"
     if qpath.is_file():
         with qpath.open(newline="", encoding="utf-8", errors="replace") as fh:
@@ -324,8 +378,14 @@ def _baseline(run: dict[str, Any], problems: list[str]) -> dict[str, Any] | None
             problems.append(f"baseline search failed: {exc}")
     candidates = [r for r in found.values() if r["run_id"] != run["run_id"]]
     same_data = run["tags"].get("manifest_hash")
-    candidates.sort(key=lambda r: ("test_auroc" in r["metrics"], r["tags"].get("manifest_hash") == same_data,
-                                   r.get("start_time") or 0), reverse=True)
+    candidates.sort(
+        key=lambda r: (
+            "test_auroc" in r["metrics"],
+            r["tags"].get("manifest_hash") == same_data,
+            r.get("start_time") or 0,
+        ),
+        reverse=True,
+    )
     return candidates[0] if candidates else None
 
 

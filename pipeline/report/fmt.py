@@ -95,8 +95,9 @@ def as_floats(x: Any) -> list[float | None]:
     return [as_float(v) for v in x]
 
 
-def table(head: list[str], rows: list[list[Any]], caption: str | None = None,
-          numeric: list[bool] | None = None) -> dict[str, Any]:
+def table(
+    head: list[str], rows: list[list[Any]], caption: str | None = None, numeric: list[bool] | None = None
+) -> dict[str, Any]:
     """A table block; numeric columns (every cell a number or '—', unless given) are right-aligned."""
     width = max([len(head), *[len(r) for r in rows]])
     cells = [[str(c) for c in row] + [""] * (width - len(row)) for row in rows]
@@ -127,8 +128,10 @@ def pre(text: str, caption: str | None = None) -> dict[str, Any]:
 
 def figures(items: list[tuple[str, str | None]], figs: dict[str, str]) -> dict[str, Any]:
     """Figures that exist among (name, caption); a missing one becomes a 'not available' caption."""
-    out = [{"src": f"data:image/png;base64,{figs[name]}" if figs.get(name) else None, "caption": cap,
-            "name": name} for name, cap in items]
+    out = [
+        {"src": f"data:image/png;base64,{figs[name]}" if figs.get(name) else None, "caption": cap, "name": name}
+        for name, cap in items
+    ]
     return {"type": "figures", "items": out}
 
 

@@ -34,8 +34,17 @@ _HEADS = ("head.", "classifier.", "fc.", "_fc.")  # replaced on purpose: new hea
 
 
 def _not_evaluated(sid: str, title: str, f: Facts) -> dict[str, Any]:
-    return section(sid, title, [note(f"Not available: run {f.run_id} has not been evaluated. Run `medxfer evaluate "
-                                     f"CONFIG --run {f.run_id}` and re-render this report.", NA)])
+    return section(
+        sid,
+        title,
+        [
+            note(
+                f"Not available: run {f.run_id} has not been evaluated. Run `medxfer evaluate "
+                f"CONFIG --run {f.run_id}` and re-render this report.",
+                NA,
+            )
+        ],
+    )
 
 
 def performance_section(f: Facts) -> dict[str, Any]:
@@ -43,31 +52,68 @@ def performance_section(f: Facts) -> dict[str, Any]:
         return _not_evaluated("performance", "Test performance", f)
     m, e = f.metrics, f.evaluation
     d = e.get("discrimination") or {}
-    rows = [("AUROC (95% CI, patient bootstrap)", with_ci(m.get("test_auroc"), m.get("test_auroc_ci_low"),
-                                                          m.get("test_auroc_ci_high"))),
-            ("AUPRC", num(m.get("test_auprc"))), ("Accuracy (arg-max)", num(m.get("test_accuracy"))),
-            ("Balanced accuracy", num(m.get("test_balanced_accuracy"))), ("F1", num(m.get("test_f1"))),
-            ("Test images / patients", f"{count(m.get('test_n_images'))} / {count(m.get('test_n_patients'))}"),
-            ("Bootstrap resamples", f.setting("evaluate.bootstrap"))]
-    blocks: list[dict[str, Any]] = [kv(rows), figures([("roc", "ROC curve (test) with operating points"),
-                                                       ("pr", "Precision–recall curve (test)"),
-                                                       ("confusion", "Confusion matrix (test, arg-max)")], f.figures)]
+    rows = [
+        (
+            "AUROC (95% CI, patient bootstrap)",
+            with_ci(m.get("test_auroc"), m.get("test_auroc_ci_low"), m.get("test_auroc_ci_high")),
+        ),
+        ("AUPRC", num(m.get("test_auprc"))),
+        ("Accuracy (arg-max)", num(m.get("test_accuracy"))),
+        ("Balanced accuracy", num(m.get("test_balanced_accuracy"))),
+        ("F1", num(m.get("test_f1"))),
+        ("Test images / patients", f"{count(m.get('test_n_images'))} / {count(m.get('test_n_patients'))}"),
+        ("Bootstrap resamples", f.setting("evaluate.bootstrap")),
+    ]
+    blocks: list[dict[str, Any]] = [
+        kv(rows),
+        figures(
+            [
+                ("roc", "ROC curve (test) with operating points"),
+                ("pr", "Precision–recall curve (test)"),
+                ("confusion", "Confusion matrix (test, arg-max)"),
+            ],
+            f.figures,
+        ),
+    ]
     ops = [o for o in e.get("operating_points") or [] if isinstance(o, dict)]
     if ops:
-        head = ["rule", "threshold", "val sens", "val spec", "test sens", "test spec", "test PPV", "test NPV",
-                "TP", "FP", "TN", "FN"]
-        rows_ = [[o.get("rule", DASH), num(o.get("threshold")), *[num((o.get("val") or {}).get(k)) for k in
-                                                                   ("sensitivity", "specificity")],
-                  *[num((o.get("test") or {}).get(k)) for k in ("sensitivity", "specificity", "ppv", "npv")],
-                  *[count((o.get("test") or {}).get(k)) for k in ("tp", "fp", "tn", "fn")]] for o in ops]
+        head = [
+            "rule",
+            "threshold",
+            "val sens",
+            "val spec",
+            "test sens",
+            "test spec",
+            "test PPV",
+            "test NPV",
+            "TP",
+            "FP",
+            "TN",
+            "FN",
+        ]
+        rows_ = [
+            [
+                o.get("rule", DASH),
+                num(o.get("threshold")),
+                *[num((o.get("val") or {}).get(k)) for k in ("sensitivity", "specificity")],
+                *[num((o.get("test") or {}).get(k)) for k in ("sensitivity", "specificity", "ppv", "npv")],
+                *[count((o.get("test") or {}).get(k)) for k in ("tp", "fp", "tn", "fn")],
+            ]
+            for o in ops
+        ]
         blocks.append(table(head, rows_, "Operating points: thresholds chosen on validation, frozen for test"))
     elif e:
         blocks.append(note("No operating points: they are defined for binary tasks only.", NA))
     cm = d.get("confusion_matrix")
     if isinstance(cm, list) and cm:
         names = f.classes if len(f.classes) == len(cm) else [str(i) for i in range(len(cm))]
-        blocks.append(table(["true \\ predicted", *names], [[names[i], *[count(v) for v in row]]
-                                                            for i, row in enumerate(cm)], "Confusion matrix counts"))
+        blocks.append(
+            table(
+                ["true \\ predicted", *names],
+                [[names[i], *[count(v) for v in row]] for i, row in enumerate(cm)],
+                "Confusion matrix counts",
+            )
+        )
     for text in e.get("notes") or []:
         blocks.append(note(str(text)))
     return section("performance", "Test performance", blocks)
@@ -80,26 +126,57 @@ def calibration_section(f: Facts) -> dict[str, Any]:
     rel = f.evaluation.get("reliability") or {}
     n_bins = int(as_float(m.get("ece_n_bins")) or as_float(rel.get("n_bins")) or 15)
     method = f.setting("evaluate.calibration", DASH)
-    rows = [[name, num(m.get(f"test_{key}_uncalibrated")), num(m.get(f"test_{key}"))]
-            for name, key in (("ECE", "ece"), ("Brier score (sum over classes, 0–2)", "brier"), ("NLL", "nll"))]
-    extra = [("Method (fitted on validation)", method),
-             ("Temperature T", num(m.get("temperature"), 3) if as_float(m.get("temperature")) else None),
-             ("Bins", f"{n_bins} equal-width confidence bins (top label)"),
-             ("MCE (after)", num(m.get("test_mce"))), ("Class-wise ECE (after)", num(m.get("test_classwise_ece"))),
-             ("Calibration slope / intercept (after)", f"{num(m.get('test_calibration_slope'), 2)} / "
-                                                       f"{num(m.get('test_calibration_intercept'), 2)} (ideal 1 / 0)")]
-    blocks = [group([table(["metric", "before", "after"], rows, "Test-set calibration before and after " + str(method)),
-                     kv(extra)])]
+    rows = [
+        [name, num(m.get(f"test_{key}_uncalibrated")), num(m.get(f"test_{key}"))]
+        for name, key in (("ECE", "ece"), ("Brier score (sum over classes, 0–2)", "brier"), ("NLL", "nll"))
+    ]
+    extra = [
+        ("Method (fitted on validation)", method),
+        ("Temperature T", num(m.get("temperature"), 3) if as_float(m.get("temperature")) else None),
+        ("Bins", f"{n_bins} equal-width confidence bins (top label)"),
+        ("MCE (after)", num(m.get("test_mce"))),
+        ("Class-wise ECE (after)", num(m.get("test_classwise_ece"))),
+        (
+            "Calibration slope / intercept (after)",
+            f"{num(m.get('test_calibration_slope'), 2)} / {num(m.get('test_calibration_intercept'), 2)} (ideal 1 / 0)",
+        ),
+    ]
+    blocks = [
+        group(
+            [
+                table(["metric", "before", "after"], rows, "Test-set calibration before and after " + str(method)),
+                kv(extra),
+            ]
+        )
+    ]
     fig = figures([("reliability", "Reliability diagram, before and after calibration")], f.figures)
     after = rel.get("after") or {}
     edges, counts = as_floats(after.get("edges")), as_floats(after.get("count"))
     conf, acc = as_floats(after.get("confidence")), as_floats(after.get("accuracy"))
     if counts and len(edges) == len(counts) + 1 and len(conf) == len(acc) == len(counts):
-        body = [[f"{num(edges[i], 2)}–{num(edges[i + 1], 2)}", count(counts[i]), num(conf[i]), num(acc[i]),
-                 num(abs(acc[i] - conf[i]) if acc[i] is not None and conf[i] is not None else None)]  # type: ignore[operator]
-                for i in range(len(counts)) if counts[i]]
-        blocks.append(group([fig, table(["confidence bin", "images", "mean confidence", "accuracy", "gap"], body,
-                                        f"Reliability bins after calibration (non-empty of {len(counts)})")]))
+        body = [
+            [
+                f"{num(edges[i], 2)}–{num(edges[i + 1], 2)}",
+                count(counts[i]),
+                num(conf[i]),
+                num(acc[i]),
+                num(abs(acc[i] - conf[i]) if acc[i] is not None and conf[i] is not None else None),
+            ]  # type: ignore[operator]
+            for i in range(len(counts))
+            if counts[i]
+        ]
+        blocks.append(
+            group(
+                [
+                    fig,
+                    table(
+                        ["confidence bin", "images", "mean confidence", "accuracy", "gap"],
+                        body,
+                        f"Reliability bins after calibration (non-empty of {len(counts)})",
+                    ),
+                ]
+            )
+        )
     else:
         blocks.append(fig)
     return section("calibration", "Calibration", blocks)
@@ -111,58 +188,138 @@ def subgroups_section(f: Facts) -> dict[str, Any]:
     rows = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict)]
     if not rows:
         wanted = f.setting("evaluate.subgroups") or []
-        return section("subgroups", "Subgroups", [note(f"No subgroup results (configured: {wanted or 'none'}); the "
-                                                       "attributes may be absent from the manifest.", NA)])
-    head = ["attribute", "group", "images", "patients", "positives", "prevalence", "AUROC", "95% CI",
-            "sensitivity", "specificity", "flag"]
-    body = [[str(r.get("attribute")).replace("_", " "), r.get("value"), count(r.get("n")), count(r.get("n_patients")), count(r.get("n_pos")),
-             num(r.get("prevalence"), 2), num(r.get("auroc")), ci(r.get("ci_low"), r.get("ci_high"), 3),
-             num(r.get("sensitivity")), num(r.get("specificity")),
-             "too\u00a0few" if r.get("too_few") else ""] for r in rows]
+        return section(
+            "subgroups",
+            "Subgroups",
+            [
+                note(
+                    f"No subgroup results (configured: {wanted or 'none'}); the "
+                    "attributes may be absent from the manifest.",
+                    NA,
+                )
+            ],
+        )
+    head = [
+        "attribute",
+        "group",
+        "images",
+        "patients",
+        "positives",
+        "prevalence",
+        "AUROC",
+        "95% CI",
+        "sensitivity",
+        "specificity",
+        "flag",
+    ]
+    body = [
+        [
+            str(r.get("attribute")).replace("_", " "),
+            r.get("value"),
+            count(r.get("n")),
+            count(r.get("n_patients")),
+            count(r.get("n_pos")),
+            num(r.get("prevalence"), 2),
+            num(r.get("auroc")),
+            ci(r.get("ci_low"), r.get("ci_high"), 3),
+            num(r.get("sensitivity")),
+            num(r.get("specificity")),
+            "too\u00a0few" if r.get("too_few") else "",
+        ]
+        for r in rows
+    ]
     n_few = sum(1 for r in rows if r.get("too_few"))
     blocks = [table(head, body, "Test-set subgroups; sensitivity and specificity at the first operating point")]
-    text = ("CIs resample patients. Groups with fewer than 10 positives or negatives are flagged \u201ctoo few\u201d "
-            "and get no AUROC; differences between small groups are not evidence of bias, nor of its absence.")
-    blocks.append(note(text if not n_few else f"{n_few} group(s) flagged as too small. {text}",
-                       "warn" if n_few else "info"))
+    text = (
+        "CIs resample patients. Groups with fewer than 10 positives or negatives are flagged \u201ctoo few\u201d "
+        "and get no AUROC; differences between small groups are not evidence of bias, nor of its absence."
+    )
+    blocks.append(
+        note(text if not n_few else f"{n_few} group(s) flagged as too small. {text}", "warn" if n_few else "info")
+    )
     return section("subgroups", "Subgroups", blocks)
 
 
 def transfer_section(f: Facts) -> dict[str, Any]:
     if str(f.setting("model.weights")) == "none":
-        return section("transfer", "Transfer gain", [note("This run is itself trained from scratch (model.weights = "
-                                                          "none): it is the baseline for pretrained runs of this "
-                                                          "experiment.")])
+        return section(
+            "transfer",
+            "Transfer gain",
+            [
+                note(
+                    "This run is itself trained from scratch (model.weights = "
+                    "none): it is the baseline for pretrained runs of this "
+                    "experiment."
+                )
+            ],
+        )
     b = f.baseline
     if not b:
-        how = ("# copy the config, set model.weights: none (and finetune.strategy: finetune: a linear probe\n"
-               "# on random features measures nothing), keep experiment and tracking.uri, then:\n"
-               "medxfer run config-scratch.yaml\n"
-               f"medxfer report --run {f.run_id} --out report.html   # the gain then appears here")
-        return section("transfer", "Transfer gain", [note("No from-scratch run (model.weights = none) found in this "
-                                                          "experiment, so the gain from ImageNet pretraining is not "
-                                                          "measured.", NA), pre(how, "How to produce one")])
+        how = (
+            "# copy the config, set model.weights: none (and finetune.strategy: finetune: a linear probe\n"
+            "# on random features measures nothing), keep experiment and tracking.uri, then:\n"
+            "medxfer run config-scratch.yaml\n"
+            f"medxfer report --run {f.run_id} --out report.html   # the gain then appears here"
+        )
+        return section(
+            "transfer",
+            "Transfer gain",
+            [
+                note(
+                    "No from-scratch run (model.weights = none) found in this "
+                    "experiment, so the gain from ImageNet pretraining is not "
+                    "measured.",
+                    NA,
+                ),
+                pre(how, "How to produce one"),
+            ],
+        )
     m, bm = f.metrics, b.get("metrics") or {}
     rows = []
-    for name, key, digits in (("test AUROC", "test_auroc", 3), ("test AUPRC", "test_auprc", 3),
-                              ("sensitivity", "test_sensitivity", 3), ("specificity", "test_specificity", 3),
-                              ("ECE", "test_ece", 3), ("Brier", "test_brier", 3)):
+    for name, key, digits in (
+        ("test AUROC", "test_auroc", 3),
+        ("test AUPRC", "test_auprc", 3),
+        ("sensitivity", "test_sensitivity", 3),
+        ("specificity", "test_specificity", 3),
+        ("ECE", "test_ece", 3),
+        ("Brier", "test_brier", 3),
+    ):
         a, z = as_float(m.get(key)), as_float(bm.get(key))
-        rows.append([name, num(a, digits), num(z, digits), f"{a - z:+.{digits}f}" if a is not None and z is not None
-                     else DASH])
-    rows.insert(1, ["AUROC 95% CI", ci(m.get("test_auroc_ci_low"), m.get("test_auroc_ci_high"), 3),
-                    ci(bm.get("test_auroc_ci_low"), bm.get("test_auroc_ci_high"), 3), ""])
-    rows += [["epochs run", count(m.get("epochs_run")), count(bm.get("epochs_run")), ""],
-             ["training time", duration(m.get("train_seconds")), duration(bm.get("train_seconds")), ""]]
-    blocks = [table(["metric", "this run", "from scratch", "difference"], rows,
-                    f"This run vs from-scratch run {b.get('run_id')}")]
+        rows.append(
+            [name, num(a, digits), num(z, digits), f"{a - z:+.{digits}f}" if a is not None and z is not None else DASH]
+        )
+    rows.insert(
+        1,
+        [
+            "AUROC 95% CI",
+            ci(m.get("test_auroc_ci_low"), m.get("test_auroc_ci_high"), 3),
+            ci(bm.get("test_auroc_ci_low"), bm.get("test_auroc_ci_high"), 3),
+            "",
+        ],
+    )
+    rows += [
+        ["epochs run", count(m.get("epochs_run")), count(bm.get("epochs_run")), ""],
+        ["training time", duration(m.get("train_seconds")), duration(bm.get("train_seconds")), ""],
+    ]
+    blocks = [
+        table(
+            ["metric", "this run", "from scratch", "difference"],
+            rows,
+            f"This run vs from-scratch run {b.get('run_id')}",
+        )
+    ]
     if (b.get("tags") or {}).get("manifest_hash") != f.tags.get("manifest_hash"):
-        blocks.append(note("The from-scratch run used a different manifest: the comparison is not like for like.",
-                           "warn"))
+        blocks.append(
+            note("The from-scratch run used a different manifest: the comparison is not like for like.", "warn")
+        )
     if "test_auroc" not in bm:
         blocks.append(note("The from-scratch run has not been evaluated yet.", NA))
-    blocks.append(para("Overlapping CIs do not rule out a difference; a paired test on the same patients "
-                       "(DeLong or paired bootstrap, pipeline.evaluate) is the proper comparison."))
+    blocks.append(
+        para(
+            "Overlapping CIs do not rule out a difference; a paired test on the same patients "
+            "(DeLong or paired bootstrap, pipeline.evaluate) is the proper comparison."
+        )
+    )
     return section("transfer", "Transfer gain", blocks)
 
 
@@ -170,13 +327,29 @@ def provenance_section(f: Facts) -> dict[str, Any]:
     t, c = f.tags, f.context
     hash_now = f.cohort.get("manifest_hash")
     mhash = t.get("manifest_hash")
-    rows = [("MLflow run", f.run_id), ("Experiment", f"{f.experiment or DASH} (id {f.run.get('experiment_id', DASH)})"),
-            ("Tracking store", c.get("tracking_uri")), ("Run status", f.run.get("status")),
-            ("Model URI", t.get("model_uri")), ("Registered model (name/version)", t.get("registered_model")),
-            ("Git commit", t.get("git_commit")), ("Config hash", t.get("config_hash")),
-            ("Manifest hash", (mhash or DASH) + ("" if not hash_now else " (matches the manifest read for this report)"
-                                                 if hash_now == mhash else f" (manifest now {hash_now}: changed since)")),
-            ("Prepare hash", t.get("prepare_hash")), ("Weights sha256", t.get("weights_sha256"))]
+    rows = [
+        ("MLflow run", f.run_id),
+        ("Experiment", f"{f.experiment or DASH} (id {f.run.get('experiment_id', DASH)})"),
+        ("Tracking store", c.get("tracking_uri")),
+        ("Run status", f.run.get("status")),
+        ("Model URI", t.get("model_uri")),
+        ("Registered model (name/version)", t.get("registered_model")),
+        ("Git commit", t.get("git_commit")),
+        ("Config hash", t.get("config_hash")),
+        (
+            "Manifest hash",
+            (mhash or DASH)
+            + (
+                ""
+                if not hash_now
+                else " (matches the manifest read for this report)"
+                if hash_now == mhash
+                else f" (manifest now {hash_now}: changed since)"
+            ),
+        ),
+        ("Prepare hash", t.get("prepare_hash")),
+        ("Weights sha256", t.get("weights_sha256")),
+    ]
     blocks: list[dict[str, Any]] = [kv(rows)]
     logged = {}
     reqs = c.get("requirements")
@@ -186,14 +359,28 @@ def provenance_section(f: Facts) -> dict[str, Any]:
     env: dict[str, Any] = c["environment"] if isinstance(c.get("environment"), dict) else {}
     names = list(dict.fromkeys([*logged, *env]))
     if names:
-        blocks.append(table(["package", "logged with the model", "this report's environment"],
-                            [[n, logged.get(n, DASH), env.get(n, DASH)] for n in names], "Package versions",
-                            [False, False, False]))
+        blocks.append(
+            table(
+                ["package", "logged with the model", "this report's environment"],
+                [[n, logged.get(n, DASH), env.get(n, DASH)] for n in names],
+                "Package versions",
+                [False, False, False],
+            )
+        )
     blocks.append(pre(_reproduce(f), "Reproduce this run"))
     if f.config:
-        blocks.append(pre(yaml.dump(json.loads(json.dumps(f.config, default=str)), Dumper=_ConfigDumper,
-                                    sort_keys=False, default_flow_style=False, width=100),
-                          f"Config (the run's config.json as YAML; hash {t.get('config_hash', DASH)})"))
+        blocks.append(
+            pre(
+                yaml.dump(
+                    json.loads(json.dumps(f.config, default=str)),
+                    Dumper=_ConfigDumper,
+                    sort_keys=False,
+                    default_flow_style=False,
+                    width=100,
+                ),
+                f"Config (the run's config.json as YAML; hash {t.get('config_hash', DASH)})",
+            )
+        )
     else:
         blocks.append(note("config.json not available for this run.", NA))
     return section("provenance", "Provenance", blocks)
@@ -209,10 +396,14 @@ _ConfigDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.
 def _reproduce(f: Facts) -> str:
     uri = f.context.get("tracking_uri") or "sqlite:///mlflow.db"
     commit = f.tags.get("git_commit")
-    lines = [f"git checkout {commit}" if commit and commit != "unknown" else "# git commit unknown: use the same "
-             "medxfer version", f"export MLFLOW_TRACKING_URI={uri}",
-             f"mlflow artifacts download --run-id {f.run_id} --artifact-path config.json --dst-path repro",
-             "medxfer run repro/config.json"]
+    lines = [
+        f"git checkout {commit}"
+        if commit and commit != "unknown"
+        else "# git commit unknown: use the same medxfer version",
+        f"export MLFLOW_TRACKING_URI={uri}",
+        f"mlflow artifacts download --run-id {f.run_id} --artifact-path config.json --dst-path repro",
+        "medxfer run repro/config.json",
+    ]
     return "\n".join(lines)
 
 
@@ -230,18 +421,23 @@ def warning_lines(f: Facts) -> list[dict[str, str]]:
         add(f"MLflow run status is {f.run.get('status')}: the run may be incomplete.")
     hash_now, mhash = f.cohort.get("manifest_hash"), f.tags.get("manifest_hash")
     if hash_now and mhash and hash_now != mhash:
-        add(f"The manifest changed since training (hash {mhash} at training, {hash_now} now): cohort and exclusion "
-            "tables describe the current manifest.")
+        add(
+            f"The manifest changed since training (hash {mhash} at training, {hash_now} now): cohort and exclusion "
+            "tables describe the current manifest."
+        )
     q = (f.ingest.get("quarantine") or {}) if f.ingest else {}
     if q:
         add(f"{sum(q.values())} file(s) were quarantined at ingest ({', '.join(q)}); see Exclusions.", "info")
     if f.cohort.get("n_flagged"):
         add(f"{f.cohort['n_flagged']} image unit(s) carry ingest warnings; see Exclusions.", "info")
-    odd = [str(k) for k in a.get("missing_keys") or [] if not str(k).startswith(_HEADS)] + \
-          [str(k) for k in a.get("unexpected_keys") or [] if not str(k).startswith(_HEADS)]
+    odd = [str(k) for k in a.get("missing_keys") or [] if not str(k).startswith(_HEADS)] + [
+        str(k) for k in a.get("unexpected_keys") or [] if not str(k).startswith(_HEADS)
+    ]
     if odd:
-        add(f"Loading the pretrained weights left {len(odd)} tensor(s) outside the classifier head unmatched "
-            f"({', '.join(odd[:4])}{', …' if len(odd) > 4 else ''}): those layers are not pretrained.")
+        add(
+            f"Loading the pretrained weights left {len(odd)} tensor(s) outside the classifier head unmatched "
+            f"({', '.join(odd[:4])}{', …' if len(odd) > 4 else ''}): those layers are not pretrained."
+        )
     lo, hi = as_float(m.get("test_auroc_ci_low")), as_float(m.get("test_auroc_ci_high"))
     if lo is not None and hi is not None and hi - lo > 0.2:
         add(f"The test AUROC CI is wide ({hi - lo:.2f}): the test set is small for firm conclusions.")
@@ -250,9 +446,12 @@ def warning_lines(f: Facts) -> list[dict[str, str]]:
         add(f"Calibration made test ECE worse ({ece_b:.3f} → {ece_a:.3f}): the validation split may be too small.")
     few = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict) and r.get("too_few")]
     if few:
-        add(f"{len(few)} subgroup(s) too small for an AUROC: "
-            + ", ".join(f"{str(r.get('attribute')).replace('_', ' ')} = {r.get('value')}" for r in few[:8]) + ("…" if len(few) > 8 else ""),
-            "info")
+        add(
+            f"{len(few)} subgroup(s) too small for an AUROC: "
+            + ", ".join(f"{str(r.get('attribute')).replace('_', ' ')} = {r.get('value')}" for r in few[:8])
+            + ("…" if len(few) > 8 else ""),
+            "info",
+        )
     for text in f.evaluation.get("notes") or []:
         add(str(text), "info")
     if str(f.setting("model.weights")) != "none" and not f.baseline:

@@ -66,8 +66,15 @@ class Facts:
 
     @property
     def classes(self) -> list[str]:
-        return [str(c) for c in (self.evaluation.get("classes") or as_list(self.params.get("classes"))
-                                 or self.cohort.get("classes") or [])]
+        return [
+            str(c)
+            for c in (
+                self.evaluation.get("classes")
+                or as_list(self.params.get("classes"))
+                or self.cohort.get("classes")
+                or []
+            )
+        ]
 
     @property
     def evaluated(self) -> bool:
@@ -76,18 +83,31 @@ class Facts:
 
 def facts(context: dict[str, Any]) -> Facts:
     """Read a context defensively: every part may be missing or None."""
+
     def d(x: Any) -> dict[str, Any]:
         return x if isinstance(x, dict) else {}
 
     c = d(context)
     run = d(c.get("run"))
 
-    return Facts(run_id=str(c.get("run_id") or run.get("run_id") or "unknown"), experiment=c.get("experiment"),
-                 params=d(run.get("params")), metrics=d(run.get("metrics")), tags=d(run.get("tags")),
-                 history=d(run.get("history")), run=d(run), config=d(c.get("config")),
-                 adaptation=d(c.get("adaptation")), training=d(c.get("training")),
-                 evaluation=d(c.get("evaluation")), figures=d(c.get("figures")), cohort=d(c.get("cohort")),
-                 ingest=d(c.get("ingest")), baseline=d(c.get("baseline")) or None, context=c)
+    return Facts(
+        run_id=str(c.get("run_id") or run.get("run_id") or "unknown"),
+        experiment=c.get("experiment"),
+        params=d(run.get("params")),
+        metrics=d(run.get("metrics")),
+        tags=d(run.get("tags")),
+        history=d(run.get("history")),
+        run=d(run),
+        config=d(c.get("config")),
+        adaptation=d(c.get("adaptation")),
+        training=d(c.get("training")),
+        evaluation=d(c.get("evaluation")),
+        figures=d(c.get("figures")),
+        cohort=d(c.get("cohort")),
+        ingest=d(c.get("ingest")),
+        baseline=d(c.get("baseline")) or None,
+        context=c,
+    )
 
 
 def build_view(context: dict[str, Any]) -> dict[str, Any]:
@@ -98,22 +118,32 @@ def build_view(context: dict[str, Any]) -> dict[str, Any]:
     except _SHAPE_ERRORS as exc:
         warnings = [{"level": "warn", "text": f"warnings could not be collected ({type(exc).__name__}: {exc})"}]
     builders: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
-        ("summary", "Summary", lambda: summary_section(f, warnings)), ("cohort", "Cohort", lambda: cohort_section(f)),
+        ("summary", "Summary", lambda: summary_section(f, warnings)),
+        ("cohort", "Cohort", lambda: cohort_section(f)),
         ("exclusions", "Exclusions", lambda: exclusions_section(f)),
         ("preprocessing", "Preprocessing", lambda: preprocessing_section(f)),
-        ("model", "Model card", lambda: model_section(f)), ("training", "Training", lambda: training_section(f)),
+        ("model", "Model card", lambda: model_section(f)),
+        ("training", "Training", lambda: training_section(f)),
         ("performance", "Test performance", lambda: performance_section(f)),
         ("calibration", "Calibration", lambda: calibration_section(f)),
         ("subgroups", "Subgroups", lambda: subgroups_section(f)),
         ("transfer", "Transfer gain", lambda: transfer_section(f)),
-        ("provenance", "Provenance", lambda: provenance_section(f))]
+        ("provenance", "Provenance", lambda: provenance_section(f)),
+    ]
     sections = [_guarded(sid, title, build) for sid, title, build in builders]
-    sections.append(section("warnings", "Warnings", [{"type": "warnings", "items": warnings}] if warnings
-                            else [note("No warnings.")]))
+    sections.append(
+        section(
+            "warnings", "Warnings", [{"type": "warnings", "items": warnings}] if warnings else [note("No warnings.")]
+        )
+    )
     title = f"Audit report: {f.experiment or f.setting('experiment') or 'medxfer run'}"
-    header = [("run", f.run_id), ("experiment", f.experiment or f.setting("experiment") or DASH),
-              ("trained", f.run.get("start_time") or DASH), ("generated", f.context.get("generated_at") or DASH),
-              ("status", f.tags.get("stage") or f.run.get("status") or DASH)]
+    header = [
+        ("run", f.run_id),
+        ("experiment", f.experiment or f.setting("experiment") or DASH),
+        ("trained", f.run.get("start_time") or DASH),
+        ("generated", f.context.get("generated_at") or DASH),
+        ("status", f.tags.get("stage") or f.run.get("status") or DASH),
+    ]
     return {"title": title, "header": header, "sections": sections, "version": __version__}
 
 
@@ -125,9 +155,17 @@ def _guarded(sid: str, title: str, build: Callable[[], dict[str, Any]]) -> dict[
     try:
         return build()
     except _SHAPE_ERRORS as exc:
-        return section(sid, title, [note(f"This section could not be rendered: the run's data for it is malformed "
-                                         f"({type(exc).__name__}: {exc}). The other sections are unaffected.",
-                                         "warn")])
+        return section(
+            sid,
+            title,
+            [
+                note(
+                    f"This section could not be rendered: the run's data for it is malformed "
+                    f"({type(exc).__name__}: {exc}). The other sections are unaffected.",
+                    "warn",
+                )
+            ],
+        )
 
 
 def headline(f: Facts) -> str | None:
@@ -149,8 +187,16 @@ def headline(f: Facts) -> str | None:
 def _task(f: Facts) -> str:
     classes = f.classes
     kind = "binary" if len(classes) == 2 else f"{len(classes)}-class" if classes else "classification"
-    modality = "/".join(str(r[0]) for a in f.cohort.get("attributes", []) if a.get("name") == "modality"
-                        for r in a.get("rows", []) if r[0] != "missing") or None
+    modality = (
+        "/".join(
+            str(r[0])
+            for a in f.cohort.get("attributes", [])
+            if a.get("name") == "modality"
+            for r in a.get("rows", [])
+            if r[0] != "missing"
+        )
+        or None
+    )
     dims = f.setting("prepare.dims")
     what = " ".join(x for x in (modality, f"{dims.upper()}" if dims else None, "images") if x)
     text = f"{kind.capitalize()} classification of {what}" if classes else f"Classification of {what}"
@@ -162,22 +208,29 @@ def _task(f: Facts) -> str:
 def _model_line(f: Facts) -> str:
     weights = f.setting("model.weights", DASH)
     sha = f.adaptation.get("weights_sha256") or f.params.get("weights_sha256")
-    parts = [str(f.setting("model.backbone", "unknown backbone")),
-             f"{weights} weights" + (f" (sha256 {sha[:12]}…)" if sha and sha != "none" else ""),
-             f"strategy {f.setting('finetune.strategy', DASH)}"]
+    parts = [
+        str(f.setting("model.backbone", "unknown backbone")),
+        f"{weights} weights" + (f" (sha256 {sha[:12]}…)" if sha and sha != "none" else ""),
+        f"strategy {f.setting('finetune.strategy', DASH)}",
+    ]
     reg = f.tags.get("registered_model")
     return " · ".join(parts) + (f" · registered as {reg}" if reg else "")
 
 
 def _cards(f: Facts) -> list[dict[str, str]]:
     m = f.metrics
-    cards = [("AUROC", num(m.get("test_auroc"), 3), f"95% CI {num(m.get('test_auroc_ci_low'), 3)}–"
-              f"{num(m.get('test_auroc_ci_high'), 3)}"),
-             ("AUPRC", num(m.get("test_auprc"), 3), "test, positive class"),
-             ("Sensitivity", num(m.get("test_sensitivity"), 3), _op_sub(f)),
-             ("Specificity", num(m.get("test_specificity"), 3), _op_sub(f)),
-             ("ECE", num(m.get("test_ece"), 3), f"calibrated; {num(m.get('test_ece_uncalibrated'), 3)} before"),
-             ("Brier", num(m.get("test_brier"), 3), "calibrated; summed over classes, 0–2")]
+    cards = [
+        (
+            "AUROC",
+            num(m.get("test_auroc"), 3),
+            f"95% CI {num(m.get('test_auroc_ci_low'), 3)}–{num(m.get('test_auroc_ci_high'), 3)}",
+        ),
+        ("AUPRC", num(m.get("test_auprc"), 3), "test, positive class"),
+        ("Sensitivity", num(m.get("test_sensitivity"), 3), _op_sub(f)),
+        ("Specificity", num(m.get("test_specificity"), 3), _op_sub(f)),
+        ("ECE", num(m.get("test_ece"), 3), f"calibrated; {num(m.get('test_ece_uncalibrated'), 3)} before"),
+        ("Brier", num(m.get("test_brier"), 3), "calibrated; summed over classes, 0–2"),
+    ]
     return [{"label": a, "value": b, "sub": c} for a, b, c in cards if b != DASH]
 
 
@@ -197,36 +250,53 @@ def verdicts(f: Facts) -> list[str]:
     ops = [o for o in f.evaluation.get("operating_points") or [] if isinstance(o, dict)]
     for op in ops[:2]:
         t = op.get("test") or {}
-        out.append(f"At the {op.get('rule')} operating point (threshold {num(op.get('threshold'), 3)}, fixed on "
-                   f"validation): sensitivity {num(t.get('sensitivity'), 2)}, specificity "
-                   f"{num(t.get('specificity'), 2)}, PPV {num(t.get('ppv'), 2)}, NPV {num(t.get('npv'), 2)} on test.")
+        out.append(
+            f"At the {op.get('rule')} operating point (threshold {num(op.get('threshold'), 3)}, fixed on "
+            f"validation): sensitivity {num(t.get('sensitivity'), 2)}, specificity "
+            f"{num(t.get('specificity'), 2)}, PPV {num(t.get('ppv'), 2)}, NPV {num(t.get('npv'), 2)} on test."
+        )
     if as_float(m.get("test_ece")) is not None:
-        how = (f"after temperature scaling (T = {num(m['temperature'], 2)})" if as_float(m.get("temperature"))
-               else f"after {f.setting('evaluate.calibration', 'calibration')}")
+        how = (
+            f"after temperature scaling (T = {num(m['temperature'], 2)})"
+            if as_float(m.get("temperature"))
+            else f"after {f.setting('evaluate.calibration', 'calibration')}"
+        )
         bins = int(as_float(m.get("ece_n_bins")) or (f.evaluation.get("reliability") or {}).get("n_bins") or 15)
-        out.append(f"Calibration: ECE {num(m['test_ece'], 3)} {how}, {num(m.get('test_ece_uncalibrated'), 3)} "
-                   f"before ({bins} equal-width confidence bins).")
-    if f.baseline and as_float(f.baseline.get("metrics", {}).get("test_auroc")) is not None \
-            and as_float(m.get("test_auroc")) is not None:
+        out.append(
+            f"Calibration: ECE {num(m['test_ece'], 3)} {how}, {num(m.get('test_ece_uncalibrated'), 3)} "
+            f"before ({bins} equal-width confidence bins)."
+        )
+    if (
+        f.baseline
+        and as_float(f.baseline.get("metrics", {}).get("test_auroc")) is not None
+        and as_float(m.get("test_auroc")) is not None
+    ):
         base = float(f.baseline["metrics"]["test_auroc"])
-        out.append(f"Transfer gain: AUROC {float(m['test_auroc']) - base:+.2f} over a from-scratch run "
-                   f"({num(base, 2)}).")
+        out.append(
+            f"Transfer gain: AUROC {float(m['test_auroc']) - base:+.2f} over a from-scratch run ({num(base, 2)})."
+        )
     rows = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict) and as_float(r.get("auroc"))]
     if rows:
         low = min(rows, key=lambda r: float(r["auroc"]))
-        out.append(f"Lowest subgroup AUROC: {low.get('attribute')} = {low.get('value')}, {num(low['auroc'], 2)} "
-                   f"on {count(low.get('n'))} images.")
+        out.append(
+            f"Lowest subgroup AUROC: {low.get('attribute')} = {low.get('value')}, {num(low['auroc'], 2)} "
+            f"on {count(low.get('n'))} images."
+        )
     return out
 
 
 def summary_section(f: Facts, warnings: list[dict[str, str]]) -> dict[str, Any]:
-    blocks: list[dict[str, Any]] = [kv([("Task", _task(f)), ("Model", _model_line(f)),
-                                        ("Data", _data_line(f))])]
+    blocks: list[dict[str, Any]] = [kv([("Task", _task(f)), ("Model", _model_line(f)), ("Data", _data_line(f))])]
     if f.evaluated:
         blocks.append({"type": "cards", "items": _cards(f)})
     else:
-        blocks.append(note("Test performance not available: this run has not been evaluated yet. Run "
-                           f"`medxfer evaluate CONFIG --run {f.run_id}`, then re-render the report.", NA))
+        blocks.append(
+            note(
+                "Test performance not available: this run has not been evaluated yet. Run "
+                f"`medxfer evaluate CONFIG --run {f.run_id}`, then re-render the report.",
+                NA,
+            )
+        )
     lines = verdicts(f)
     n_warn = sum(1 for w in warnings if w["level"] == "warn")
     if n_warn:
@@ -244,21 +314,44 @@ def _data_line(f: Facts) -> str:
 def cohort_section(f: Facts) -> dict[str, Any]:
     c = f.cohort
     if not c.get("by_split"):
-        return section("cohort", "Cohort", [note("Cohort counts not available: neither the manifest nor the "
-                                                 "run's splits.json could be read.", NA)])
+        return section(
+            "cohort",
+            "Cohort",
+            [note("Cohort counts not available: neither the manifest nor the run's splits.json could be read.", NA)],
+        )
     classes = c.get("classes") or []
-    blocks: list[dict[str, Any] | None] = [table(["split", "images", "patients", *[f"class {k}" for k in classes]],
-                    [[r[0], *[count(v) for v in r[1:]]] for r in c["by_split"]], "Images and patients by split")]
+    blocks: list[dict[str, Any] | None] = [
+        table(
+            ["split", "images", "patients", *[f"class {k}" for k in classes]],
+            [[r[0], *[count(v) for v in r[1:]]] for r in c["by_split"]],
+            "Images and patients by split",
+        )
+    ]
     if c.get("source") == "splits.json":
-        blocks.insert(0, note("From the run's splits.json: the manifest folder was not available, so the "
-                              "breakdown by sex, age band, site and manufacturer is missing.", NA))
+        blocks.insert(
+            0,
+            note(
+                "From the run's splits.json: the manifest folder was not available, so the "
+                "breakdown by sex, age band, site and manufacturer is missing.",
+                NA,
+            ),
+        )
     splits = c.get("splits") or []
-    blocks.append(group([table([a["name"].replace("_", " "), *splits, "total"],
-                               [[r[0], *[count(v) for v in r[1:]]] for r in a.get("rows", [])],
-                               f"Images by {a['name'].replace('_', ' ')} and split")
-                         for a in c.get("attributes") or []]))
-    return section("cohort", "Cohort", blocks, "Counts come from the pseudonymised manifest; patients never span "
-                   "two splits.")
+    blocks.append(
+        group(
+            [
+                table(
+                    [a["name"].replace("_", " "), *splits, "total"],
+                    [[r[0], *[count(v) for v in r[1:]]] for r in a.get("rows", [])],
+                    f"Images by {a['name'].replace('_', ' ')} and split",
+                )
+                for a in c.get("attributes") or []
+            ]
+        )
+    )
+    return section(
+        "cohort", "Cohort", blocks, "Counts come from the pseudonymised manifest; patients never span two splits."
+    )
 
 
 def exclusions_section(f: Facts) -> dict[str, Any]:
@@ -266,8 +359,16 @@ def exclusions_section(f: Facts) -> dict[str, Any]:
     blocks: list[dict[str, Any] | None] = []
     tables: list[dict[str, Any] | None] = []
     if not g:
-        return section("exclusions", "Exclusions", [note("Exclusions not available: the manifest folder "
-                                                         "(quarantine.csv, ingest_report.json) was not found.", NA)])
+        return section(
+            "exclusions",
+            "Exclusions",
+            [
+                note(
+                    "Exclusions not available: the manifest folder (quarantine.csv, ingest_report.json) was not found.",
+                    NA,
+                )
+            ],
+        )
     q = g.get("quarantine")
     if q is None:
         blocks.append(note("quarantine.csv not found in the manifest folder.", NA))
@@ -277,22 +378,41 @@ def exclusions_section(f: Facts) -> dict[str, Any]:
     else:
         tables.append(table(["reason", "files"], [["none: no file was quarantined", "0"]], "Quarantined files"))
     if g.get("label_problems"):
-        tables.append(table(["problem", "rows", "labels.csv lines"],
-                            [[k, count(v.get("count")), _lines(v.get("lines") or [])]
-                             for k, v in g["label_problems"].items()], "Label problems by kind", [False, True, False]))
+        tables.append(
+            table(
+                ["problem", "rows", "labels.csv lines"],
+                [[k, count(v.get("count")), _lines(v.get("lines") or [])] for k, v in g["label_problems"].items()],
+                "Label problems by kind",
+                [False, True, False],
+            )
+        )
     flagged = f.cohort.get("flagged") or g.get("unit_warnings")
     if flagged:
-        tables.append(table(["warning", "image units"], [[k, count(v)] for k, v in flagged.items()],
-                            f"Flagged series: {count(f.cohort.get('n_flagged') or sum(flagged.values()))} image "
-                            "units kept with warnings"))
+        tables.append(
+            table(
+                ["warning", "image units"],
+                [[k, count(v)] for k, v in flagged.items()],
+                f"Flagged series: {count(f.cohort.get('n_flagged') or sum(flagged.values()))} image "
+                "units kept with warnings",
+            )
+        )
     if g.get("counts"):
-        tables.append(table(["ingest count", "value"], [[k, count(v)] for k, v in g["counts"].items()],
-                            "Counts from ingest_report.json"))
+        tables.append(
+            table(
+                ["ingest count", "value"],
+                [[k, count(v)] for k, v in g["counts"].items()],
+                "Counts from ingest_report.json",
+            )
+        )
     blocks.append(group(tables))
     if g.get("warnings"):
         blocks.append({"type": "list", "items": [f"Ingest: {w}" for w in g["warnings"]]})
-    blocks.append(note("Only counts are shown: file paths and details stay in quarantine.csv inside the manifest "
-                       "folder, because paths may carry identifiers."))
+    blocks.append(
+        note(
+            "Only counts are shown: file paths and details stay in quarantine.csv inside the manifest "
+            "folder, because paths may carry identifiers."
+        )
+    )
     return section("exclusions", "Exclusions", blocks)
 
 
@@ -302,13 +422,19 @@ def _lines(lines: list[int]) -> str:
 
 def preprocessing_section(f: Facts) -> dict[str, Any]:
     a = f.adaptation
-    rows = [("Dimensionality", f.setting("prepare.dims")), ("Intensity preset", f.setting("prepare.preset")),
-            ("Output size", _dims(f.setting("prepare.size"))),
-            ("Resampled spacing (mm)", _dims(f.setting("prepare.spacing")) or "native (not resampled)"),
-            ("Slices as channels (2.5D)", f.setting("prepare.slices") if f.setting("prepare.dims") == "2.5d" else None),
-            ("Normalisation (backbone's pretraining)", f"mean {_seq(a.get('mean'))}, std {_seq(a.get('std'))}"
-             if a else None),
-            ("Augmentation", _augment(f)), ("Prepare hash", f.tags.get("prepare_hash"))]
+    rows = [
+        ("Dimensionality", f.setting("prepare.dims")),
+        ("Intensity preset", f.setting("prepare.preset")),
+        ("Output size", _dims(f.setting("prepare.size"))),
+        ("Resampled spacing (mm)", _dims(f.setting("prepare.spacing")) or "native (not resampled)"),
+        ("Slices as channels (2.5D)", f.setting("prepare.slices") if f.setting("prepare.dims") == "2.5d" else None),
+        (
+            "Normalisation (backbone's pretraining)",
+            f"mean {_seq(a.get('mean'))}, std {_seq(a.get('std'))}" if a else None,
+        ),
+        ("Augmentation", _augment(f)),
+        ("Prepare hash", f.tags.get("prepare_hash")),
+    ]
     if not any(v for _, v in rows[:3]):
         return section("preprocessing", "Preprocessing", [note("Preprocessing settings not available.", NA)])
     return section("preprocessing", "Preprocessing", [kv(rows)])
@@ -327,8 +453,11 @@ def _seq(value: Any) -> str:
 def _augment(f: Facts) -> str:
     if str(f.setting("prepare.augment.enabled")).lower() not in ("true", "1"):
         return "off"
-    parts = [f"rotate ±{f.setting('prepare.augment.rotate_deg')}°", f"scale ±{f.setting('prepare.augment.scale')}",
-             f"intensity ±{f.setting('prepare.augment.intensity')}"]
+    parts = [
+        f"rotate ±{f.setting('prepare.augment.rotate_deg')}°",
+        f"scale ±{f.setting('prepare.augment.scale')}",
+        f"intensity ±{f.setting('prepare.augment.intensity')}",
+    ]
     if str(f.setting("prepare.augment.flip")).lower() in ("true", "1"):
         parts.append("left-right flip")
     return "on: " + ", ".join(parts)
@@ -340,31 +469,49 @@ def model_section(f: Facts) -> dict[str, Any]:
         return section("model", "Model card", [note("adaptation_summary.json not available for this run.", NA)])
     wfile = a.get("weights_file")
     missing, unexpected = a.get("missing_keys") or [], a.get("unexpected_keys") or []
-    rows = [("Backbone", a.get("backbone")), ("Weights", a.get("weights")),
-            ("Weights file", PurePath(str(wfile)).name if wfile else "none (random initialisation)"),
-            ("Weights sha256", a.get("weights_sha256") or "none"),
-            ("Input", f"{a.get('in_channels')} channel(s), {str(a.get('dims', DASH)).upper()}, "
-                      f"{_dims(a.get('input_size'))}"),
-            ("Channel adaptation", a.get("channel_method")),
-            ("2D → 3D inflation", _inflation(a)),
-            ("Global pooling", a.get("pool") or "avg"),
-            ("Output classes", a.get("num_classes")),
-            ("Weights not loaded (new layers)", f"{len(missing)}{_keys(missing)}"),
-            ("File tensors not used", f"{len(unexpected)}{_keys(unexpected)}"),
-            ("Parameters", f"{count(a.get('total_params'))} in total"),
-            ("BatchNorm", f.setting("finetune.bn")), ("Strategy", f.setting("finetune.strategy"))]
+    rows = [
+        ("Backbone", a.get("backbone")),
+        ("Weights", a.get("weights")),
+        ("Weights file", PurePath(str(wfile)).name if wfile else "none (random initialisation)"),
+        ("Weights sha256", a.get("weights_sha256") or "none"),
+        (
+            "Input",
+            f"{a.get('in_channels')} channel(s), {str(a.get('dims', DASH)).upper()}, {_dims(a.get('input_size'))}",
+        ),
+        ("Channel adaptation", a.get("channel_method")),
+        ("2D → 3D inflation", _inflation(a)),
+        ("Global pooling", a.get("pool") or "avg"),
+        ("Output classes", a.get("num_classes")),
+        ("Weights not loaded (new layers)", f"{len(missing)}{_keys(missing)}"),
+        ("File tensors not used", f"{len(unexpected)}{_keys(unexpected)}"),
+        ("Parameters", f"{count(a.get('total_params'))} in total"),
+        ("BatchNorm", f.setting("finetune.bn")),
+        ("Strategy", f.setting("finetune.strategy")),
+    ]
     blocks: list[dict[str, Any]] = [kv(rows)]
     phases = t.get("trainable_by_phase") or []
     total = as_float(a.get("total_params"))
     if phases:
-        blocks.append(table(["phase", "trainable parameters", "share of total"],
-                            [[str(i + 1), count(n), f"{100 * float(n) / total:.1f}%" if total else DASH]
-                             for i, n in enumerate(phases)], "Trainable parameters per phase"))
+        blocks.append(
+            table(
+                ["phase", "trainable parameters", "share of total"],
+                [
+                    [str(i + 1), count(n), f"{100 * float(n) / total:.1f}%" if total else DASH]
+                    for i, n in enumerate(phases)
+                ],
+                "Trainable parameters per phase",
+            )
+        )
     weights = t.get("class_weights") or []
     if weights:
         names = f.classes if len(f.classes) == len(weights) else [str(i) for i in range(len(weights))]
-        blocks.append(table(["class", "loss weight"], [[n, num(w, 3)] for n, w in zip(names, weights, strict=True)],
-                            f"Class weights ({f.setting('finetune.class_weights', DASH)})"))
+        blocks.append(
+            table(
+                ["class", "loss weight"],
+                [[n, num(w, 3)] for n, w in zip(names, weights, strict=True)],
+                f"Class weights ({f.setting('finetune.class_weights', DASH)})",
+            )
+        )
     return section("model", "Model card", blocks)
 
 
@@ -394,26 +541,37 @@ def training_section(f: Facts) -> dict[str, Any]:
     best = as_float(m.get("best_epoch"))
     stopped = "stopped early" if as_float(m.get("stopped_early")) else "ran all epochs"
     es = "finetune.early_stopping"
-    rows = [("Epochs (configured / run)", f"{f.setting('finetune.epochs', DASH)} / {count(m.get('epochs_run'))}"),
-            ("Best epoch", count(best + 1) if best is not None else None),
-            ("Best validation AUROC", num(max(val), 3) if val else None),
-            ("Early stopping", f"{f.setting(es + '.metric', DASH)}, patience {f.setting(es + '.patience', DASH)}; "
-                               f"{stopped}"),
-            ("Optimiser", f"AdamW, lr {f.setting('finetune.lr', DASH)}, batch {f.setting('finetune.batch_size', DASH)}"
-                          f", layer decay {f.setting('finetune.layer_lr_decay', DASH)}"),
-            ("Training time", duration(m.get("train_seconds"))),
-            ("Throughput", f"{sum(rate) / len(rate):.1f} images/s (mean)" if rate else None),
-            ("Hardware", t.get("device")), ("Platform", t.get("platform")), ("PyTorch", t.get("torch"))]
+    rows = [
+        ("Epochs (configured / run)", f"{f.setting('finetune.epochs', DASH)} / {count(m.get('epochs_run'))}"),
+        ("Best epoch", count(best + 1) if best is not None else None),
+        ("Best validation AUROC", num(max(val), 3) if val else None),
+        (
+            "Early stopping",
+            f"{f.setting(es + '.metric', DASH)}, patience {f.setting(es + '.patience', DASH)}; {stopped}",
+        ),
+        (
+            "Optimiser",
+            f"AdamW, lr {f.setting('finetune.lr', DASH)}, batch {f.setting('finetune.batch_size', DASH)}"
+            f", layer decay {f.setting('finetune.layer_lr_decay', DASH)}",
+        ),
+        ("Training time", duration(m.get("train_seconds"))),
+        ("Throughput", f"{sum(rate) / len(rate):.1f} images/s (mean)" if rate else None),
+        ("Hardware", t.get("device")),
+        ("Platform", t.get("platform")),
+        ("PyTorch", t.get("torch")),
+    ]
     blocks: list[dict[str, Any] | None] = [
-        group([kv(rows), figures([("training_curves", "Loss and validation AUROC per epoch")], f.figures)])]
+        group([kv(rows), figures([("training_curves", "Loss and validation AUROC per epoch")], f.figures)])
+    ]
     blocks.append(_history_table(hist, int(best or 0)))
     return section("training", "Training", blocks)
 
 
 def _history_table(hist: dict[str, list[Any]], best: int) -> dict[str, Any] | None:
     """Per-epoch history; long runs show about ten epochs plus the first, the best and the last."""
-    cols = [k for k in ("train_loss", "val_loss", "val_auroc", "lr", "trainable_params", "epoch_seconds")
-            if hist.get(k)]
+    cols = [
+        k for k in ("train_loss", "val_loss", "val_auroc", "lr", "trainable_params", "epoch_seconds") if hist.get(k)
+    ]
     n = max((len(hist[k]) for k in cols), default=0)
     if not n:
         return None
