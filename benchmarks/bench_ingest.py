@@ -61,7 +61,7 @@ PROFILE_POINTS = [
     ("nifti.py", "finish_volume", "  RAS reorientation + int16 check"),
     ("nifti.py", "content_sha256", "  content sha256"),
     ("nifti.py", "nifti_bytes", "  NIfTI encoding"),
-    ("nifti.py", "atomic_write", "  atomic write + fsync (all files)"),
+    ("io.py", "write_bytes", "  atomic write + fsync (all files)"),
     ("manifest.py", "_walk", "walk SOURCE"),
     ("labels.py", "join_labels", "labels join + splits"),
     ("manifest.py", "_save_cache", "incremental cache"),

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError, did_you_mean
+from pipeline.io import write_text
 
 PRESETS = ("xray", "ct-lung", "ct-soft-tissue", "ct-bone", "mr")
 DIMS = ("2d", "2.5d", "3d")
@@ -280,7 +281,4 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.as_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(cfg.as_dict(), sort_keys=False))

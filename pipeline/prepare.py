@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ from monai.transforms import (
 from torch.utils.data import Dataset
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
+from pipeline.io import atomic_path
 
 # HU windows (a_min, a_max) = (level - width/2, level + width/2).
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -288,11 +287,8 @@ def prepare_image(path: str | Path, spec: PrepareSpec, transform: Compose | None
 
 
 def _atomic_save(tensor: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(tensor, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:  # a cache: recomputed when lost
+        torch.save(tensor, tmp)
 
 
 def load_or_prepare(

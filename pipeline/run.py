@@ -43,9 +43,9 @@ from pipeline.finetune import (
 )
 from pipeline.finetune.distributed import barrier, broadcast
 from pipeline.ingest import ingest, load_manifest
+from pipeline.io import jsonable
 from pipeline.prepare import PreparedDataset, build_augment, make_spec, spec_from_dict
 from pipeline.records import AdaptationSummary
-from pipeline.score import jsonable
 from pipeline.score_ray import reference_stats
 
 log = logging.getLogger("medxfer")

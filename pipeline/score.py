@@ -6,9 +6,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from pipeline import tracking
 from pipeline.errors import ConfigError, DataError, did_you_mean
 from pipeline.ingest import ingest, load_manifest
 from pipeline.ingest.pseudonym import digest, load_or_create_key, resolve_key_file
+from pipeline.io import jsonable, write_bytes
 from pipeline.score_ray import (
     DomainStats,
     Packaged,
@@ -185,7 +184,7 @@ def _finish(pkg: Packaged, plan: _Plan, out: Path, engine: str, adabn: dict | No
     if labelled:
         summary["external_validation"] = external_metrics(table, plan.frame, pkg)
     metrics_file = Path(f"{out}.metrics.json")
-    _atomic_write(metrics_file, (json.dumps(jsonable(summary), indent=2) + "\n").encode())
+    write_bytes(metrics_file, (json.dumps(jsonable(summary), indent=2) + "\n").encode())
     for warning in summary["domain_shift"].get("warnings", []):
         log.warning("score: %s", warning)
     return {
@@ -323,22 +322,12 @@ def _open_chunks(work: Path, key: str) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not plan.exists():
-        _atomic_write(plan, json.dumps({"key": key}).encode())
+        write_bytes(plan, json.dumps({"key": key}).encode())
     return folder
 
 
 def _part(c: int) -> str:
     return f"part-{c + 1:05d}.parquet"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class _ChunkWriter:
@@ -389,11 +378,11 @@ class _ChunkWriter:
                 stats.add(np.array([r["mean"]]), np.array([r["std"]]), np.asarray(r["emb"])[None])
         buf = io.BytesIO()
         np.savez(buf, **stats.arrays())  # type: ignore[arg-type]
-        _atomic_write(self.folder / _part(c).replace(".parquet", ".stats.npz"), buf.getvalue())
+        write_bytes(self.folder / _part(c).replace(".parquet", ".stats.npz"), buf.getvalue())
         frame = pd.DataFrame(rows)
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
-        _atomic_write(self.folder / _part(c), sink.getvalue().to_pybytes())
+        write_bytes(self.folder / _part(c), sink.getvalue().to_pybytes())
 
 
 def _bar(enabled: bool) -> Progress:
@@ -441,7 +430,7 @@ def _adabn(
         saved = {"state": state, "n_images": n_images, "n_layers": n_layers}
         buf = io.BytesIO()
         torch.save(saved, buf)
-        _atomic_write(path, buf.getvalue())
+        write_bytes(path, buf.getvalue())
     pkg.model.load_state_dict(saved["state"], strict=False)
     return {"state": saved["state"], "n_images": int(saved["n_images"]), "n_layers": int(saved["n_layers"])}
 
@@ -476,7 +465,7 @@ def _write_table(table: pd.DataFrame, out: Path, summary: dict[str, Any]) -> Non
     meta[b"medxfer"] = json.dumps(jsonable({k: v for k, v in summary.items() if k != "archive_stats"})).encode()
     sink = pa.BufferOutputStream()
     pq.write_table(arrow.replace_schema_metadata(meta), sink)
-    _atomic_write(out, sink.getvalue().to_pybytes())
+    write_bytes(out, sink.getvalue().to_pybytes())
 
 
 def _summary(
@@ -549,16 +538,3 @@ def external_metrics(
     if len(pkg.classes) == 2 and pkg.threshold is not None and len(set(y)) == 2:
         out["at_operating_point"] = at_threshold(y, probs[:, 1], pkg.threshold)
     return out
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON values: numpy scalars/arrays to Python, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj

@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import tracking
-from pipeline.adapt import state_sha256
 from pipeline.errors import DataError
+from pipeline.finetune import autocast
+from pipeline.io import state_sha256
 from pipeline.prepare import (
     CT_WINDOWS,
     PRESET_MODALITIES,
@@ -110,12 +111,6 @@ def collate_units(items: list[Item]) -> list[Item]:
     return list(items)
 
 
-def _autocast(device: torch.device) -> Any:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 class Scorer:
     """Runs a packaged model (`tracking.CalibratedNet`) on prepared batches: probabilities, pooled
     embeddings (captured from ``model.net.features`` when it exists) and intensity statistics."""
@@ -149,7 +144,7 @@ class Scorer:
     def forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities (B, C) and pooled embeddings (B, D) of a prepared batch."""
         self._emb = None
-        with _autocast(self.device):
+        with autocast(self.device):
             probs = self.model(x.to(self.device))
         emb = self._emb
         if emb is None:

@@ -29,6 +29,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
 from pipeline.errors import ConfigError, did_you_mean
+from pipeline.io import atomic_path, write_text
 
 KINDS = ("cxr2d", "ct3d")
 
@@ -186,7 +187,7 @@ def make_cohort(
         "seed": seed,
         "positive_fraction": positive_fraction,
     }
-    marker.write_text(json.dumps(info, indent=2) + "\n")
+    write_text(marker, json.dumps(info, indent=2) + "\n")
     return SyntheticCohort(root, archive, labels, kind, n, n_pos, layout.n_files)
 
 
@@ -241,13 +242,11 @@ def _make_patients(rng: np.random.Generator, n: int, fraction: float, seed: int)
 
 
 def _write_labels(path: Path, patients: list[_Patient]) -> None:
-    tmp = path.with_suffix(".csv.partial")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["patient_id", "label", "sex", "age", "site"])
         for p in patients:
             w.writerow([p.patient_id, p.label, p.sex, p.age, p.site])
-    os.replace(tmp, path)
 
 
 class _Layout:

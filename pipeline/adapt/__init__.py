@@ -14,7 +14,6 @@ from pipeline.adapt.registry import (
     lukemelas_to_timm,
     resolve_weights,
     sha256_file,
-    state_sha256,
     weight_dirs,
 )
 
@@ -39,6 +38,5 @@ __all__ = [
     "lukemelas_to_timm",
     "resolve_weights",
     "sha256_file",
-    "state_sha256",
     "weight_dirs",
 ]

@@ -208,15 +208,6 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def state_sha256(module: nn.Module) -> str:
-    """Hex sha256 of a module's state dict (every name and tensor, in order): its weights' identity."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict (``.pth``/``.pt``/``.bin`` with weights_only, or ``.safetensors``) on CPU.
 

@@ -22,6 +22,7 @@ from pipeline.evaluate.metrics import (
     discrimination,
     reliability_bins,
 )
+from pipeline.io import atomic_path
 
 
 def _figure(width: float = 5.0, height: float = 4.5) -> Figure:
@@ -33,10 +34,8 @@ def _figure(width: float = 5.0, height: float = 4.5) -> Figure:
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
     """Write `fig` as PNG atomically (temp file + rename), creating parent folders; return the path."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return out
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError, DataError
+from pipeline.io import atomic_path
 
 FORMAT = "medxfer-train-state/1"
 # settings that may change between an interrupted run and its resumption
@@ -22,15 +21,8 @@ RESUMABLE_CHANGES = ("resume", "device", "num_workers", "compile")
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write a training state atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -91,14 +91,15 @@ def predict_logits(
     with Progress(transient=True, disable=desc is None) as bar:
         task = bar.add_task(desc or "", total=len(loader))
         for x, y, _ in loader:
-            with _autocast(device):
+            with autocast(device):
                 logits.append(model(x.to(device)).float().cpu())
             ys.append(y)
             bar.advance(task)
     return torch.cat(logits).numpy(), torch.cat(ys).numpy()
 
 
-def _autocast(device: torch.device) -> Any:
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA; a disabled context on CPU (float32, as trained and scored there)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -293,7 +294,7 @@ def _train_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if device.type == "cuda" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):  # forward in bf16 on CUDA; the loss in float32
+        with autocast(device):  # forward in bf16 on CUDA; the loss in float32
             loss = loss_fn(net(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, gradients are averaged over the processes here

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +15,11 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from pipeline.adapt import state_sha256
 from pipeline.errors import ConfigError, DataError
-from pipeline.finetune.loop import EpochHook, TrainResult, _autocast, auroc, finetune
+from pipeline.finetune.loop import EpochHook, TrainResult, auroc, autocast, finetune
 from pipeline.finetune.losses import make_loss
 from pipeline.finetune.weighting import class_weights
+from pipeline.io import atomic_path, state_sha256
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (N, F) float32 features, (N,) int labels
 
@@ -45,17 +43,14 @@ def extract_features(
     with Progress(transient=True) as bar:
         task = bar.add_task(f"[cyan]{desc}", total=len(dataset))  # type: ignore[arg-type]
         for x, y, _ in loader:
-            with _autocast(device):
+            with autocast(device):
                 xs.append(features(x.to(device)).float().cpu())
             ys.append(y)
             bar.advance(task, len(y))
     out = torch.cat(xs), torch.cat(ys)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save({"x": out[0], "y": out[1]}, tmp)
-        os.replace(tmp, cache_file)
+        with atomic_path(cache_file, durable=False) as tmp:  # a cache: recomputed when lost
+            torch.save({"x": out[0], "y": out[1]}, tmp)
     return out
 
 

@@ -25,7 +25,6 @@ from pipeline.ingest.dicom import DicomHeader, UnitPlan, decode_plan, plan_units
 from pipeline.ingest.labels import LabelTable, join_labels, read_labels
 from pipeline.ingest.nifti import (
     UnitError,
-    atomic_write,
     bids_modality,
     check_nifti_header,
     content_sha256,
@@ -44,6 +43,7 @@ from pipeline.ingest.pseudonym import (
     resolve_key_file,
 )
 from pipeline.ingest.splits import check_fractions
+from pipeline.io import is_temp, write_bytes
 from pipeline.records import MANIFEST_COLUMNS, SPLITS, IngestResult, QuarantineEntry
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def _build_unit(source: str, images: str, plan: UnitPlan) -> dict[str, Any]:
         return {"error": [exc.reason, _clean(exc.detail, source), exc.relpath or plan.frames[0][0]]}
     except Exception as exc:  # a decoder crash on one unit must not stop the archive
         return {"error": ["decode-error", _clean(f"{type(exc).__name__}: {exc}", source), plan.frames[0][0]]}
-    atomic_write(Path(images) / f"{plan.image_id}.nii", nifti_bytes(array, affine))
+    write_bytes(Path(images) / f"{plan.image_id}.nii", nifti_bytes(array, affine))
     return {"shape": list(array.shape), "spacing_mm": spacing, "content_sha256": content_sha256(array, affine)}
 
 
@@ -449,15 +449,15 @@ def _write_outputs(out_dir: Path, frame: pd.DataFrame, quarantine: list[Quaranti
     writer.writerow(["path", "reason", "detail"])
     writer.writerows([q.path, q.reason, q.detail] for q in quarantine)
     report["manifest_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
-    atomic_write(out_dir / "quarantine.csv", text.getvalue().encode())
-    atomic_write(out_dir / "manifest.parquet", buf.getvalue())
-    atomic_write(out_dir / "ingest_report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_bytes(out_dir / "quarantine.csv", text.getvalue().encode())
+    write_bytes(out_dir / "manifest.parquet", buf.getvalue())
+    write_bytes(out_dir / "ingest_report.json", (json.dumps(report, indent=2) + "\n").encode())
 
 
 def _remove_stale_images(out_dir: Path, keep: set[str]) -> None:
     for path in (out_dir / "images").iterdir():
         stale = path.name.endswith(".nii") and path.name[:-4] not in keep and path.name.startswith("img-")
-        if stale or (path.name.startswith(".") and ".tmp-" in path.name):
+        if stale or is_temp(path):
             path.unlink(missing_ok=True)
 
 
@@ -515,7 +515,7 @@ def _save_cache(out_dir: Path, key: bytes, files: dict, built: dict) -> None:
         for rel, e in files.items()
     }
     blob = {"version": CACHE_VERSION, "key_id": key_id(key), "files": entries, "units": units}
-    atomic_write(out_dir / CACHE_FILE, json.dumps(blob).encode())
+    write_bytes(out_dir / CACHE_FILE, json.dumps(blob).encode())
 
 
 # ------------------------------------------------------------------------------------------ readers

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -152,20 +151,6 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     for text_field in ("descrip", "db_name", "aux_file", "intent_name"):
         hdr[text_field] = b""
     return img.to_bytes()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_volume(manifest_dir: str | Path, row: Mapping[str, Any] | str) -> tuple[np.ndarray, np.ndarray]:

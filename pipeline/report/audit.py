@@ -23,6 +23,7 @@ import pandas as pd
 
 from pipeline import __version__, tracking
 from pipeline.errors import DataError, MedxferError
+from pipeline.io import write_text
 from pipeline.records import SPLITS
 from pipeline.report.sections import build_view
 
@@ -73,13 +74,7 @@ def write_report(
     """
     html = render_report(collect_context(run_id, tracking_uri, manifest_dir))
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, html)
     return path
 
 

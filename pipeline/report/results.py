@@ -160,8 +160,8 @@ def calibration_section(f: Facts) -> dict[str, Any]:
                 count(counts[i]),
                 num(conf[i]),
                 num(acc[i]),
-                num(abs(acc[i] - conf[i]) if acc[i] is not None and conf[i] is not None else None),
-            ]  # type: ignore[operator]
+                num(abs(acc[i] - conf[i]) if acc[i] is not None and conf[i] is not None else None),  # type: ignore[operator]
+            ]
             for i in range(len(counts))
             if counts[i]
         ]
