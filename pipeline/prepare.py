@@ -26,9 +26,6 @@ along z, e.g. nodules in ``ct-lung``), ``mean`` (average projection) or ``center
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +50,7 @@ from torch.utils.data import Dataset
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
 from pipeline.io import atomic_path
+from pipeline.records import PrepareSpec
 
 # HU windows (a_min, a_max) = (level - width/2, level + width/2).
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -64,41 +62,6 @@ PRESETS = ("xray", "mr", *CT_WINDOWS)
 # Modalities each preset is meant for; a mismatch is a warning, not an error.
 PRESET_MODALITIES = {"xray": {"DX", "CR", "RG", "MG", "XA"}, "mr": {"MR"}}
 REDUCTIONS = ("none", "mip", "mean", "center")  # 2d on volumes: how slices become one image
-
-
-@dataclass(frozen=True)
-class PrepareSpec:
-    """Everything needed to reproduce preprocessing; saved with the model for scoring."""
-
-    dims: str
-    preset: str
-    size: tuple[int, ...]
-    spacing: tuple[float, ...] | None = None
-    slices: int = 3
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
-    interpolation: str = "bicubic"
-    version: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
-    reduce: str = "none"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def hash(self) -> str:
-        """sha256 (16 hex) of the spec: the prepare half of the cache key.
-
-        ``reduce`` enters the hash only when set, so specs from before it existed keep their key.
-        """
-        d = self.as_dict()
-        if d["reduce"] == "none":
-            del d["reduce"]
-        blob = json.dumps(d, sort_keys=True, default=list).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    @property
-    def channels(self) -> int:
-        return self.slices if self.dims == "2.5d" else 1
 
 
 def make_spec(

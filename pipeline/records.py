@@ -18,8 +18,16 @@ Axis and unit conventions used everywhere in medxfer:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    from torch import nn
 
 # Columns of data_manifests/<name>/manifest.parquet, in order (see data_manifests/README.md).
 MANIFEST_COLUMNS: tuple[str, ...] = (
@@ -87,6 +95,114 @@ class AdaptationSummary:
     input_size: tuple[int, ...] = (224, 224)
 
     def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
+
+
+@dataclass
+class Cohort:
+    """The labelled manifest rows of one experiment, split (run → prepare, finetune, evaluate).
+
+    `frame` holds manifest rows (see `MANIFEST_COLUMNS`) with a non-empty `label`, as strings;
+    `classes` are the label values in class-index order (numeric order when they are numbers).
+    """
+
+    manifest_dir: Path
+    frame: pd.DataFrame
+    classes: list[str]
+
+    def split(self, name: str) -> pd.DataFrame:
+        """Rows of one split (`train`, `val` or `test`), index reset."""
+        return self.frame[self.frame["split"] == name].reset_index(drop=True)
+
+    def y(self, frame: pd.DataFrame) -> np.ndarray:
+        """Class indices (int, (N,)) of `frame`'s labels."""
+        return frame["label"].map({c: i for i, c in enumerate(self.classes)}).to_numpy(dtype=int)
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """Everything needed to reproduce preprocessing; saved with the model for scoring.
+
+    `size` is (H, W) for 2d and 2.5d, (D, H, W) for 3d (voxels after resizing); `spacing` (mm, same
+    axis order) resamples first when set; `slices` is the number of 2.5d channels; `mean`/`std`
+    are the backbone's normalisation after the preset's window maps intensities to [0, 1];
+    `reduce` (none | mip | mean | center) projects a volume along z for a 2d model.
+    """
+
+    dims: str
+    preset: str
+    size: tuple[int, ...]
+    spacing: tuple[float, ...] | None = None
+    slices: int = 3
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    interpolation: str = "bicubic"
+    version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+    reduce: str = "none"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hash(self) -> str:
+        """sha256 (16 hex) of the spec: the prepare half of the cache key.
+
+        ``reduce`` enters the hash only when set, so specs from before it existed keep their key.
+        """
+        d = self.as_dict()
+        if d["reduce"] == "none":
+            del d["reduce"]
+        blob = json.dumps(d, sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def channels(self) -> int:
+        """Input channels of a prepared tensor: `slices` for 2.5d, else 1."""
+        return self.slices if self.dims == "2.5d" else 1
+
+
+@dataclass
+class TrainResult:
+    """What training returns (finetune → run); `model` holds the best epoch's weights.
+
+    `history` maps a metric name (train_loss, val_loss, val_auroc, lr, epoch_seconds, ...) to one
+    value per epoch; `best_metric` is the early-stopping metric at `best_epoch` (0-based).
+    """
+
+    model: nn.Module
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_epoch: int = 0
+    best_metric: float = float("nan")
+    epochs_run: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    class_weights: list[float] = field(default_factory=list)
+    trainable_by_phase: list[int] = field(default_factory=list)
+    device: str = "cpu"
+    resumed_from: int = -1  # first epoch trained after a resume; -1 for an uninterrupted run
+
+
+@dataclass
+class EvaluationSummary:
+    """What evaluation returns (evaluate → run, MLflow, report): calibrated on val, measured on test.
+
+    Probabilities are float64 arrays shaped (N, C), rows in split order, columns in class-index
+    order. `metrics` are the flat MLflow names (test_auroc, test_auroc_ci_low, test_ece, ...).
+    `temperature` is set for calibration "temperature" only, None otherwise; `calibrator` is the
+    fitted `evaluate.Calibrator` itself. `operating_points` (binary tasks) are chosen on val and
+    frozen: one dict per rule with rule, threshold and the val and test counts and rates.
+    `subgroups` holds one row per (attribute, value); `reliability` the binned tables before and
+    after calibration; `discrimination` the test AUROC/AUPRC/accuracy/confusion matrix.
+    """
+
+    metrics: dict[str, float]
+    temperature: float | None
+    operating_points: list[dict[str, Any]]
+    subgroups: list[dict[str, Any]]
+    calibrator: Any
+    probs_val: np.ndarray
+    probs_test: np.ndarray
+    probs_test_uncalibrated: np.ndarray
+    reliability: dict[str, Any]
+    discrimination: dict[str, Any]
+    notes: list[str] = field(default_factory=list)

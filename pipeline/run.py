@@ -8,9 +8,8 @@ import json
 import logging
 import platform
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -45,25 +44,13 @@ from pipeline.finetune.distributed import barrier, broadcast
 from pipeline.ingest import ingest, load_manifest
 from pipeline.io import jsonable
 from pipeline.prepare import PreparedDataset, build_augment, make_spec, spec_from_dict
-from pipeline.records import AdaptationSummary
+from pipeline.records import AdaptationSummary, Cohort, EvaluationSummary, PrepareSpec, TrainResult
 from pipeline.score_ray import reference_stats
 
+if TYPE_CHECKING:
+    from pipeline.synthetic import SyntheticCohort
+
 log = logging.getLogger("medxfer")
-
-
-@dataclass
-class Cohort:
-    """The labelled manifest rows of one experiment, split, with class indices."""
-
-    manifest_dir: Path
-    frame: pd.DataFrame
-    classes: list[str]
-
-    def split(self, name: str) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == name].reset_index(drop=True)
-
-    def y(self, frame: pd.DataFrame) -> np.ndarray:
-        return frame["label"].map({c: i for i, c in enumerate(self.classes)}).to_numpy(dtype=int)
 
 
 def _sorted_classes(labels: pd.Series) -> list[str]:
@@ -120,7 +107,7 @@ def ensure_manifest(cfg: Config, progress: bool = True) -> Path:
     return out
 
 
-def _datasets(cfg: Config, cohort: Cohort, spec: Any, augment: bool) -> dict[str, PreparedDataset]:
+def _datasets(cfg: Config, cohort: Cohort, spec: PrepareSpec, augment: bool) -> dict[str, PreparedDataset]:
     cache = cfg.prepare.cache_dir or str(cohort.manifest_dir / "cache")
     out = {}
     for name in ("train", "val", "test"):
@@ -254,7 +241,7 @@ def _check_resumable(cfg: Config) -> None:
 
 
 def _train_and_log(
-    cfg: Config, cohort: Cohort, model: MedNet, summary: Any, spec: Any, data: dict, world: World
+    cfg: Config, cohort: Cohort, model: MedNet, summary: AdaptationSummary, spec: PrepareSpec, data: dict, world: World
 ) -> str:
     """Rank 0's part of `train`: open (or reopen) the MLflow run, fit, log the results."""
     fresh = _first_logged(cfg)
@@ -295,6 +282,8 @@ def _train_and_log(
         tracking.log_json(summary.as_dict(), "adaptation_summary.json")
         tracking.log_json(cohort.frame[["image_id", "subject_id", "split", "label"]].to_dict("list"), "splits.json")
         result = _fit(cfg, cohort, model, summary, spec, data, world, run_id, resume, done_steps)
+        if result is None:  # only ranks other than 0 skip training (the cached-feature probe)
+            raise RuntimeError("rank 0 of train() returned no result")
         if "epochs_run" not in before["metrics"]:
             tracking.log_metrics(
                 {
@@ -327,14 +316,14 @@ def _fit(
     cfg: Config,
     cohort: Cohort,
     model: MedNet,
-    summary: Any,
-    spec: Any,
+    summary: AdaptationSummary,
+    spec: PrepareSpec,
     data: dict,
     world: World,
     run_id: str,
     resume: bool,
     done_steps: int = 0,
-) -> Any:
+) -> TrainResult | None:
     """Train with the configured strategy; rank 0 logs each epoch (steps below `done_steps` are already logged)."""
     ft, n_classes = cfg.finetune, len(cohort.classes)
 
@@ -381,7 +370,9 @@ def _fit(
     )
 
 
-def _log_checkpoint(model: torch.nn.Module, cfg: Config, classes: list[str], spec: Any, summary: Any) -> None:
+def _log_checkpoint(
+    model: torch.nn.Module, cfg: Config, classes: list[str], spec: PrepareSpec, summary: AdaptationSummary
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint.pt"
         torch.save(
@@ -441,7 +432,7 @@ def _evaluate_and_log(
     ckpt: dict[str, Any],
     logits: dict[str, np.ndarray],
     run_id: str,
-    train_data: Any = None,
+    train_data: PreparedDataset | None = None,
 ) -> dict[str, float]:
     val, test = cohort.split("val"), cohort.split("test")
     attrs = {a: test[a].astype(str).to_numpy() for a in cfg.evaluate.subgroups if a in test.columns}
@@ -457,12 +448,12 @@ def _evaluate_and_log(
         subgroups=attrs,
         calibration=cfg.evaluate.calibration,
     )
-    metrics = dict(s["metrics"])
+    metrics = dict(s.metrics)
     if "val_auroc" in metrics:  # the per-epoch history owns `val_auroc`; this is the calibrated final value
         metrics["val_auroc_final"] = metrics.pop("val_auroc")
     tracking.log_metrics(metrics)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, frame, probs in (("val", val, s["probs_val"]), ("test", test, s["probs_test"])):
+        for name, frame, probs in (("val", val, s.probs_val), ("test", test, s.probs_test)):
             path = Path(tmp) / f"{name}.parquet"
             _predictions(frame, cohort.y(frame), probs, cohort.classes).to_parquet(path, index=False)
             tracking.log_artifact(path, "predictions")
@@ -470,26 +461,26 @@ def _evaluate_and_log(
     tracking.log_json(
         jsonable(
             {
-                "operating_points": s["operating_points"],
-                "subgroups": s["subgroups"],
-                "notes": s["notes"],
+                "operating_points": s.operating_points,
+                "subgroups": s.subgroups,
+                "notes": s.notes,
                 "classes": cohort.classes,
-                "discrimination": s["discrimination"],
-                "reliability": {k: s["reliability"][k] for k in ("n_bins", "before", "after")},
+                "discrimination": s.discrimination,
+                "reliability": {k: s.reliability[k] for k in ("n_bins", "before", "after")},
             }
         ),
         "evaluation.json",
     )
-    op = s["operating_points"][0] if s["operating_points"] else {}
+    op = s.operating_points[0] if s.operating_points else {}
     meta = {
         "prepare": ckpt["prepare"],
         "classes": cohort.classes,
-        "temperature": s["temperature"] or 1.0,
+        "temperature": s.temperature or 1.0,
         "operating_point": {"rule": op.get("rule"), "threshold": op.get("threshold")},
         "adaptation": ckpt["adaptation"],
         "train_run_id": run_id,
     }
-    packaged = tracking.CalibratedNet(model, s["temperature"] or 1.0)
+    packaged = tracking.CalibratedNet(model, s.temperature or 1.0)
     meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
     if train_data is not None:  # intensity and embedding statistics for score's domain-shift check
         meta["reference_stats"] = jsonable(reference_stats(packaged, train_data, batch_size=cfg.finetune.batch_size))
@@ -512,15 +503,15 @@ def data_example(prepare: dict[str, Any]) -> np.ndarray:
     return np.zeros(shape, dtype=np.float32)
 
 
-def _log_figures(s: dict[str, Any], cohort: Cohort, y_test: np.ndarray, run_id: str) -> None:
-    probs = s["probs_test"]
-    rel = s["reliability"]
+def _log_figures(s: EvaluationSummary, cohort: Cohort, y_test: np.ndarray, run_id: str) -> None:
+    probs = s.probs_test
+    rel = s.reliability
     figures = {
         "reliability.png": reliability_figure(rel["probs_before"], rel["probs_after"], rel["y"], rel["n_bins"]),
-        "confusion.png": confusion_figure(s["discrimination"]["confusion_matrix"], cohort.classes),
+        "confusion.png": confusion_figure(s.discrimination["confusion_matrix"], cohort.classes),
     }
     if probs.shape[1] == 2:
-        figures["roc.png"] = roc_figure(y_test, probs[:, 1], s["operating_points"])
+        figures["roc.png"] = roc_figure(y_test, probs[:, 1], s.operating_points)
         figures["pr.png"] = pr_figure(y_test, probs[:, 1])
     history = tracking.get_run(run_id)["history"]
     curves = {k: history[k] for k in ("train_loss", "val_loss", "val_auroc") if k in history}
@@ -547,7 +538,7 @@ def run(cfg: Config, report: str | Path | None = None, progress: bool = True) ->
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cxr-demo.yaml"
 
 
-def demo_config(root: Path, cohort: Any) -> Config:
+def demo_config(root: Path, cohort: SyntheticCohort) -> Config:
     """The demo experiment (configs/cxr-demo.yaml) pointed at a generated cohort under `root`."""
     from pipeline.config import load_config
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluate.metrics: known answers, scikit-learn agreement, patient bootstrap, DeLong."""
+"""Tests for pipeline.evaluate (metrics, uncertainty, summary): known answers, scikit-learn agreement, DeLong."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+import pipeline.evaluate as M
 from pipeline.errors import ConfigError, DataError
-from pipeline.evaluate import metrics as M
 
 MLFLOW_SAFE = re.compile(r"^[/\w.\- ]*$")  # mlflow.utils.validation (Windows form, the strictest)
 
@@ -358,15 +358,15 @@ def test_evaluation_summary_binary() -> None:
         n_boot=100,
         subgroups={"sex": sex, "site": site},
     )
-    m = out["metrics"]
-    assert out["temperature"] == pytest.approx(5.0, rel=0.1) == m["temperature"]
+    m = out.metrics
+    assert out.temperature == pytest.approx(5.0, rel=0.1) == m["temperature"]
     assert m["test_ece"] < m["test_ece_uncalibrated"]
     assert m["test_auroc"] == pytest.approx(roc_auc_score(yt, zt[:, 1] - zt[:, 0]))
     assert m["test_auroc_ci_low"] < m["test_auroc"] < m["test_auroc_ci_high"]
-    first = out["operating_points"][0]
+    first = out.operating_points[0]
     assert first["rule"] == "youden"
     assert m["test_sensitivity"] == first["test"]["sensitivity"]
-    assert out["operating_points"][1]["val"]["sensitivity"] >= 0.90
+    assert out.operating_points[1]["val"]["sensitivity"] >= 0.90
     assert "test_auroc__sex.F" in m
     assert "test_auroc__site.north" in m
     assert not any("tiny" in k for k in m)  # too_few groups get no metric
@@ -385,7 +385,7 @@ def test_evaluation_summary_binary() -> None:
         "val_auroc",
     ):
         assert key in m
-    assert out["reliability"]["after"]["ece"] == pytest.approx(m["test_ece"])
+    assert out.reliability["after"]["ece"] == pytest.approx(m["test_ece"])
 
 
 def test_evaluation_summary_multiclass_and_bad_config() -> None:
@@ -393,11 +393,11 @@ def test_evaluation_summary_multiclass_and_bad_config() -> None:
     zt, yt = overconfident_logits(600, 3, seed=3)
     groups = np.arange(600).astype(str)
     out = M.evaluation_summary(yv, zv, yt, zt, groups, n_boot=50, operating_points=("youden",))
-    expected = roc_auc_score(yt, out["probs_test"], multi_class="ovr", average="macro")
-    assert out["metrics"]["test_auroc"] == pytest.approx(expected)
-    assert out["operating_points"] == []
-    assert "binary tasks only" in out["notes"][0]
-    assert "test_sensitivity" not in out["metrics"]
+    expected = roc_auc_score(yt, out.probs_test, multi_class="ovr", average="macro")
+    assert out.metrics["test_auroc"] == pytest.approx(expected)
+    assert out.operating_points == []
+    assert "binary tasks only" in out.notes[0]
+    assert "test_sensitivity" not in out.metrics
     with pytest.raises(ConfigError, match="did you mean 'isotonic'"):
         M.evaluation_summary(yv, zv, yt, zt, groups, calibration="isotonc")
     with pytest.raises(ConfigError, match="did you mean 'youden'"):

@@ -9,8 +9,8 @@ import pytest
 from matplotlib.figure import Figure
 from scipy.special import softmax
 
+import pipeline.evaluate as M
 from pipeline.errors import DataError
-from pipeline.evaluate import metrics as M
 from pipeline.evaluate import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

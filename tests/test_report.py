@@ -217,29 +217,29 @@ def _log_evaluation(frame: pd.DataFrame, rng: np.random.Generator, signal: float
         n_boot=200,
         subgroups={"sex": test["sex"].to_numpy(), "site": test["site"].to_numpy()},
     )
-    tracking.log_metrics(s["metrics"])
-    rel = s["reliability"]
+    tracking.log_metrics(s.metrics)
+    rel = s.reliability
     # reliability bins go in as numpy arrays, as pipeline.run logs them (MLflow writes them as "[0. 0.1 ...]")
     tracking.log_json(
         {
             **_jsonable(
                 {
-                    "operating_points": s["operating_points"],
-                    "subgroups": s["subgroups"],
-                    "notes": s["notes"],
+                    "operating_points": s.operating_points,
+                    "subgroups": s.subgroups,
+                    "notes": s.notes,
                     "classes": ["0", "1"],
-                    "discrimination": s["discrimination"],
+                    "discrimination": s.discrimination,
                 }
             ),
             "reliability": {k: rel[k] for k in ("n_bins", "before", "after")},
         },
         "evaluation.json",
     )
-    p = s["probs_test"][:, 1]
+    p = s.probs_test[:, 1]
     for name, fig in {
-        "roc.png": roc_figure(yt, p, s["operating_points"]),
+        "roc.png": roc_figure(yt, p, s.operating_points),
         "pr.png": pr_figure(yt, p),
-        "confusion.png": confusion_figure(s["discrimination"]["confusion_matrix"], ["0", "1"]),
+        "confusion.png": confusion_figure(s.discrimination["confusion_matrix"], ["0", "1"]),
         "reliability.png": reliability_figure(rel["probs_before"], rel["probs_after"], yt),
     }.items():
         tracking.log_figure(fig, f"figures/{name}")

@@ -1,4 +1,8 @@
-"""Evaluate stage: calibration on validation, test metrics with patient-level CIs, subgroups, figures."""
+"""Evaluate stage: calibration on validation, test metrics with patient-level CIs, subgroups, figures.
+
+Modules: `calibrate` (calibrators), `metrics` (pure metric functions), `uncertainty` (patient-level
+bootstrap, DeLong, subgroups), `summary` (the evaluation summary), `plots` (figures).
+"""
 
 from pipeline.evaluate.calibrate import (
     CALIBRATORS,
@@ -12,23 +16,16 @@ from pipeline.evaluate.calibrate import (
 from pipeline.evaluate.metrics import (
     N_BINS,
     at_threshold,
-    auroc,
-    bootstrap_ci,
     brier,
     calibration_slope_intercept,
     choose_operating_point,
     classwise_ece,
-    delong_test,
     discrimination,
     ece,
-    evaluation_summary,
     mce,
-    metric_key,
     nll,
-    paired_bootstrap,
     parse_rule,
     reliability_bins,
-    subgroup_metrics,
 )
 from pipeline.evaluate.plots import (
     confusion_figure,
@@ -38,6 +35,9 @@ from pipeline.evaluate.plots import (
     save_png,
     training_curves_figure,
 )
+from pipeline.evaluate.summary import evaluation_summary, metric_key
+from pipeline.evaluate.uncertainty import bootstrap_ci, delong_test, paired_bootstrap, subgroup_metrics
+from pipeline.stats import auroc
 
 __all__ = [
     "CALIBRATORS",

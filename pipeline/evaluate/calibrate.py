@@ -9,6 +9,7 @@ from scipy.optimize import minimize
 from sklearn.isotonic import IsotonicRegression
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
+from pipeline.stats import check_labels
 
 _MAX_LOG_T = np.log(1e3)  # T is searched in [1e-3, 1e3]; anything outside is a broken model
 
@@ -51,24 +52,6 @@ def check_logits(logits: Any, name: str = "logits") -> np.ndarray:
             "check the model outputs before calibrating."
         )
     return z
-
-
-def check_labels(y: Any, n: int, n_classes: int, name: str = "y") -> np.ndarray:
-    """Validate integer class indices shaped (n,) with values in [0, n_classes); return int64.
-
-    Raises:
-        DataError: naming the argument, the actual shape/values and what is expected.
-    """
-    labels = np.asarray(y)
-    if labels.shape != (n,):
-        raise DataError(f"{name}: expected shape ({n},) to match the predictions, got {labels.shape}.")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_classes:
-        raise DataError(
-            f"{name}: expected integer class indices in [0, {n_classes - 1}], got dtype "
-            f"{labels.dtype} with values {np.unique(labels)[:10].tolist()}; "
-            "map label names to indices first."
-        )
-    return labels.astype(np.int64)
 
 
 def _check_xy(logits: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:

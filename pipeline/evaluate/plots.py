@@ -16,13 +16,12 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from pipeline.errors import DataError
 from pipeline.evaluate.metrics import (
     N_BINS,
-    as_binary,
     at_threshold,
-    auroc,
     discrimination,
     reliability_bins,
 )
 from pipeline.io import atomic_path
+from pipeline.stats import as_binary, auroc
 
 
 def _figure(width: float = 5.0, height: float = 4.5) -> Figure:

@@ -1,7 +1,7 @@
 """Fine-tuning stage: strategies, imbalance handling, the training loop, resume and DDP."""
 
 from pipeline.finetune.distributed import World, init_distributed, pick_device, shutdown
-from pipeline.finetune.loop import TrainResult, auroc, autocast, finetune, predict_logits
+from pipeline.finetune.loop import TrainResult, autocast, finetune, predict_logits, val_auroc
 from pipeline.finetune.losses import FocalLoss, make_loss
 from pipeline.finetune.options import check_options
 from pipeline.finetune.probe import extract_features, feature_cache_key, linear_probe, logistic_head
@@ -10,7 +10,6 @@ __all__ = [
     "FocalLoss",
     "TrainResult",
     "World",
-    "auroc",
     "autocast",
     "check_options",
     "extract_features",
@@ -23,4 +22,5 @@ __all__ = [
     "pick_device",
     "predict_logits",
     "shutdown",
+    "val_auroc",
 ]

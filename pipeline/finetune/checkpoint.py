@@ -11,6 +11,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from pipeline.config import FinetuneConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_path
 
@@ -52,7 +53,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def fingerprint(cfg: Any) -> dict[str, Any]:
+def fingerprint(cfg: FinetuneConfig) -> dict[str, Any]:
     """The finetune settings that must not change across a resume, as plain JSON values."""
     is_instance = dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
     raw = dataclasses.asdict(cfg) if is_instance else dict(vars(cfg))
@@ -60,7 +61,7 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str, sort_keys=True))
 
 
-def check_fingerprint(saved: dict[str, Any], cfg: Any, path: str | Path) -> None:
+def check_fingerprint(saved: dict[str, Any], cfg: FinetuneConfig, path: str | Path) -> None:
     """Raise ConfigError listing every setting that differs from the interrupted run's."""
     now = fingerprint(cfg)
     diffs = [

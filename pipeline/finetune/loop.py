@@ -6,17 +6,17 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 from rich.progress import Progress
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from pipeline.config import FinetuneConfig
 from pipeline.errors import ConfigError
 from pipeline.finetune.checkpoint import (
     capture_rng,
@@ -44,35 +44,17 @@ from pipeline.finetune.freezing import (
 from pipeline.finetune.losses import make_loss
 from pipeline.finetune.options import check_options
 from pipeline.finetune.weighting import EpochSampler, class_weights, weighted_sampler
+from pipeline.records import TrainResult
+from pipeline.stats import auroc
 
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-@dataclass
-class TrainResult:
-    """What training returns; the model holds the best epoch's weights."""
-
-    model: nn.Module
-    history: dict[str, list[float]] = field(default_factory=dict)
-    best_epoch: int = 0
-    best_metric: float = float("nan")
-    epochs_run: int = 0
-    stopped_early: bool = False
-    seconds: float = 0.0
-    class_weights: list[float] = field(default_factory=list)
-    trainable_by_phase: list[int] = field(default_factory=list)
-    device: str = "cpu"
-    resumed_from: int = -1  # first epoch trained after a resume; -1 for an uninterrupted run
-
-
-def auroc(y: np.ndarray, logits: np.ndarray) -> float:
-    """Binary AUROC of softmax[:, 1], macro one-vs-rest for more classes; NaN if one class only."""
-    if len(np.unique(y)) < 2:
-        return float("nan")
+def val_auroc(y: np.ndarray, logits: np.ndarray) -> float:
+    """`pipeline.stats.auroc` of softmax(logits) (float64) for the epoch history; NaN when undefined."""
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+    value = auroc(np.asarray(y, dtype=np.int64), probs)
+    return float("nan") if value is None else value
 
 
 @torch.no_grad()
@@ -148,7 +130,7 @@ def finetune(
     train_ds: Dataset,
     val_ds: Dataset,
     y_train: np.ndarray,
-    cfg: Any,
+    cfg: FinetuneConfig,
     n_classes: int,
     on_epoch: EpochHook | None = None,
     unfreeze_every: int | None = None,
@@ -217,7 +199,7 @@ def finetune(
 
 
 def _train_loader(
-    train_ds: Dataset, y_train: np.ndarray, weights: np.ndarray, cfg: Any, world: World
+    train_ds: Dataset, y_train: np.ndarray, weights: np.ndarray, cfg: FinetuneConfig, world: World
 ) -> tuple[DataLoader, torch.Generator]:
     """This process's loader: its share (batch_size / world) of every global batch, in a per-epoch order."""
     per_rank = cfg.batch_size // world.size
@@ -250,7 +232,7 @@ def _enter_phase(
     st: _Loop,
     model: nn.Module,
     groups: list,
-    cfg: Any,
+    cfg: FinetuneConfig,
     phase: int,
     epoch: int,
     steps: int,
@@ -307,7 +289,13 @@ def _train_epoch(
 
 
 def _run_epoch(
-    st: _Loop, model: nn.Module, loader: DataLoader, val_ds: Dataset, loss_fn: nn.Module, cfg: Any, world: World
+    st: _Loop,
+    model: nn.Module,
+    loader: DataLoader,
+    val_ds: Dataset,
+    loss_fn: nn.Module,
+    cfg: FinetuneConfig,
+    world: World,
 ) -> dict[str, float]:
     """Train one epoch, then validate on rank 0; the metrics row, identical on every rank."""
     t0 = time.perf_counter()
@@ -324,7 +312,7 @@ def _run_epoch(
         row = {
             "train_loss": loss_sum / max(1, seen),
             "val_loss": float(val_loss),
-            "val_auroc": auroc(val_y, val_logits),
+            "val_auroc": val_auroc(val_y, val_logits),
             "lr": st.optimizer.param_groups[-1]["lr"],
             "trainable_params": st.n_trainable,
             "epoch_seconds": time.perf_counter() - t0,
@@ -334,7 +322,7 @@ def _run_epoch(
     return broadcast(row, world)
 
 
-def _update(st: _Loop, model: nn.Module, epoch: int, row: dict[str, float], cfg: Any) -> None:
+def _update(st: _Loop, model: nn.Module, epoch: int, row: dict[str, float], cfg: FinetuneConfig) -> None:
     """Record the row, keep the best weights, count patience."""
     r = st.result
     for key, value in row.items():
@@ -349,7 +337,7 @@ def _update(st: _Loop, model: nn.Module, epoch: int, row: dict[str, float], cfg:
         r.stopped_early = st.patience >= cfg.early_stopping.patience and st.next_epoch < cfg.epochs
 
 
-def _pack(st: _Loop, model: nn.Module, cfg: Any, gen: torch.Generator, rngs: list) -> dict[str, Any]:
+def _pack(st: _Loop, model: nn.Module, cfg: FinetuneConfig, gen: torch.Generator, rngs: list) -> dict[str, Any]:
     r = st.result
     return {
         "model": model.state_dict(),
@@ -376,7 +364,7 @@ def _restore(
     path: Path,
     model: nn.Module,
     groups: list,
-    cfg: Any,
+    cfg: FinetuneConfig,
     steps: int,
     n_frozen: int,
     world: World,

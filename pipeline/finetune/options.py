@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from pipeline.config import FinetuneConfig
 from pipeline.errors import ConfigError, did_you_mean
 
 STOP_METRICS = ("val_auroc", "val_loss", "train_loss")
 
 
-def check_options(cfg: Any, world_size: int = 1, augment: bool = False) -> None:
+def check_options(cfg: FinetuneConfig, world_size: int = 1, augment: bool = False) -> None:
     """Validate a FinetuneConfig before any work; raise one ConfigError listing every problem.
 
     Args:

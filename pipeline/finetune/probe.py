@@ -6,7 +6,6 @@ import copy
 import hashlib
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -15,8 +14,9 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from pipeline.config import FinetuneConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.finetune.loop import EpochHook, TrainResult, auroc, autocast, finetune
+from pipeline.finetune.loop import EpochHook, TrainResult, autocast, finetune, val_auroc
 from pipeline.finetune.losses import make_loss
 from pipeline.finetune.weighting import class_weights
 from pipeline.io import atomic_path, state_sha256
@@ -80,7 +80,7 @@ def linear_probe(
     model: nn.Module,
     train_feats: Features,
     val_feats: Features,
-    cfg: Any,
+    cfg: FinetuneConfig,
     n_classes: int,
     on_epoch: EpochHook | None = None,
     checkpoint: str | Path | None = None,
@@ -118,7 +118,7 @@ def logistic_head(
     model: nn.Module,
     train_feats: Features,
     val_feats: Features,
-    cfg: Any,
+    cfg: FinetuneConfig,
     n_classes: int,
     on_epoch: EpochHook | None = None,
 ) -> TrainResult:
@@ -183,7 +183,7 @@ def _head_row(head: nn.Module, train_feats: Features, val_feats: Features, loss_
     return {
         "train_loss": float(loss_fn(train_logits, train_feats[1].long())),
         "val_loss": float(loss_fn(val_logits, val_feats[1].long())),
-        "val_auroc": auroc(val_feats[1].numpy(), val_logits.numpy()),
+        "val_auroc": val_auroc(val_feats[1].numpy(), val_logits.numpy()),
     }
 
 

@@ -1,0 +1,244 @@
+"""Uncertainty by patient: patient-level bootstrap CIs, DeLong and paired comparisons, subgroup metrics.
+
+Conventions as in `pipeline.evaluate.metrics`; `groups` holds one patient pseudonym per row, and
+every resampling draws patients (all of a patient's rows together), never rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from pipeline.errors import ConfigError, DataError, did_you_mean
+from pipeline.evaluate.metrics import at_threshold, brier, discrimination, ece
+from pipeline.stats import as_binary, auroc, check_labels, check_probs
+
+# --------------------------------------------------------------------------- uncertainty
+METRICS: dict[str, Callable[[Any, Any], float | None]] = {
+    "auroc": auroc,
+    "auprc": lambda y, p: discrimination(y, p)["auprc"],
+    "brier": lambda y, p: brier(p, y),
+    "ece": lambda y, p: ece(p, y),
+}
+
+
+def _patient_resamples(y: np.ndarray, groups: Any, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield row indices of `n_boot` resamples that draw PATIENTS with replacement.
+
+    A patient drawn k times contributes all of its rows k times. Resamples missing a class that
+    is present in `y` are skipped (so fewer than n_boot may be yielded).
+    """
+    g = np.asarray(groups)
+    if g.shape != (len(y),):
+        raise DataError(f"groups: expected one patient id per row, shape ({len(y)},), got {g.shape}.")
+    _, codes = np.unique(g.astype(str), return_inverse=True)
+    n_groups, n_classes = int(codes.max()) + 1, len(np.unique(y))
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(y))
+    for _ in range(n_boot):
+        weight = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[codes]
+        idx = np.repeat(rows, weight)
+        if len(np.unique(y[idx])) == n_classes:
+            yield idx
+
+
+def _metric_fn(metric: str | Callable[[Any, Any], float | None]) -> Callable[[Any, Any], Any]:
+    if callable(metric):
+        return metric
+    if metric not in METRICS:
+        raise ConfigError(
+            f"metric: unknown name '{metric}'{did_you_mean(metric, METRICS)}; "
+            f"expected a callable(y, prob) or one of {', '.join(METRICS)}."
+        )
+    return METRICS[metric]
+
+
+def bootstrap_ci(
+    metric: str | Callable[[Any, Any], float | None],
+    y: Any,
+    prob: Any,
+    groups: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """Point estimate and percentile CI of metric(y, prob), resampling patients (not images).
+
+    Args:
+        metric: callable(y, prob) -> float | None, or a name in METRICS ("auroc", "auprc", ...).
+        groups: one patient pseudonym per row; a patient's images are drawn together.
+
+    Returns:
+        (point, low, high) with the (alpha/2, 1 − alpha/2) percentiles of the valid resamples.
+    """
+    fn = _metric_fn(metric)
+    labels, p = np.asarray(y), np.asarray(prob)
+    point = fn(labels, p)
+    if point is None:
+        raise DataError(
+            "bootstrap_ci: the metric is undefined on the full data (e.g. AUROC with "
+            "one class); it cannot be bootstrapped."
+        )
+    vals = [fn(labels[i], p[i]) for i in _patient_resamples(labels, groups, n_boot, seed)]
+    vals = [v for v in vals if v is not None and np.isfinite(v)]
+    if not vals:
+        raise DataError(
+            "bootstrap_ci: no patient resample contained every class; the data has "
+            "too few patients per class for a confidence interval."
+        )
+    low, high = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+    return float(point), float(low), float(high)
+
+
+def delong_test(y: Any, prob_a: Any, prob_b: Any) -> dict[str, float]:
+    """Paired DeLong test (DeLong 1988; fast midrank form of Sun & Xu 2014) of two binary AUROCs.
+
+    Returns:
+        auc_a, auc_b, diff (a − b), se of the difference, z, two-sided p, and 95% ci_low/ci_high.
+    """
+    pa, labels = as_binary(y, prob_a, "prob_a", scores=True)
+    pb, _ = as_binary(y, prob_b, "prob_b", scores=True)
+    pos = labels == 1
+    m, n = int(pos.sum()), int((~pos).sum())
+    if m < 2 or n < 2:
+        raise DataError(f"y: DeLong needs at least 2 positives and 2 negatives; got {m} and {n}.")
+    v10, v01, aucs = [], [], []
+    for s in (pa, pb):
+        tz, tx, ty = stats.rankdata(s), stats.rankdata(s[pos]), stats.rankdata(s[~pos])
+        aucs.append((tz[pos].sum() - m * (m + 1) / 2) / (m * n))
+        v10.append((tz[pos] - tx) / n)  # per positive: share of negatives it outranks
+        v01.append(1.0 - (tz[~pos] - ty) / m)  # per negative: share of positives above it
+    cov = np.cov(np.array(v10)) / m + np.cov(np.array(v01)) / n
+    diff = float(aucs[0] - aucs[1])
+    se = float(np.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0)))
+    if se > 0:
+        z = diff / se
+    else:
+        z = 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "diff": diff,
+        "se": se,
+        "z": float(z),
+        "p": float(2 * stats.norm.sf(abs(z))),
+        "ci_low": diff - 1.959964 * se,
+        "ci_high": diff + 1.959964 * se,
+    }
+
+
+def paired_bootstrap(
+    y: Any,
+    prob_a: Any,
+    prob_b: Any,
+    groups: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    metric: str | Callable[[Any, Any], float | None] = "auroc",
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Compare two models on the same cases by resampling patients; both see the same resamples.
+
+    Returns:
+        metric name, value_a, value_b, diff (a − b), percentile ci_low/ci_high of the difference,
+        p (two-sided: 2 × the smaller share of resampled differences on either side of 0, ≤ 1)
+        and n_boot (resamples used).
+    """
+    fn = _metric_fn(metric)
+    labels, pa, pb = np.asarray(y), np.asarray(prob_a), np.asarray(prob_b)
+    a, b = fn(labels, pa), fn(labels, pb)
+    if a is None or b is None:
+        raise DataError("paired_bootstrap: the metric is undefined on the full data.")
+    diffs = np.array(
+        [fn(labels[i], pa[i]) - fn(labels[i], pb[i]) for i in _patient_resamples(labels, groups, n_boot, seed)]
+    )
+    if len(diffs) == 0:
+        raise DataError("paired_bootstrap: no patient resample contained every class.")
+    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    p = min(1.0, 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
+    return {
+        "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"),
+        "value_a": float(a),
+        "value_b": float(b),
+        "diff": float(a - b),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "p": float(p),
+        "n_boot": len(diffs),
+    }
+
+
+# --------------------------------------------------------------------------- subgroups
+def _attr_values(values: Any, n: int, name: str) -> np.ndarray:
+    v = np.asarray(values, dtype=object)
+    if v.shape != (n,):
+        raise DataError(f"subgroups['{name}']: expected one value per row, shape ({n},), got {v.shape}.")
+    missing = np.array([x is None or (isinstance(x, float) and np.isnan(x)) for x in v], dtype=bool)
+    return np.where(missing, "missing", v.astype(str))
+
+
+def subgroup_metrics(
+    y: Any,
+    prob: Any,
+    groups: Any,
+    attrs: Mapping[str, Any],
+    threshold: float | None,
+    n_boot: int = 200,
+    seed: int = 0,
+    min_cases: int = 10,
+) -> list[dict[str, Any]]:
+    """Per attribute value: size, prevalence, AUROC with patient-bootstrap CI, sens/spec at threshold.
+
+    Binary `prob` is P(class 1) (N,) or (N, 2); an (N, C > 2) array gives macro AUROC only
+    (n_pos, prevalence, sensitivity, specificity are then None). A subgroup with fewer than
+    `min_cases` positives or negatives (multi-class: cases of any class present) is flagged
+    `too_few=True` and its AUROC/CI left None; its counts and sens/spec are still reported.
+    """
+    p = check_probs(prob, "prob")
+    labels = check_labels(y, len(p), p.shape[1])
+    binary = p.shape[1] == 2
+    g = np.asarray(groups)
+    if g.shape != (len(labels),):
+        raise DataError(f"groups: expected one patient id per row, shape ({len(labels)},), got {g.shape}.")
+    present = np.bincount(labels, minlength=p.shape[1]) > 0  # classes absent overall are ignored
+    rows = []
+    for attr, values in attrs.items():
+        vals = _attr_values(values, len(labels), attr)
+        for value in sorted(set(vals.tolist())):
+            m = vals == value
+            ys, ps = labels[m], p[m]
+            counts = np.bincount(ys, minlength=p.shape[1])
+            row: dict[str, Any] = {
+                "attribute": attr,
+                "value": value,
+                "n": int(m.sum()),
+                "n_patients": len(np.unique(g[m].astype(str))),
+                "n_pos": int(counts[1]) if binary else None,
+                "prevalence": float(counts[1] / m.sum()) if binary else None,
+                "too_few": bool(counts[present].min() < min_cases),
+                "auroc": None,
+                "ci_low": None,
+                "ci_high": None,
+                "sensitivity": None,
+                "specificity": None,
+            }
+            if not row["too_few"]:
+                row["auroc"], row["ci_low"], row["ci_high"] = _auroc_ci(ys, ps, g[m], n_boot, seed)
+            if binary and threshold is not None:
+                op = at_threshold(ys, ps[:, 1], threshold)
+                row.update(sensitivity=op["sensitivity"], specificity=op["specificity"])
+            rows.append(row)
+    return rows
+
+
+def _auroc_ci(
+    y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int, seed: int
+) -> tuple[float | None, float | None, float | None]:
+    try:
+        return bootstrap_ci(auroc, y, p, groups, n_boot=n_boot, seed=seed)
+    except DataError:  # every resample lost a class (very few patients): report the point only
+        return auroc(y, p), None, None

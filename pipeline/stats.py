@@ -1,0 +1,97 @@
+"""Checks of predictions and labels, and AUROC: the base that fine-tuning and evaluation share.
+
+Conventions: `probs` is (N, C) float (a 1-D array is read as P(class 1) of a binary task); `y`
+holds integer class indices (N,). An AUROC with one class present is None, never 0.5 or 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from pipeline.errors import DataError
+
+
+def check_labels(y: Any, n: int, n_classes: int, name: str = "y") -> np.ndarray:
+    """Validate integer class indices shaped (n,) with values in [0, n_classes); return int64.
+
+    Raises:
+        DataError: naming the argument, the actual shape/values and what is expected.
+    """
+    labels = np.asarray(y)
+    if labels.shape != (n,):
+        raise DataError(f"{name}: expected shape ({n},) to match the predictions, got {labels.shape}.")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_classes:
+        raise DataError(
+            f"{name}: expected integer class indices in [0, {n_classes - 1}], got dtype "
+            f"{labels.dtype} with values {np.unique(labels)[:10].tolist()}; "
+            "map label names to indices first."
+        )
+    return labels.astype(np.int64)
+
+
+def check_probs(probs: Any, name: str = "probs") -> np.ndarray:
+    """Validate probabilities shaped (N, C), or (N,) read as P(class 1); return float64 (N, C)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        p = np.column_stack([1.0 - p, p])
+    if p.ndim != 2 or p.shape[1] < 2 or len(p) == 0:
+        raise DataError(f"{name}: expected probabilities shaped (N, C) or (N,) for binary, got {p.shape}.")
+    if not np.all(np.isfinite(p)) or p.min() < -1e-9 or p.max() > 1 + 1e-9:
+        raise DataError(
+            f"{name}: expected finite values in [0, 1]; pass probabilities, not logits "
+            "(use calibrate.softmax on logits)."
+        )
+    return p
+
+
+def check_xy(probs: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate probabilities and their labels together; return (probs (N, C), labels (N,))."""
+    p = check_probs(probs)
+    return p, check_labels(y, len(p), p.shape[1])
+
+
+def as_binary(y: Any, prob: Any, name: str = "prob", *, scores: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a binary task: return (P(class 1) as (N,), labels in {0, 1}).
+
+    With `scores=True` (rank-based metrics: AUROC, DeLong) any finite score is accepted.
+    """
+    p = np.asarray(prob, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 2:
+        p = p[:, 1]
+    if p.ndim != 1 or len(p) == 0:
+        raise DataError(
+            f"{name}: expected the positive-class probability shaped (N,), got {p.shape}; "
+            "this metric is defined for binary tasks only."
+        )
+    if scores:
+        if not np.all(np.isfinite(p)):
+            raise DataError(f"{name}: {int((~np.isfinite(p)).sum())} non-finite scores (NaN/inf).")
+    else:
+        p = check_probs(p, name)[:, 1]
+    return p, check_labels(y, len(p), 2)
+
+
+def auc_binary(pos: np.ndarray, score: np.ndarray) -> float | None:
+    """Binary AUROC of `score` for the boolean mask `pos` (Mann–Whitney, ties 1/2); None if a class is absent."""
+    n1 = int(pos.sum())
+    n0 = len(pos) - n1
+    if n1 == 0 or n0 == 0:
+        return None
+    ranks = stats.rankdata(score)
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def auroc(y: Any, probs: Any) -> float | None:
+    """AUROC: binary on P(class 1) (or any 1-D score); multi-class the macro mean of one-vs-rest AUROCs."""
+    if np.ndim(probs) == 1:
+        score, pos = as_binary(y, probs, "probs", scores=True)
+        return auc_binary(pos == 1, score)
+    p, labels = check_xy(probs, y)
+    if p.shape[1] == 2:
+        return auc_binary(labels == 1, p[:, 1])
+    per = [auc_binary(labels == c, p[:, c]) for c in range(p.shape[1])]
+    defined = [a for a in per if a is not None]
+    return float(np.mean(defined)) if defined else None
