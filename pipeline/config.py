@@ -16,10 +16,6 @@ import yaml
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.io import write_text
 
-PRESETS = ("xray", "ct-lung", "ct-soft-tissue", "ct-bone", "mr")
-DIMS = ("2d", "2.5d", "3d")
-STRATEGIES = ("linear-probe", "finetune", "partial", "gradual")
-
 
 @dataclass
 class SplitConfig:
@@ -258,7 +254,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     raw = _merge(raw, overrides or {})
     cfg = from_dict(raw, str(path))
     base = path.resolve().parent

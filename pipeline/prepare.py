@@ -241,11 +241,11 @@ def prepare_image(path: str | Path, spec: PrepareSpec, transform: Compose | None
         while cause is not None and not isinstance(cause, DataError):
             cause = cause.__cause__
         if cause is not None:
-            raise DataError(f"{path}: {cause}") from None
+            raise DataError(f"{path}: {cause}") from exc
         root = exc.__cause__ or exc
         raise DataError(
             f"{path}: could not be prepared ({type(root).__name__}: {root}); re-run ingest to rewrite the image"
-        ) from None
+        ) from exc
     return _plain(out).contiguous()
 
 

@@ -58,7 +58,7 @@ def connect(uri: str | None) -> str:
                 f"MLflow server {uri} is unreachable ({exc.strerror or exc}); start it "
                 f"(`mlflow server --host {host} --port {port}`) or set tracking.uri to a sqlite file, "
                 "e.g. sqlite:///mlflow.db"
-            ) from None
+            ) from exc
     elif parsed.scheme == "sqlite":
         db = Path(uri.replace("sqlite:///", "", 1))
         if not db.parent.exists():
@@ -156,7 +156,7 @@ def load_model(model_uri: str) -> tuple[CalibratedNet, dict[str, Any]]:
         raise TrackingError(
             f"cannot load model {model_uri}: {exc}. Use models:/NAME/VERSION, "
             "models:/NAME/latest, runs:/RUN_ID/model or a local model folder"
-        ) from None
+        ) from exc
     return model, (info.metadata or {}).get("medxfer", {})
 
 
@@ -166,7 +166,7 @@ def get_run(run_id: str) -> dict[str, Any]:
     try:
         run = client.get_run(run_id)
     except Exception as exc:
-        raise TrackingError(f"run {run_id} not found in {mlflow.get_tracking_uri()}: {exc}") from None
+        raise TrackingError(f"run {run_id} not found in {mlflow.get_tracking_uri()}: {exc}") from exc
     history = {
         key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
         for key in run.data.metrics
@@ -216,7 +216,7 @@ def search_runs(experiment_id: str, filter_string: str = "", max_results: int = 
             order_by=["attributes.start_time DESC"],
         )
     except Exception as exc:
-        raise TrackingError(f"cannot search experiment {experiment_id} with filter {filter_string!r}: {exc}") from None
+        raise TrackingError(f"cannot search experiment {experiment_id} with filter {filter_string!r}: {exc}") from exc
     return [
         {
             "run_id": r.info.run_id,

@@ -132,3 +132,13 @@ def test_allowed_imports_pass(tmp_path: Path) -> None:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     assert violations(root) == []
+
+
+def test_errors_keep_their_cause() -> None:
+    """`raise X from None` hides the cause that `--debug` shows; errors chain with `from exc`."""
+    hidden = []
+    for path in sorted(PIPELINE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.cause, ast.Constant) and node.cause.value is None:
+                hidden.append(f"{path.relative_to(PIPELINE.parent)}:{node.lineno}")
+    assert hidden == []

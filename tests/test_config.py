@@ -73,3 +73,35 @@ def test_cli_exits_2_on_missing_config_and_invalid_yaml(tmp_path: Path, capsys):
 def test_config_is_a_dataclass_with_sections():
     cfg = Config()
     assert set(cfg.as_dict()) == {"experiment", "data", "prepare", "model", "finetune", "evaluate", "tracking"}
+
+
+def test_debug_shows_the_cause_of_an_error(tmp_path: Path, capsys):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("experiment: [unclosed\n")
+    assert main(["train", str(bad)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["--debug", "train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "yaml.parser.ParserError" in err  # the cause, kept with `raise ... from exc`
+    assert "direct cause of the following exception" in err
+    assert "ConfigError: " in err
+
+
+def test_config_choices_match_the_stages_that_implement_them():
+    """A preset, dims, strategy or calibration method is added in the stage and the config together."""
+    import typing
+
+    from pipeline.adapt.registry import DIMS
+    from pipeline.config import EvaluateConfig, FinetuneConfig, PrepareConfig
+    from pipeline.evaluate import CALIBRATORS
+    from pipeline.finetune.freezing import STRATEGIES
+    from pipeline.prepare import PRESETS, REDUCTIONS
+
+    def choices(cls: type, name: str) -> set[str]:
+        return set(typing.get_args(typing.get_type_hints(cls)[name]))
+
+    assert choices(PrepareConfig, "preset") == set(PRESETS)
+    assert choices(PrepareConfig, "dims") == set(DIMS)
+    assert choices(PrepareConfig, "reduce") == set(REDUCTIONS)
+    assert choices(FinetuneConfig, "strategy") == set(STRATEGIES)
+    assert choices(EvaluateConfig, "calibration") == set(CALIBRATORS)

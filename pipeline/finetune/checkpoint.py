@@ -44,7 +44,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # pickle/zip errors: name the file
         raise DataError(
             f"{path} is not a readable training checkpoint ({type(exc).__name__}: {exc}); delete it and start a new run"
-        ) from None
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(
             f"{path}: expected a '{FORMAT}' training checkpoint, got "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, did_you_mean
 
 Groups = list[tuple[str, list[str]]]  # ordered stem → head: (group name, parameter-name prefixes)
 
@@ -21,6 +21,9 @@ def group_of(name: str, groups: Groups) -> int:
     return best
 
 
+STRATEGIES = ("linear-probe", "finetune", "partial", "gradual")
+
+
 def trainable_group_indices(strategy: str, n_groups: int, *, phase: int = 0, partial_freeze: int = 2) -> set[int]:
     """Which groups train: linear-probe → head; finetune → all; partial → all but the first N;
     gradual → the head plus one more group (from the top) per phase."""
@@ -32,7 +35,9 @@ def trainable_group_indices(strategy: str, n_groups: int, *, phase: int = 0, par
         return set(range(min(partial_freeze, n_groups - 1), n_groups))
     if strategy == "gradual":
         return set(range(max(0, n_groups - 1 - phase), n_groups))
-    raise ConfigError(f"finetune.strategy: unknown '{strategy}'")
+    raise ConfigError(
+        f"finetune.strategy: unknown '{strategy}'{did_you_mean(strategy, STRATEGIES)}; choose one of {list(STRATEGIES)}"
+    )
 
 
 def apply_freezing(model: nn.Module, groups: Groups, trainable: set[int]) -> int:

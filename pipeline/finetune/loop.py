@@ -380,7 +380,7 @@ def _restore(
         raise ConfigError(
             f"cannot resume: {path} does not fit this model ({str(exc).splitlines()[0]}); "
             "use the model.* settings of the interrupted run"
-        ) from None
+        ) from exc
     r = st.result
     r.history, r.best_epoch, r.best_metric = state["history"], state["best_epoch"], state["best_metric"]
     r.stopped_early, r.seconds, r.trainable_by_phase = (
