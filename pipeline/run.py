@@ -24,6 +24,7 @@ from pipeline.evaluate import (
     confusion_figure,
     evaluation_summary,
     pr_figure,
+    reference_stats,
     reliability_figure,
     roc_figure,
     training_curves_figure,
@@ -46,7 +47,6 @@ from pipeline.ingest import ingest, load_manifest
 from pipeline.io import jsonable
 from pipeline.prepare import PreparedDataset, build_augment, make_spec, spec_from_dict
 from pipeline.records import AdaptationSummary
-from pipeline.score_ray import reference_stats
 
 log = logging.getLogger("medxfer")
 

@@ -24,16 +24,12 @@ from pipeline import tracking
 from pipeline.adapt import build_model
 from pipeline.cli import main
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluate import DomainStats, compare_domain, reference_stats
 from pipeline.ingest import load_manifest
 from pipeline.prepare import PrepareSpec, make_spec, prepare_image, spec_from_dict
 from pipeline.score import load_packaged, score
-from pipeline.score_ray import (
-    DomainStats,
-    adapt_batchnorm,
-    compare_domain,
-    ray_runtime_env,
-    reference_stats,
-)
+from pipeline.score.adabn import adapt_batchnorm
+from pipeline.score.ray_engine import ray_runtime_env
 from pipeline.synthetic import make_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,12 +263,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(models, archive, score
     code = (
         "import time, torch\n"
         "import pipeline.score as s\n"
+        "import pipeline.score.plan as plan\n"
         "torch.set_num_threads(1)  # as in this module, so the chunks are bit-identical\n"
-        "commit = s._ChunkWriter._commit\n"
+        "commit = plan._ChunkWriter._commit\n"
         "def slow(self, c, got):\n"
         "    commit(self, c, got)\n"
         "    time.sleep(30)  # a window for the parent's SIGKILL\n"
-        "s._ChunkWriter._commit = slow\n"
+        "plan._ChunkWriter._commit = slow\n"
         f"s.score({models['binary']!r}, {str(archive['source'])!r}, {str(out)!r}, tracking_uri={models['uri']!r},"
         f" labels={str(archive['labels'])!r}, key_file={str(archive['key'])!r}, batch_size=2, chunk_size=3,"
         " progress=False)\n"
