@@ -162,7 +162,7 @@ def write_report(res: dict, folder: Path) -> Path:
     table = "\n".join(
         f"| {name} | {b:.2f} | {m:.2f} | {'–' if c != c else f'{c:.2f}'} | {r} |" for name, b, m, c, r in rows
     )
-    text = f"""# Batch scoring throughput (`pipeline/score.py`)
+    text = f"""# Batch scoring throughput (`pipeline/score/`)
 
 Archive: synthetic chest X-ray cohort, {res["n_units"]} image units ({res["n_ok"]} scored); model
 tf_efficientnet_lite0 (random init; speed does not depend on weights), 2D, 1 channel,

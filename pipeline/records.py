@@ -206,3 +206,43 @@ class EvaluationSummary:
     reliability: dict[str, Any]
     discrimination: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Packaged:
+    """A packaged model loaded for scoring and what scoring reads from its medxfer metadata.
+
+    Built by `pipeline.score.load_packaged`; travels from loading to the engines and the output table.
+
+    Attributes:
+        model: the packaged network (`tracking.CalibratedNet`), in eval mode. Input: prepared float32
+            tensors (B, C, H, W) for 2D/2.5D or (B, C, D, H, W) for 3D; output: calibrated
+            probabilities (B, n_classes) float32, columns in the order of `classes`.
+        meta: the model's medxfer metadata (keys prepare, classes, temperature, operating_point,
+            modalities, reference_stats, ...), as logged by `tracking.log_model`.
+        uri: the URI it was loaded from (``models:/NAME/VERSION``, ``runs:/ID/model`` or an absolute path).
+        spec: the `PrepareSpec` the model was trained with (from ``meta["prepare"]``).
+        classes: class labels as strings, in output-column order.
+        threshold: the operating point, a probability of class 1 in [0, 1] (binary models), else None.
+        reference: training-set ``reference_stats`` (`pipeline.evaluate.DomainStats.summary`
+            schema: intensities in the normalised units of prepared tensors), or None.
+        fingerprint: SHA-256 (hex) of the weights (`pipeline.io.state_sha256`).
+        version: the registry version when `uri` names one (``"3"``), else ``"sha256:<12 hex>"``.
+        modalities: DICOM modality codes the model accepts (``meta["modalities"]``, else the preset's).
+    """
+
+    model: nn.Module
+    meta: dict[str, Any]
+    uri: str
+    spec: PrepareSpec
+    classes: list[str]
+    threshold: float | None
+    reference: dict[str, Any] | None
+    fingerprint: str
+    version: str
+    modalities: set[str]
+
+    @property
+    def prob_columns(self) -> list[str]:
+        """Probability columns of the output table: ``prob`` (binary: P(class 1)) or ``prob_<class>``."""
+        return ["prob"] if len(self.classes) == 2 else [f"prob_{c}" for c in self.classes]

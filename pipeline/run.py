@@ -23,6 +23,7 @@ from pipeline.evaluate import (
     confusion_figure,
     evaluation_summary,
     pr_figure,
+    reference_stats,
     reliability_figure,
     roc_figure,
     training_curves_figure,
@@ -45,7 +46,6 @@ from pipeline.ingest import ingest, load_manifest
 from pipeline.io import jsonable
 from pipeline.prepare import PreparedDataset, build_augment, make_spec, spec_from_dict
 from pipeline.records import AdaptationSummary, Cohort, EvaluationSummary, PrepareSpec, TrainResult
-from pipeline.score_ray import reference_stats
 
 if TYPE_CHECKING:
     from pipeline.synthetic import SyntheticCohort

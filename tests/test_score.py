@@ -24,16 +24,14 @@ from pipeline import tracking
 from pipeline.adapt import build_model
 from pipeline.cli import main
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluate import DomainStats, compare_domain, reference_stats
 from pipeline.ingest import load_manifest
 from pipeline.prepare import PrepareSpec, make_spec, prepare_image, spec_from_dict
-from pipeline.score import load_packaged, score
-from pipeline.score_ray import (
-    DomainStats,
-    adapt_batchnorm,
-    compare_domain,
-    ray_runtime_env,
-    reference_stats,
-)
+from pipeline.score import ENGINES, load_packaged, score
+from pipeline.score.adabn import adapt_batchnorm
+from pipeline.score.engines import get_engine
+from pipeline.score.local_engine import run_local
+from pipeline.score.ray_engine import ray_runtime_env
 from pipeline.synthetic import make_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,12 +265,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(models, archive, score
     code = (
         "import time, torch\n"
         "import pipeline.score as s\n"
+        "import pipeline.score.plan as plan\n"
         "torch.set_num_threads(1)  # as in this module, so the chunks are bit-identical\n"
-        "commit = s._ChunkWriter._commit\n"
+        "commit = plan._ChunkWriter._commit\n"
         "def slow(self, c, got):\n"
         "    commit(self, c, got)\n"
         "    time.sleep(30)  # a window for the parent's SIGKILL\n"
-        "s._ChunkWriter._commit = slow\n"
+        "plan._ChunkWriter._commit = slow\n"
         f"s.score({models['binary']!r}, {str(archive['source'])!r}, {str(out)!r}, tracking_uri={models['uri']!r},"
         f" labels={str(archive['labels'])!r}, key_file={str(archive['key'])!r}, batch_size=2, chunk_size=3,"
         " progress=False)\n"
@@ -353,6 +352,38 @@ def test_bad_arguments_fail_with_a_named_fix(models, archive, tmp_path, kw, erro
     with pytest.raises(error, match=match):
         _score(models, archive, tmp_path / "bad.parquet", **kw)
     assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_unknown_engine_names_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"^--engine: unknown engine 'onnx'; choose one of local, ray$"):
+        get_engine("onnx")
+
+
+def test_score_dispatches_through_the_engine_registry(models, archive, scored, tmp_path, monkeypatch):
+    """A new engine is one ENGINES entry with the Engine signature; this one wraps the local engine."""
+    calls = []
+
+    def wrapped(pkg, units, batches, sink, options):
+        calls.append((len(units), batches, options.workers, options.bn_state))
+        run_local(pkg, units, batches, sink, options)
+
+    monkeypatch.setitem(ENGINES, "wrapped", wrapped)
+    result = _score(models, archive, tmp_path / "wrapped.parquet", engine="wrapped")
+    assert result["engine"] == "wrapped"
+    assert calls == [(9, [[0, 1], [2], [3, 4], [5], [6, 7], [8]], 0, None)]  # batches never straddle chunks of 3
+    pd.testing.assert_frame_equal(pd.read_parquet(result["out"]), scored["table"], check_exact=True)
+
+
+def test_training_does_not_import_scoring_and_scoring_does_not_import_ray():
+    code = (
+        "import sys, pipeline.run\n"
+        "assert not [m for m in sys.modules if m.startswith('pipeline.score')], 'pipeline.run imports scoring'\n"
+        "import pipeline.score, pipeline.cli\n"
+        "assert 'ray' not in sys.modules, 'ray imported before the ray engine runs'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_a_model_without_medxfer_metadata_is_refused(monkeypatch):

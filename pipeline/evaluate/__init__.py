@@ -13,6 +13,7 @@ from pipeline.evaluate.calibrate import (
     make_calibrator,
     softmax,
 )
+from pipeline.evaluate.domain import SMD_WARN, DomainStats, Embedder, compare_domain, reference_stats
 from pipeline.evaluate.metrics import (
     N_BINS,
     at_threshold,
@@ -42,7 +43,10 @@ from pipeline.stats import auroc
 __all__ = [
     "CALIBRATORS",
     "N_BINS",
+    "SMD_WARN",
     "Calibrator",
+    "DomainStats",
+    "Embedder",
     "IsotonicCalibrator",
     "TemperatureScaler",
     "VectorScaler",
@@ -53,6 +57,7 @@ __all__ = [
     "calibration_slope_intercept",
     "choose_operating_point",
     "classwise_ece",
+    "compare_domain",
     "confusion_figure",
     "delong_test",
     "discrimination",
@@ -65,6 +70,7 @@ __all__ = [
     "paired_bootstrap",
     "parse_rule",
     "pr_figure",
+    "reference_stats",
     "reliability_bins",
     "reliability_figure",
     "roc_figure",

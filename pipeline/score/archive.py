@@ -1,0 +1,181 @@
+"""`score`: one archive end to end (arguments, model, plan, AdaBN, the chosen engine, the final table)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from pipeline import tracking
+from pipeline.errors import ConfigError
+from pipeline.io import jsonable, write_bytes
+from pipeline.records import Packaged
+from pipeline.score.adabn import _adabn
+from pipeline.score.engines import Engine, EngineOptions, get_engine
+from pipeline.score.external import external_metrics
+from pipeline.score.packaged import load_packaged
+from pipeline.score.plan import _ChunkWriter, _Plan, _plan
+from pipeline.score.table import _assemble, _summary, _write_table
+
+log = logging.getLogger("medxfer")
+
+
+def score(
+    model_uri: str,
+    source: str | Path,
+    out: str | Path,
+    *,
+    engine: str = "local",
+    tracking_uri: str | None = None,
+    labels: str | Path | None = None,
+    address: str | None = None,
+    batch_size: int = 16,
+    chunk_size: int = 64,
+    workers: int = 0,
+    adapt_bn: bool = False,
+    key_file: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every image unit of a DICOM/NIfTI archive with a packaged model; resumable.
+
+    The archive is ingested (non-strict) into ``<out>.work/manifest``; units are scored in chunks
+    committed atomically to ``<out>.work/chunks/part-NNNNN.parquet``, so after a crash or
+    ``kill -9`` the same call continues where it stopped. The final table (``out``, written
+    atomically) has one row per unit and one per quarantined file: ``image_id, subject_id,
+    modality, prob`` (binary: P(class 1)) or ``prob_<class>``, ``decision`` (class label at the
+    model's operating point), ``status`` (ok|failed), ``reason`` (short code), ``detail``,
+    ``source_ref`` (keyed hash of a quarantined file's relative path), ``model_uri``,
+    ``model_version``. ``<out>.metrics.json`` records counts, AdaBN, the domain-shift check and,
+    with `labels`, external-validation metrics (AUROC with patient-bootstrap CI, ECE, Brier).
+
+    Args:
+        model_uri: ``models:/NAME/VERSION|latest``, ``models:/NAME@alias``, ``runs:/ID/model`` or a path.
+        source: archive folder. out: the predictions Parquet file.
+        engine: a key of `pipeline.score.ENGINES`: ``"local"`` (DataLoader + batched inference) or
+            ``"ray"`` (Ray Data actors).
+        tracking_uri: MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
+        labels: labels.csv (patient_id,label,...) for external validation.
+        address: Ray cluster (``ray://host:10001`` or ``auto``); None starts a local Ray.
+        batch_size: units per forward pass. chunk_size: units per committed chunk.
+        workers: DataLoader processes (local) or actors (ray; 0 = one per GPU, else per CPU).
+        adapt_bn: re-estimate BatchNorm statistics on this archive (AdaBN) before scoring.
+        key_file: pseudonym key (as for ingest). progress: show progress bars.
+
+    Returns:
+        {"n_ok", "n_failed", "out", "metrics_file", "n_chunks", "chunks_reused", "adapt_bn",
+        "domain_shift", "model_version", "engine", "seconds"}.
+
+    Raises:
+        ConfigError: an unknown engine or a bad number. TrackingError, DataError: see `load_packaged`.
+    """
+    t0 = time.perf_counter()
+    run_engine = _check_args(engine, batch_size, chunk_size, workers)
+    out = Path(out).expanduser().resolve()
+    tracking_uri = _absolute_uri(tracking.connect(tracking_uri))
+    pkg = load_packaged(_absolute_model_uri(model_uri))
+    plan = _plan(pkg, source, labels, Path(f"{out}.work"), key_file, workers, adapt_bn, chunk_size, progress)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    adabn = _adabn(pkg, plan.units, plan.folder, batch_size, workers, device) if adapt_bn and plan.units else None
+    writer = _ChunkWriter(plan.units, chunk_size, plan.folder, plan.pending, len(pkg.classes))
+    if plan.pending:
+        options = EngineOptions(
+            workers=workers,
+            device=device,
+            tracking_uri=tracking_uri,
+            address=address,
+            bn_state=adabn["state"] if adabn else None,
+        )
+        with _bar(progress) as bar:
+            task = bar.add_task("score", total=sum(writer.sizes.values()))
+            sink = writer.sink(lambda n: bar.advance(task, n))
+            run_engine(pkg, plan.units, writer.batches(batch_size), sink, options)
+    result = _finish(pkg, plan, out, engine, adabn, labels is not None)
+    return {**result, "seconds": time.perf_counter() - t0}
+
+
+def _finish(pkg: Packaged, plan: _Plan, out: Path, engine: str, adabn: dict | None, labelled: bool) -> dict:
+    """Assemble the chunks and failure rows into `out` and write `<out>.metrics.json`."""
+    table, stats = _assemble(plan.folder, plan.n_chunks, plan.failures, pkg)
+    reused = plan.n_chunks - len(plan.pending)
+    summary = _summary(pkg, table, stats, adabn, engine, plan.n_chunks, reused)
+    _write_table(table, out, summary)
+    if labelled:
+        summary["external_validation"] = external_metrics(table, plan.frame, pkg)
+    metrics_file = Path(f"{out}.metrics.json")
+    write_bytes(metrics_file, (json.dumps(jsonable(summary), indent=2) + "\n").encode())
+    for warning in summary["domain_shift"].get("warnings", []):
+        log.warning("score: %s", warning)
+    return {
+        "n_ok": summary["n_ok"],
+        "n_failed": len(table) - summary["n_ok"],
+        "out": str(out),
+        "metrics_file": str(metrics_file),
+        "n_chunks": plan.n_chunks,
+        "chunks_reused": reused,
+        "adapt_bn": summary["adapt_bn"],
+        "domain_shift": summary["domain_shift"],
+        "model_version": pkg.version,
+        "engine": engine,
+    }
+
+
+def _check_args(engine: str, batch_size: int, chunk_size: int, workers: int) -> Engine:
+    """The engine called `engine`, once the numbers are checked too.
+
+    Raises:
+        ConfigError: an unknown engine (first), or a number that is not a whole number in range.
+    """
+    run_engine = get_engine(engine)
+    for name, value, low in (("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1), ("workers", workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be a whole number >= {low}, got {value!r}")
+    return run_engine
+
+
+def _absolute_uri(uri: str) -> str:
+    """sqlite:///relative.db → sqlite:////abs/relative.db, so Ray workers in other folders find it."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def _absolute_model_uri(uri: str) -> str:
+    """A model path made absolute (Ray workers run elsewhere); URIs unchanged."""
+    if "://" in uri or uri.startswith(("models:/", "runs:/")):
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def _bar(enabled: bool) -> Progress:
+    """The scoring progress bar (disabled when `enabled` is false)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+class _RateColumn(ProgressColumn):
+    """Scans per second of a rich task."""
+
+    def render(self, task: Any) -> Text:
+        return Text(f"{task.speed:.1f} scans/s" if task.speed else "… scans/s")
