@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="models:/NAME/VERSION, models:/NAME/latest, runs:/ID/model or a path"
     )
     sp.add_argument("--out", required=True, help="predictions.parquet")
-    sp.add_argument("--engine", choices=["local", "ray"], default="local")
+    sp.add_argument(
+        "--engine", default="local", help="local (default) or ray; engines are registered in pipeline/score/engines.py"
+    )
     sp.add_argument("--labels", help="labels.csv for external validation")
     sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     sp.add_argument(

@@ -102,7 +102,7 @@ def test_explicit_weights_file_is_loaded_and_its_sha256_recorded(manifest, resne
 
 def test_loading_a_logged_checkpoint_leaves_no_temporary_files(manifest, tmp_path, monkeypatch):
     """evaluate() downloads the 14 MB checkpoint; it once stayed in /tmp after every run."""
-    from pipeline.run import _load_checkpoint
+    from pipeline.run.evaluation import _load_checkpoint
 
     cfg = from_dict(_raw(manifest, tmp_path, weights="none"))
     run_id = train(cfg, progress=False)

@@ -1,0 +1,170 @@
+"""`evaluate`: calibrate on val, measure on test once, log predictions and figures, package and register the model."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.evaluate import (
+    confusion_figure,
+    evaluation_summary,
+    pr_figure,
+    reference_stats,
+    reliability_figure,
+    roc_figure,
+    training_curves_figure,
+)
+from pipeline.finetune import (
+    pick_device,
+    predict_logits,
+)
+from pipeline.io import jsonable
+from pipeline.prepare import PreparedDataset, spec_from_dict
+from pipeline.records import Cohort, EvaluationSummary
+from pipeline.run.cohort import build_network, load_cohort, make_datasets
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("medxfer")
+
+
+def _load_checkpoint(cfg: Config, run_id: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="medxfer-") as tmp:
+        path = tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model, _ = build_network(cfg, len(ckpt["classes"]), weights="none")
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt
+
+
+def evaluate(cfg: Config, run_id: str, progress: bool = True) -> dict[str, float]:
+    """Calibrate on val, measure on test, log metrics, predictions, figures; log and register the model."""
+    tracking.connect(cfg.tracking.uri)
+    cohort = load_cohort(cfg.data.manifest)
+    model, ckpt = _load_checkpoint(cfg, run_id)
+    spec = spec_from_dict(ckpt["prepare"])
+    data = make_datasets(cfg, cohort, spec, augment=False)
+    device = pick_device(cfg.finetune.device)
+    logits = {
+        name: predict_logits(
+            model, data[name], device, cfg.finetune.batch_size, desc=f"predict {name}" if progress else None
+        )[0]
+        for name in ("val", "test")
+    }
+    with tracking.start_run(cfg.experiment, run_id=run_id):
+        return _evaluate_and_log(cfg, cohort, model, ckpt, logits, run_id, data["train"])
+
+
+def _predictions(frame: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    out = pd.DataFrame({"image_id": frame["image_id"], "subject_id": frame["subject_id"], "y_true": y})
+    if probs.shape[1] == 2:
+        out["prob"] = probs[:, 1]
+    else:
+        for i, c in enumerate(classes):
+            out[f"prob_{c}"] = probs[:, i]
+    return out
+
+
+def _evaluate_and_log(
+    cfg: Config,
+    cohort: Cohort,
+    model: torch.nn.Module,
+    ckpt: dict[str, Any],
+    logits: dict[str, np.ndarray],
+    run_id: str,
+    train_data: PreparedDataset | None = None,
+) -> dict[str, float]:
+    val, test = cohort.split("val"), cohort.split("test")
+    attrs = {a: test[a].astype(str).to_numpy() for a in cfg.evaluate.subgroups if a in test.columns}
+    s = evaluation_summary(
+        cohort.y(val),
+        logits["val"],
+        cohort.y(test),
+        logits["test"],
+        test["subject_id"].to_numpy(),
+        operating_points=cfg.evaluate.operating_points,
+        n_boot=cfg.evaluate.bootstrap,
+        seed=cfg.finetune.seed,
+        subgroups=attrs,
+        calibration=cfg.evaluate.calibration,
+    )
+    metrics = dict(s.metrics)
+    if "val_auroc" in metrics:  # the per-epoch history owns `val_auroc`; this is the calibrated final value
+        metrics["val_auroc_final"] = metrics.pop("val_auroc")
+    tracking.log_metrics(metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, frame, probs in (("val", val, s.probs_val), ("test", test, s.probs_test)):
+            path = Path(tmp) / f"{name}.parquet"
+            _predictions(frame, cohort.y(frame), probs, cohort.classes).to_parquet(path, index=False)
+            tracking.log_artifact(path, "predictions")
+    _log_figures(s, cohort, cohort.y(test), run_id)
+    tracking.log_json(
+        jsonable(
+            {
+                "operating_points": s.operating_points,
+                "subgroups": s.subgroups,
+                "notes": s.notes,
+                "classes": cohort.classes,
+                "discrimination": s.discrimination,
+                "reliability": {k: s.reliability[k] for k in ("n_bins", "before", "after")},
+            }
+        ),
+        "evaluation.json",
+    )
+    op = s.operating_points[0] if s.operating_points else {}
+    meta = {
+        "prepare": ckpt["prepare"],
+        "classes": cohort.classes,
+        "temperature": s.temperature or 1.0,
+        "operating_point": {"rule": op.get("rule"), "threshold": op.get("threshold")},
+        "adaptation": ckpt["adaptation"],
+        "train_run_id": run_id,
+    }
+    packaged = tracking.CalibratedNet(model, s.temperature or 1.0)
+    meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
+    if train_data is not None:  # intensity and embedding statistics for score's domain-shift check
+        meta["reference_stats"] = jsonable(reference_stats(packaged, train_data, batch_size=cfg.finetune.batch_size))
+    example = data_example(ckpt["prepare"])
+    info = tracking.log_model(packaged, example, meta, cfg.tracking.register_as)
+    tracking.set_tags(
+        {
+            "stage": "evaluated",
+            "model_uri": info["model_uri"],
+            "registered_model": f"{info['registered_name']}/{info['version']}" if info["version"] else "",
+        }
+    )
+    return metrics
+
+
+def data_example(prepare: dict[str, Any]) -> np.ndarray:
+    """A one-item input example of the prepared shape (for the model signature)."""
+    spec = spec_from_dict(prepare)
+    shape = (1, spec.channels, *spec.size)
+    return np.zeros(shape, dtype=np.float32)
+
+
+def _log_figures(s: EvaluationSummary, cohort: Cohort, y_test: np.ndarray, run_id: str) -> None:
+    probs = s.probs_test
+    rel = s.reliability
+    figures = {
+        "reliability.png": reliability_figure(rel["probs_before"], rel["probs_after"], rel["y"], rel["n_bins"]),
+        "confusion.png": confusion_figure(s.discrimination["confusion_matrix"], cohort.classes),
+    }
+    if probs.shape[1] == 2:
+        figures["roc.png"] = roc_figure(y_test, probs[:, 1], s.operating_points)
+        figures["pr.png"] = pr_figure(y_test, probs[:, 1])
+    history = tracking.get_run(run_id)["history"]
+    curves = {k: history[k] for k in ("train_loss", "val_loss", "val_auroc") if k in history}
+    if curves:
+        figures["training_curves.png"] = training_curves_figure(curves)
+    for name, fig in figures.items():
+        tracking.log_figure(fig, f"figures/{name}")
