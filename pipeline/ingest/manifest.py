@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.ingest.dicom import DicomHeader, UnitPlan, decode_plan, plan_units, read_header
+from pipeline.ingest.dicom import DicomHeader, read_header
+from pipeline.ingest.dicom_pixels import decode_plan
+from pipeline.ingest.dicom_series import UnitPlan, plan_units
 from pipeline.ingest.labels import LabelTable, join_labels, read_labels
 from pipeline.ingest.nifti import (
     UnitError,
