@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from pipeline.report.facts import Facts
 from pipeline.report.fmt import (
     DASH,
+    NA,
     as_float,
     as_floats,
     ci,
@@ -26,10 +28,6 @@ from pipeline.report.fmt import (
     with_ci,
 )
 
-if TYPE_CHECKING:
-    from pipeline.report.sections import Facts
-
-NA = "na"
 _HEADS = ("head.", "classifier.", "fc.", "_fc.")  # replaced on purpose: new head in, ImageNet classifier out
 
 
