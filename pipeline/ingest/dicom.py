@@ -255,6 +255,14 @@ def _frame_positions(
 def read_header(path: Path, relpath: str, key: bytes) -> DicomHeader:
     """Read one file's header, check it is a decodable greyscale image, and pseudonymise its identifiers.
 
+    Args:
+        path: The file.
+        relpath: Its posix path relative to SOURCE (kept in the header, named in quarantine.csv).
+        key: Pseudonym key of the identifiers' keyed hashes.
+
+    Returns:
+        The header; `pixel` says where the pixel bytes lie when they can be read without pydicom.
+
     Raises:
         UnitError: With a quarantine reason (empty-file, truncated, not-dicom, no-pixel-data,
             no-decoder, unsupported, decode-error).

@@ -16,7 +16,15 @@ from pipeline.ingest.nifti import UnitError
 
 
 def decode_plan(source: Path, plan: UnitPlan) -> np.ndarray:
-    """Decode the frames of a unit in slice order into a float32 X×Y×Z array (x = column, y = row)."""
+    """Decode the frames of a unit in slice order into a float32 X×Y×Z array (x = column, y = row).
+
+    Args:
+        source: Archive root; the plan's frames name files relative to it.
+        plan: The image unit.
+
+    Raises:
+        UnitError: A file cannot be read or decoded, or its frames differ in size from the unit's first.
+    """
     slices: list[np.ndarray] = []
     current, arr = "", np.empty(0)
     for relpath, index in plan.frames:
@@ -37,6 +45,10 @@ def decode_native(path: Path, pixel: dict[str, Any]) -> np.ndarray | None:
 
     Gives what `decode_file` gives (pydicom's unused-bit correction, then rescale); None when the
     bytes cannot be read as expected (the file changed), so the caller falls back to `decode_file`.
+
+    Args:
+        path: The file.
+        pixel: Its `DicomHeader.pixel`: offset, byte count, dtype, unused high bits, rows, cols, rescale.
     """
     try:
         with open(path, "rb") as fh:
@@ -58,7 +70,16 @@ def decode_native(path: Path, pixel: dict[str, Any]) -> np.ndarray | None:
 
 
 def decode_file(path: Path, relpath: str) -> np.ndarray:
-    """Pixel values of one file as float32 frames×rows×cols: modality LUT / rescale applied, MONOCHROME1 inverted."""
+    """Pixel values of one file as float32 frames×rows×cols: modality LUT / rescale applied, MONOCHROME1 inverted.
+
+    Args:
+        path: The file.
+        relpath: Its path relative to SOURCE, set on any UnitError raised.
+
+    Raises:
+        UnitError: The file cannot be read (see `read_header`) or its pixel data cannot be decoded
+            (truncated, no-decoder, decode-error).
+    """
     try:
         ds = _read(path)
         with warnings.catch_warnings():

@@ -33,6 +33,7 @@ class UnitPlan:
 
     @property
     def files(self) -> list[str]:
+        """The unit's distinct files (relpaths), sorted."""
         return sorted({rel for rel, _ in self.frames})
 
 
@@ -101,6 +102,14 @@ def plan_units(headers: list[DicomHeader], key: bytes) -> tuple[list[UnitPlan], 
 
     Single-frame files with position and orientation are stacked; every other file (2D
     radiographs, multi-frame files) is a unit of its own.
+
+    Args:
+        headers: The header of every DICOM file that passed `read_header`.
+        key: Pseudonym key; image_ids are keyed hashes of the series and, when it splits, the split.
+
+    Returns:
+        The units, and quarantine entries for the files left out: duplicate copies of an instance,
+        series holding several stacks at the same positions, multi-frame files repeating a position.
     """
     series: dict[str, list[DicomHeader]] = defaultdict(list)
     for h in sorted(headers, key=lambda h: h.relpath):

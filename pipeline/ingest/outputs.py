@@ -123,6 +123,9 @@ def _strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTa
 def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
     """Read and validate manifest.parquet.
 
+    Args:
+        manifest_dir: The manifest directory `ingest` wrote.
+
     Returns:
         The manifest with `shape` and `spacing_mm` as Python lists.
 

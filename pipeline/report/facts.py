@@ -30,7 +30,12 @@ class Facts:
     context: dict[str, Any] = field(default_factory=dict)
 
     def setting(self, dotted: str, default: Any = None) -> Any:
-        """A config value by 'section.key': the logged config.json first, then the flat params."""
+        """A config value by 'section.key': the logged config.json first, then the flat params.
+
+        Args:
+            dotted: The setting, e.g. ``"finetune.lr"``.
+            default: What to return when neither holds it.
+        """
         node: Any = self.config
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -40,6 +45,7 @@ class Facts:
 
     @property
     def classes(self) -> list[str]:
+        """Class names: evaluation.json's, else the logged `classes` param, else the cohort's."""
         return [
             str(c)
             for c in (
@@ -52,11 +58,16 @@ class Facts:
 
     @property
     def evaluated(self) -> bool:
+        """Whether the run has test results (evaluation.json or a logged test_auroc)."""
         return bool(self.evaluation) or "test_auroc" in self.metrics
 
 
 def facts(context: dict[str, Any]) -> Facts:
-    """Read a context defensively: every part may be missing or None."""
+    """Read a context defensively: every part may be missing or None.
+
+    Args:
+        context: A report context (what `collect_context` returns), possibly damaged.
+    """
 
     def d(x: Any) -> dict[str, Any]:
         return x if isinstance(x, dict) else {}

@@ -44,6 +44,7 @@ def _not_evaluated(sid: str, title: str, f: Facts) -> dict[str, Any]:
 
 
 def performance_section(f: Facts) -> dict[str, Any]:
+    """The Test performance section: discrimination metrics with CIs, operating points, ROC/PR/confusion figures."""
     if not f.evaluated:
         return _not_evaluated("performance", "Test performance", f)
     m, e = f.metrics, f.evaluation
@@ -116,6 +117,7 @@ def performance_section(f: Facts) -> dict[str, Any]:
 
 
 def calibration_section(f: Facts) -> dict[str, Any]:
+    """The Calibration section: ECE, Brier and NLL before and after calibration, the reliability diagram."""
     if not f.evaluated:
         return _not_evaluated("calibration", "Calibration", f)
     m = f.metrics
@@ -179,6 +181,7 @@ def calibration_section(f: Facts) -> dict[str, Any]:
 
 
 def subgroups_section(f: Facts) -> dict[str, Any]:
+    """The Subgroups section: test metrics per value of each configured subgroup attribute."""
     if not f.evaluated:
         return _not_evaluated("subgroups", "Subgroups", f)
     rows = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict)]
@@ -237,6 +240,7 @@ def subgroups_section(f: Facts) -> dict[str, Any]:
 
 
 def transfer_section(f: Facts) -> dict[str, Any]:
+    """The Transfer gain section: this run against the experiment's from-scratch run, or how to make one."""
     if str(f.setting("model.weights")) == "none":
         return section(
             "transfer",
@@ -320,6 +324,7 @@ def transfer_section(f: Facts) -> dict[str, Any]:
 
 
 def provenance_section(f: Facts) -> dict[str, Any]:
+    """The Provenance section: code, data and weight hashes, package versions, config, reproduce command."""
     t, c = f.tags, f.context
     hash_now = f.cohort.get("manifest_hash")
     mhash = t.get("manifest_hash")

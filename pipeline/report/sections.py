@@ -24,6 +24,7 @@ from pipeline.report.fmt import (
 
 
 def cohort_section(f: Facts) -> dict[str, Any]:
+    """The Cohort section: images and patients by split and class, then images by each subgroup attribute."""
     c = f.cohort
     if not c.get("by_split"):
         return section(
@@ -67,6 +68,7 @@ def cohort_section(f: Facts) -> dict[str, Any]:
 
 
 def exclusions_section(f: Facts) -> dict[str, Any]:
+    """The Exclusions section: quarantined files by reason, label problems, flagged series, ingest counts."""
     g = f.ingest
     blocks: list[dict[str, Any] | None] = []
     tables: list[dict[str, Any] | None] = []
@@ -133,6 +135,7 @@ def _lines(lines: list[int]) -> str:
 
 
 def preprocessing_section(f: Facts) -> dict[str, Any]:
+    """The Preprocessing section: dims, intensity preset, size, spacing, normalisation, augmentation."""
     a = f.adaptation
     rows = [
         ("Dimensionality", f.setting("prepare.dims")),
@@ -176,6 +179,7 @@ def _augment(f: Facts) -> str:
 
 
 def model_section(f: Facts) -> dict[str, Any]:
+    """The Model card: backbone, weights, input adaptation, unloaded keys, trainable parameters, class weights."""
     a, t = f.adaptation, f.training
     if not a:
         return section("model", "Model card", [note("adaptation_summary.json not available for this run.", NA)])
@@ -243,6 +247,7 @@ def _keys(keys: list[str]) -> str:
 
 
 def training_section(f: Facts) -> dict[str, Any]:
+    """The Training section: epochs, early stopping, optimiser, time, hardware, curves, per-epoch history."""
     t, m = f.training, f.metrics
     if not t and "epochs_run" not in m:
         return section("training", "Training", [note("Training summary not available for this run.", NA)])

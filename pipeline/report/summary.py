@@ -126,6 +126,12 @@ def verdicts(f: Facts) -> list[str]:
 
 
 def summary_section(f: Facts, warnings: list[dict[str, str]]) -> dict[str, Any]:
+    """The Summary section: task, model and data lines, metric cards (or how to evaluate), verdicts.
+
+    Args:
+        f: The run's facts.
+        warnings: The report's warnings (`warning_lines`); the summary counts the 'warn' ones.
+    """
     blocks: list[dict[str, Any]] = [kv([("Task", _task(f)), ("Model", _model_line(f)), ("Data", _data_line(f))])]
     if f.evaluated:
         blocks.append({"type": "cards", "items": _cards(f)})

@@ -28,7 +28,14 @@ _HEADS = ("head.", "classifier.", "fc.", "_fc.")  # replaced on purpose: new hea
 
 
 def build_view(context: dict[str, Any]) -> dict[str, Any]:
-    """The template's variables: header, summary, sections (each a list of blocks) and warnings."""
+    """The template's variables: header, summary, sections (each a list of blocks) and warnings.
+
+    Args:
+        context: A report context (what `collect_context` returns); any part may be missing or malformed.
+
+    Returns:
+        ``title``, ``header`` (label, value pairs), ``sections`` and ``version`` for template.html.
+    """
     f = facts(context)
     try:
         warnings = warning_lines(f)
