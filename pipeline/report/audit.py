@@ -25,7 +25,7 @@ from pipeline import __version__, tracking
 from pipeline.errors import DataError, MedxferError
 from pipeline.io import write_text
 from pipeline.records import SPLITS
-from pipeline.report.sections import build_view
+from pipeline.report.view import build_view
 
 ARTIFACTS = {
     "config": "config.json",

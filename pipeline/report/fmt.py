@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 DASH = "—"
+NA = "na"  # level of a note saying that data is not available
 _NUMBER = r"[−+\-]?[\d,.]+(e[−+\-]?\d+)?"
 _NUMERIC = re.compile(rf"^({_NUMBER}(–{_NUMBER})?( ?%| s| min.*| h.*)?( \(.+\))?|—|)$")
 

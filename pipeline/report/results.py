@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from pipeline.report.facts import Facts
 from pipeline.report.fmt import (
     DASH,
+    NA,
     as_float,
     as_floats,
     ci,
@@ -26,12 +28,6 @@ from pipeline.report.fmt import (
     with_ci,
 )
 
-if TYPE_CHECKING:
-    from pipeline.report.sections import Facts
-
-NA = "na"
-_HEADS = ("head.", "classifier.", "fc.", "_fc.")  # replaced on purpose: new head in, ImageNet classifier out
-
 
 def _not_evaluated(sid: str, title: str, f: Facts) -> dict[str, Any]:
     return section(
@@ -48,6 +44,7 @@ def _not_evaluated(sid: str, title: str, f: Facts) -> dict[str, Any]:
 
 
 def performance_section(f: Facts) -> dict[str, Any]:
+    """The Test performance section: discrimination metrics with CIs, operating points, ROC/PR/confusion figures."""
     if not f.evaluated:
         return _not_evaluated("performance", "Test performance", f)
     m, e = f.metrics, f.evaluation
@@ -120,6 +117,7 @@ def performance_section(f: Facts) -> dict[str, Any]:
 
 
 def calibration_section(f: Facts) -> dict[str, Any]:
+    """The Calibration section: ECE, Brier and NLL before and after calibration, the reliability diagram."""
     if not f.evaluated:
         return _not_evaluated("calibration", "Calibration", f)
     m = f.metrics
@@ -183,6 +181,7 @@ def calibration_section(f: Facts) -> dict[str, Any]:
 
 
 def subgroups_section(f: Facts) -> dict[str, Any]:
+    """The Subgroups section: test metrics per value of each configured subgroup attribute."""
     if not f.evaluated:
         return _not_evaluated("subgroups", "Subgroups", f)
     rows = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict)]
@@ -241,6 +240,7 @@ def subgroups_section(f: Facts) -> dict[str, Any]:
 
 
 def transfer_section(f: Facts) -> dict[str, Any]:
+    """The Transfer gain section: this run against the experiment's from-scratch run, or how to make one."""
     if str(f.setting("model.weights")) == "none":
         return section(
             "transfer",
@@ -324,6 +324,7 @@ def transfer_section(f: Facts) -> dict[str, Any]:
 
 
 def provenance_section(f: Facts) -> dict[str, Any]:
+    """The Provenance section: code, data and weight hashes, package versions, config, reproduce command."""
     t, c = f.tags, f.context
     hash_now = f.cohort.get("manifest_hash")
     mhash = t.get("manifest_hash")
@@ -405,55 +406,3 @@ def _reproduce(f: Facts) -> str:
         "medxfer run repro/config.json",
     ]
     return "\n".join(lines)
-
-
-def warning_lines(f: Facts) -> list[dict[str, str]]:
-    """Everything an auditor should look at, each {'level': 'warn'|'info', 'text': ...}."""
-    out: list[dict[str, str]] = [{"level": "warn", "text": str(p)} for p in f.context.get("problems") or []]
-    m, a = f.metrics, f.adaptation
-
-    def add(text: str, level: str = "warn") -> None:
-        out.append({"level": level, "text": text})
-
-    if not f.evaluated:
-        add("The run has not been evaluated: no test metrics, calibration or subgroup results.")
-    if f.run.get("status") not in (None, "FINISHED"):
-        add(f"MLflow run status is {f.run.get('status')}: the run may be incomplete.")
-    hash_now, mhash = f.cohort.get("manifest_hash"), f.tags.get("manifest_hash")
-    if hash_now and mhash and hash_now != mhash:
-        add(
-            f"The manifest changed since training (hash {mhash} at training, {hash_now} now): cohort and exclusion "
-            "tables describe the current manifest."
-        )
-    q = (f.ingest.get("quarantine") or {}) if f.ingest else {}
-    if q:
-        add(f"{sum(q.values())} file(s) were quarantined at ingest ({', '.join(q)}); see Exclusions.", "info")
-    if f.cohort.get("n_flagged"):
-        add(f"{f.cohort['n_flagged']} image unit(s) carry ingest warnings; see Exclusions.", "info")
-    odd = [str(k) for k in a.get("missing_keys") or [] if not str(k).startswith(_HEADS)] + [
-        str(k) for k in a.get("unexpected_keys") or [] if not str(k).startswith(_HEADS)
-    ]
-    if odd:
-        add(
-            f"Loading the pretrained weights left {len(odd)} tensor(s) outside the classifier head unmatched "
-            f"({', '.join(odd[:4])}{', …' if len(odd) > 4 else ''}): those layers are not pretrained."
-        )
-    lo, hi = as_float(m.get("test_auroc_ci_low")), as_float(m.get("test_auroc_ci_high"))
-    if lo is not None and hi is not None and hi - lo > 0.2:
-        add(f"The test AUROC CI is wide ({hi - lo:.2f}): the test set is small for firm conclusions.")
-    ece_a, ece_b = as_float(m.get("test_ece")), as_float(m.get("test_ece_uncalibrated"))
-    if ece_a is not None and ece_b is not None and ece_a > ece_b:
-        add(f"Calibration made test ECE worse ({ece_b:.3f} → {ece_a:.3f}): the validation split may be too small.")
-    few = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict) and r.get("too_few")]
-    if few:
-        add(
-            f"{len(few)} subgroup(s) too small for an AUROC: "
-            + ", ".join(f"{str(r.get('attribute')).replace('_', ' ')} = {r.get('value')}" for r in few[:8])
-            + ("…" if len(few) > 8 else ""),
-            "info",
-        )
-    for text in f.evaluation.get("notes") or []:
-        add(str(text), "info")
-    if str(f.setting("model.weights")) != "none" and not f.baseline:
-        add("No from-scratch baseline: the transfer gain is not measured (see Transfer gain).", "info")
-    return out

@@ -1,15 +1,14 @@
-"""Turn a report context into the view the template renders: summary, cohort, data, model, training."""
+"""Report sections on the data and the model: cohort, exclusions, preprocessing, model card, training."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from pipeline import __version__
+from pipeline.report.facts import Facts
 from pipeline.report.fmt import (
     DASH,
+    NA,
     as_float,
     as_list,
     count,
@@ -22,296 +21,10 @@ from pipeline.report.fmt import (
     section,
     table,
 )
-from pipeline.report.results import (
-    calibration_section,
-    performance_section,
-    provenance_section,
-    subgroups_section,
-    transfer_section,
-    warning_lines,
-)
-
-NA = "na"
-
-
-@dataclass
-class Facts:
-    """The parts of a report context, each defaulting to empty when absent."""
-
-    run_id: str = "unknown"
-    experiment: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    tags: dict[str, Any] = field(default_factory=dict)
-    history: dict[str, list[float]] = field(default_factory=dict)
-    run: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    adaptation: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
-    figures: dict[str, str] = field(default_factory=dict)
-    cohort: dict[str, Any] = field(default_factory=dict)
-    ingest: dict[str, Any] = field(default_factory=dict)
-    baseline: dict[str, Any] | None = None
-    context: dict[str, Any] = field(default_factory=dict)
-
-    def setting(self, dotted: str, default: Any = None) -> Any:
-        """A config value by 'section.key': the logged config.json first, then the flat params."""
-        node: Any = self.config
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-        return self.params.get(dotted, default)
-
-    @property
-    def classes(self) -> list[str]:
-        return [
-            str(c)
-            for c in (
-                self.evaluation.get("classes")
-                or as_list(self.params.get("classes"))
-                or self.cohort.get("classes")
-                or []
-            )
-        ]
-
-    @property
-    def evaluated(self) -> bool:
-        return bool(self.evaluation) or "test_auroc" in self.metrics
-
-
-def facts(context: dict[str, Any]) -> Facts:
-    """Read a context defensively: every part may be missing or None."""
-
-    def d(x: Any) -> dict[str, Any]:
-        return x if isinstance(x, dict) else {}
-
-    c = d(context)
-    run = d(c.get("run"))
-
-    return Facts(
-        run_id=str(c.get("run_id") or run.get("run_id") or "unknown"),
-        experiment=c.get("experiment"),
-        params=d(run.get("params")),
-        metrics=d(run.get("metrics")),
-        tags=d(run.get("tags")),
-        history=d(run.get("history")),
-        run=d(run),
-        config=d(c.get("config")),
-        adaptation=d(c.get("adaptation")),
-        training=d(c.get("training")),
-        evaluation=d(c.get("evaluation")),
-        figures=d(c.get("figures")),
-        cohort=d(c.get("cohort")),
-        ingest=d(c.get("ingest")),
-        baseline=d(c.get("baseline")) or None,
-        context=c,
-    )
-
-
-def build_view(context: dict[str, Any]) -> dict[str, Any]:
-    """The template's variables: header, summary, sections (each a list of blocks) and warnings."""
-    f = facts(context)
-    try:
-        warnings = warning_lines(f)
-    except _SHAPE_ERRORS as exc:
-        warnings = [{"level": "warn", "text": f"warnings could not be collected ({type(exc).__name__}: {exc})"}]
-    builders: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
-        ("summary", "Summary", lambda: summary_section(f, warnings)),
-        ("cohort", "Cohort", lambda: cohort_section(f)),
-        ("exclusions", "Exclusions", lambda: exclusions_section(f)),
-        ("preprocessing", "Preprocessing", lambda: preprocessing_section(f)),
-        ("model", "Model card", lambda: model_section(f)),
-        ("training", "Training", lambda: training_section(f)),
-        ("performance", "Test performance", lambda: performance_section(f)),
-        ("calibration", "Calibration", lambda: calibration_section(f)),
-        ("subgroups", "Subgroups", lambda: subgroups_section(f)),
-        ("transfer", "Transfer gain", lambda: transfer_section(f)),
-        ("provenance", "Provenance", lambda: provenance_section(f)),
-    ]
-    sections = [_guarded(sid, title, build) for sid, title, build in builders]
-    sections.append(
-        section(
-            "warnings", "Warnings", [{"type": "warnings", "items": warnings}] if warnings else [note("No warnings.")]
-        )
-    )
-    title = f"Audit report: {f.experiment or f.setting('experiment') or 'medxfer run'}"
-    header = [
-        ("run", f.run_id),
-        ("experiment", f.experiment or f.setting("experiment") or DASH),
-        ("trained", f.run.get("start_time") or DASH),
-        ("generated", f.context.get("generated_at") or DASH),
-        ("status", f.tags.get("stage") or f.run.get("status") or DASH),
-    ]
-    return {"title": title, "header": header, "sections": sections, "version": __version__}
-
-
-# What malformed run data raises (a string where a list belongs, ...): a section says so, the report goes on.
-_SHAPE_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError)
-
-
-def _guarded(sid: str, title: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    try:
-        return build()
-    except _SHAPE_ERRORS as exc:
-        return section(
-            sid,
-            title,
-            [
-                note(
-                    f"This section could not be rendered: the run's data for it is malformed "
-                    f"({type(exc).__name__}: {exc}). The other sections are unaffected.",
-                    "warn",
-                )
-            ],
-        )
-
-
-def headline(f: Facts) -> str | None:
-    """'AUROC 0.87 (95% CI 0.80–0.93) on 72 test images from 72 patients', or None before evaluation."""
-    m = f.metrics
-    if as_float(m.get("test_auroc")) is None:
-        return None
-    text = f"AUROC {num(m['test_auroc'], 2)}"
-    if as_float(m.get("test_auroc_ci_low")) is not None and as_float(m.get("test_auroc_ci_high")) is not None:
-        text += f" (95% CI {num(m['test_auroc_ci_low'], 2)}–{num(m['test_auroc_ci_high'], 2)})"
-    n_img = as_float(m.get("test_n_images")) or as_float(f.params.get("n_test"))
-    if n_img is not None:
-        text += f" on {count(n_img)} test images"
-        if as_float(m.get("test_n_patients")) is not None:
-            text += f" from {count(m['test_n_patients'])} patients"
-    return text
-
-
-def _task(f: Facts) -> str:
-    classes = f.classes
-    kind = "binary" if len(classes) == 2 else f"{len(classes)}-class" if classes else "classification"
-    modality = (
-        "/".join(
-            str(r[0])
-            for a in f.cohort.get("attributes", [])
-            if a.get("name") == "modality"
-            for r in a.get("rows", [])
-            if r[0] != "missing"
-        )
-        or None
-    )
-    dims = f.setting("prepare.dims")
-    what = " ".join(x for x in (modality, f"{dims.upper()}" if dims else None, "images") if x)
-    text = f"{kind.capitalize()} classification of {what}" if classes else f"Classification of {what}"
-    if classes:
-        text += f"; classes {', '.join(classes)}" + (f" (positive: {classes[-1]})" if len(classes) == 2 else "")
-    return text
-
-
-def _model_line(f: Facts) -> str:
-    weights = f.setting("model.weights", DASH)
-    sha = f.adaptation.get("weights_sha256") or f.params.get("weights_sha256")
-    parts = [
-        str(f.setting("model.backbone", "unknown backbone")),
-        f"{weights} weights" + (f" (sha256 {sha[:12]}…)" if sha and sha != "none" else ""),
-        f"strategy {f.setting('finetune.strategy', DASH)}",
-    ]
-    reg = f.tags.get("registered_model")
-    return " · ".join(parts) + (f" · registered as {reg}" if reg else "")
-
-
-def _cards(f: Facts) -> list[dict[str, str]]:
-    m = f.metrics
-    cards = [
-        (
-            "AUROC",
-            num(m.get("test_auroc"), 3),
-            f"95% CI {num(m.get('test_auroc_ci_low'), 3)}–{num(m.get('test_auroc_ci_high'), 3)}",
-        ),
-        ("AUPRC", num(m.get("test_auprc"), 3), "test, positive class"),
-        ("Sensitivity", num(m.get("test_sensitivity"), 3), _op_sub(f)),
-        ("Specificity", num(m.get("test_specificity"), 3), _op_sub(f)),
-        ("ECE", num(m.get("test_ece"), 3), f"calibrated; {num(m.get('test_ece_uncalibrated'), 3)} before"),
-        ("Brier", num(m.get("test_brier"), 3), "calibrated; summed over classes, 0–2"),
-    ]
-    return [{"label": a, "value": b, "sub": c} for a, b, c in cards if b != DASH]
-
-
-def _op_sub(f: Facts) -> str:
-    ops = f.evaluation.get("operating_points") or []
-    if ops and isinstance(ops[0], dict):
-        return f"at {ops[0].get('rule')} threshold {num(ops[0].get('threshold'), 3)}"
-    return "at the first operating point"
-
-
-def verdicts(f: Facts) -> list[str]:
-    """One-line findings for the summary (each a plain sentence)."""
-    m, out = f.metrics, []
-    line = headline(f)
-    if line:
-        out.append(line + ".")
-    ops = [o for o in f.evaluation.get("operating_points") or [] if isinstance(o, dict)]
-    for op in ops[:2]:
-        t = op.get("test") or {}
-        out.append(
-            f"At the {op.get('rule')} operating point (threshold {num(op.get('threshold'), 3)}, fixed on "
-            f"validation): sensitivity {num(t.get('sensitivity'), 2)}, specificity "
-            f"{num(t.get('specificity'), 2)}, PPV {num(t.get('ppv'), 2)}, NPV {num(t.get('npv'), 2)} on test."
-        )
-    if as_float(m.get("test_ece")) is not None:
-        how = (
-            f"after temperature scaling (T = {num(m['temperature'], 2)})"
-            if as_float(m.get("temperature"))
-            else f"after {f.setting('evaluate.calibration', 'calibration')}"
-        )
-        bins = int(as_float(m.get("ece_n_bins")) or (f.evaluation.get("reliability") or {}).get("n_bins") or 15)
-        out.append(
-            f"Calibration: ECE {num(m['test_ece'], 3)} {how}, {num(m.get('test_ece_uncalibrated'), 3)} "
-            f"before ({bins} equal-width confidence bins)."
-        )
-    if (
-        f.baseline
-        and as_float(f.baseline.get("metrics", {}).get("test_auroc")) is not None
-        and as_float(m.get("test_auroc")) is not None
-    ):
-        base = float(f.baseline["metrics"]["test_auroc"])
-        out.append(
-            f"Transfer gain: AUROC {float(m['test_auroc']) - base:+.2f} over a from-scratch run ({num(base, 2)})."
-        )
-    rows = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict) and as_float(r.get("auroc"))]
-    if rows:
-        low = min(rows, key=lambda r: float(r["auroc"]))
-        out.append(
-            f"Lowest subgroup AUROC: {low.get('attribute')} = {low.get('value')}, {num(low['auroc'], 2)} "
-            f"on {count(low.get('n'))} images."
-        )
-    return out
-
-
-def summary_section(f: Facts, warnings: list[dict[str, str]]) -> dict[str, Any]:
-    blocks: list[dict[str, Any]] = [kv([("Task", _task(f)), ("Model", _model_line(f)), ("Data", _data_line(f))])]
-    if f.evaluated:
-        blocks.append({"type": "cards", "items": _cards(f)})
-    else:
-        blocks.append(
-            note(
-                "Test performance not available: this run has not been evaluated yet. Run "
-                f"`medxfer evaluate CONFIG --run {f.run_id}`, then re-render the report.",
-                NA,
-            )
-        )
-    lines = verdicts(f)
-    n_warn = sum(1 for w in warnings if w["level"] == "warn")
-    if n_warn:
-        lines.append(f"{n_warn} warning{'s' if n_warn > 1 else ''}: see the Warnings section.")
-    blocks.append({"type": "list", "items": lines})
-    return section("summary", "Summary", blocks)
-
-
-def _data_line(f: Facts) -> str:
-    n = {s: f.params.get(f"n_{s}") for s in ("train", "val", "test")}
-    text = ", ".join(f"{count(v)} {s}" for s, v in n.items() if v is not None)
-    return (text + " images (patient-level split)") if text else DASH
 
 
 def cohort_section(f: Facts) -> dict[str, Any]:
+    """The Cohort section: images and patients by split and class, then images by each subgroup attribute."""
     c = f.cohort
     if not c.get("by_split"):
         return section(
@@ -355,6 +68,7 @@ def cohort_section(f: Facts) -> dict[str, Any]:
 
 
 def exclusions_section(f: Facts) -> dict[str, Any]:
+    """The Exclusions section: quarantined files by reason, label problems, flagged series, ingest counts."""
     g = f.ingest
     blocks: list[dict[str, Any] | None] = []
     tables: list[dict[str, Any] | None] = []
@@ -421,6 +135,7 @@ def _lines(lines: list[int]) -> str:
 
 
 def preprocessing_section(f: Facts) -> dict[str, Any]:
+    """The Preprocessing section: dims, intensity preset, size, spacing, normalisation, augmentation."""
     a = f.adaptation
     rows = [
         ("Dimensionality", f.setting("prepare.dims")),
@@ -464,6 +179,7 @@ def _augment(f: Facts) -> str:
 
 
 def model_section(f: Facts) -> dict[str, Any]:
+    """The Model card: backbone, weights, input adaptation, unloaded keys, trainable parameters, class weights."""
     a, t = f.adaptation, f.training
     if not a:
         return section("model", "Model card", [note("adaptation_summary.json not available for this run.", NA)])
@@ -531,6 +247,7 @@ def _keys(keys: list[str]) -> str:
 
 
 def training_section(f: Facts) -> dict[str, Any]:
+    """The Training section: epochs, early stopping, optimiser, time, hardware, curves, per-epoch history."""
     t, m = f.training, f.metrics
     if not t and "epochs_run" not in m:
         return section("training", "Training", [note("Training summary not available for this run.", NA)])

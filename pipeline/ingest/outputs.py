@@ -1,0 +1,156 @@
+"""The manifest directory's files: ingest_report.json, manifest.parquet, quarantine.csv; load_manifest reads back."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DataError
+from pipeline.ingest.labels import LabelTable
+from pipeline.ingest.pseudonym import key_id
+from pipeline.io import is_temp, write_bytes
+from pipeline.records import MANIFEST_COLUMNS, SPLITS, QuarantineEntry
+
+_TYPES = {"shape": pa.list_(pa.int64()), "spacing_mm": pa.list_(pa.float64()), "n_files": pa.int64()}
+
+
+def _report(
+    relpaths: list[str],
+    files: dict,
+    units: list[dict],
+    quarantine: list[QuarantineEntry],
+    frame: pd.DataFrame,
+    table: LabelTable | None,
+    key: bytes,
+    params: dict,
+) -> dict[str, Any]:
+    """ingest_report.json: counts, label problems by line number, warnings by image_id; no paths or IDs."""
+    kinds = Counter(e["kind"] for e in files.values())
+    per_split: dict[str, Any] = {}
+    for split in (*SPLITS, ""):
+        part = frame[frame["split"] == split]
+        per_split[split or "unlabeled"] = {
+            "units": len(part),
+            "subjects": int(part["subject_id"].nunique()),
+            "by_label": dict(sorted(Counter(part["label"]).items())),
+        }
+    unit_warnings = [f"{r.image_id}: {w}" for r in frame.itertuples() for w in r.warnings.split(";") if w]
+    labels: dict[str, Any] = {"given": table is not None}
+    if table is not None:
+        unlabeled = frame.loc[frame["label"] == "", "image_id"].tolist()
+        labels.update(
+            rows=table.n_rows,
+            columns=table.columns,
+            carried=table.carried,
+            dropped=table.dropped,
+            problems=table.problems,
+            problem_counts=dict(Counter(p["problem"] for p in table.problems)),
+            unlabeled_units=len(unlabeled),
+            unlabeled_image_ids=unlabeled,
+            warnings=table.warnings,
+        )
+    warnings = ["no image units found under SOURCE"] if frame.empty else []
+    reused = sum(u["_reused"] for u in units)
+    return {
+        "format": 1,
+        "key_id": key_id(key),
+        "parameters": params,
+        "files_seen": len(relpaths),
+        "files": {"dicom": kinds["dicom"], "nifti": kinds["nifti"], "rejected_at_scan": kinds["bad"]},
+        "units": len(frame),
+        "units_reused": reused,
+        "units_decoded": len(frame) - reused,
+        "subjects": int(frame["subject_id"].nunique()),
+        "units_by_modality": dict(sorted(Counter(frame["modality"]).items())),
+        "units_by_format": dict(sorted(Counter(frame["source_format"]).items())),
+        "quarantined": {
+            "files": len(quarantine),
+            "by_reason": dict(sorted(Counter(q.reason for q in quarantine).items())),
+        },
+        "splits": per_split,
+        "labels": labels,
+        "warnings": warnings,
+        "unit_warnings": unit_warnings,
+        "manifest_sha256": "",
+    }
+
+
+def _write_outputs(out_dir: Path, frame: pd.DataFrame, quarantine: list[QuarantineEntry], report: dict) -> None:
+    fields = [pa.field(c, _TYPES.get(c, pa.string())) for c in frame.columns]
+    table = pa.Table.from_pandas(frame, schema=pa.schema(fields), preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "reason", "detail"])
+    writer.writerows([q.path, q.reason, q.detail] for q in quarantine)
+    report["manifest_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    write_bytes(out_dir / "quarantine.csv", text.getvalue().encode())
+    write_bytes(out_dir / "manifest.parquet", buf.getvalue())
+    write_bytes(out_dir / "ingest_report.json", (json.dumps(report, indent=2) + "\n").encode())
+
+
+def _remove_stale_images(out_dir: Path, keep: set[str]) -> None:
+    for path in (out_dir / "images").iterdir():
+        stale = path.name.endswith(".nii") and path.name[:-4] not in keep and path.name.startswith("img-")
+        if stale or is_temp(path):
+            path.unlink(missing_ok=True)
+
+
+def _strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTable | None) -> str:
+    lines = [f"  {q.reason:<20} {q.path}: {q.detail}" for q in quarantine[:50]]
+    if len(quarantine) > 50:
+        lines.append(f"  ... and {len(quarantine) - 50} more")
+    conflicts = [p for p in (table.problems if table else []) if p["problem"] == "conflict"]
+    lines += [f"  labels line {p['line']}: {p['detail']}" for p in conflicts]
+    return (
+        f"strict ingest of {src} stopped: {len(quarantine)} file(s) quarantined and {len(conflicts)} "
+        "conflicting labels row(s); the previous manifest (if any) is unchanged.\n"
+        + "\n".join(lines)
+        + "\nFix: repair or remove these files and rows, or ingest without strict to quarantine them and go on"
+    )
+
+
+def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
+    """Read and validate manifest.parquet.
+
+    Args:
+        manifest_dir: The manifest directory `ingest` wrote.
+
+    Returns:
+        The manifest with `shape` and `spacing_mm` as Python lists.
+
+    Raises:
+        DataError: If the file is missing or unreadable, the columns are not MANIFEST_COLUMNS in
+            order, image_ids repeat, or a split value is unknown.
+    """
+    path = Path(manifest_dir) / "manifest.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `medxfer ingest SOURCE --labels CSV --out {manifest_dir}` first")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}); re-run medxfer ingest") from exc
+    found, expected = list(frame.columns), list(MANIFEST_COLUMNS)
+    if found[: len(expected)] != expected:
+        missing = [c for c in expected if c not in found]
+        raise DataError(
+            f"{path} does not start with the manifest columns in order (missing {missing}); found "
+            f"{found}, expected {expected} then subgroup columns. Fix: re-run medxfer ingest"
+        )
+    bad = sorted(set(frame["split"]) - {*SPLITS, ""})
+    if bad or frame["image_id"].duplicated().any():
+        what = f"unknown split value(s) {bad} (expected {list(SPLITS)} or '')" if bad else "repeated image_id values"
+        raise DataError(f"{path} holds {what}; it was not written by medxfer ingest. Fix: re-run medxfer ingest")
+    frame["shape"] = [[int(v) for v in s] for s in frame["shape"]]
+    frame["spacing_mm"] = [[float(v) for v in s] for s in frame["spacing_mm"]]
+    return frame
