@@ -64,8 +64,8 @@ PROFILE_POINTS = [
     ("io.py", "write_bytes", "  atomic write + fsync (all files)"),
     ("manifest.py", "_walk", "walk SOURCE"),
     ("labels.py", "join_labels", "labels join + splits"),
-    ("cache.py", "_save_cache", "incremental cache"),
-    ("outputs.py", "_write_outputs", "manifest, quarantine, report"),
+    ("cache.py", "save_cache", "incremental cache"),
+    ("outputs.py", "write_outputs", "manifest, quarantine, report"),
 ]
 
 

@@ -19,6 +19,8 @@ from pipeline.io import write_text
 
 @dataclass
 class SplitConfig:
+    """`data.split`: patient-level fractions for val and test, and the seed of the keyed-hash split."""
+
     val: float = 0.15
     test: float = 0.15
     seed: int = 0
@@ -26,6 +28,8 @@ class SplitConfig:
 
 @dataclass
 class DataConfig:
+    """`data`: the archive and labels to ingest, the manifest folder, the pseudonym key, ingest workers."""
+
     source: str = ""
     labels: str = ""
     manifest: str = ""
@@ -36,6 +40,8 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
+    """`prepare.augment`: training-time augmentation (off by default)."""
+
     enabled: bool = False
     flip: bool = False  # left-right flip; off by default: anatomy is not symmetric (heart, situs)
     rotate_deg: float = 5.0
@@ -45,6 +51,8 @@ class AugmentConfig:
 
 @dataclass
 class PrepareConfig:
+    """`prepare`: dims, intensity preset, size (and spacing), 2.5D slices, z projection, cache: given to the prepare stage."""
+
     dims: Literal["2d", "2.5d", "3d"] = "2d"
     preset: Literal["xray", "ct-lung", "ct-soft-tissue", "ct-bone", "mr"] = "xray"
     size: list[int] = field(default_factory=lambda: [224, 224])
@@ -57,6 +65,8 @@ class PrepareConfig:
 
 @dataclass
 class ModelConfig:
+    """`model`: backbone, weights, channels and the 2D → 3D adaptation: given to the adapt stage."""
+
     backbone: str = "tf_efficientnet_lite0"
     weights: str = "imagenet"
     in_channels: int = 1
@@ -70,12 +80,16 @@ class ModelConfig:
 
 @dataclass
 class EarlyStoppingConfig:
+    """`finetune.early_stopping`: the validation metric watched and the patience in epochs."""
+
     metric: str = "val_auroc"
     patience: int = 3
 
 
 @dataclass
 class FinetuneConfig:
+    """`finetune`: strategy, optimisation, imbalance handling, device and resume: given to the finetune stage."""
+
     strategy: Literal["linear-probe", "finetune", "partial", "gradual"] = "linear-probe"
     epochs: int = 10
     batch_size: int = 32
@@ -102,6 +116,8 @@ class FinetuneConfig:
 
 @dataclass
 class EvaluateConfig:
+    """`evaluate`: calibration method, operating-point rules, bootstrap resamples and subgroup columns."""
+
     calibration: Literal["temperature", "vector", "isotonic", "none"] = "temperature"
     operating_points: list[str] = field(default_factory=lambda: ["youden", "sensitivity@0.90"])
     bootstrap: int = 1000
@@ -110,12 +126,16 @@ class EvaluateConfig:
 
 @dataclass
 class TrackingConfig:
+    """`tracking`: the MLflow store and the registered model name."""
+
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     register_as: str | None = None
 
 
 @dataclass
 class Config:
+    """One experiment: every section, validated on load (`load_config`), logged flat to MLflow."""
+
     experiment: str = "medxfer"
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)

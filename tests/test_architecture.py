@@ -134,6 +134,17 @@ def test_allowed_imports_pass(tmp_path: Path) -> None:
     assert violations(root) == []
 
 
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A name shared between modules is public (no leading underscore): its module owns a contract."""
+    private = []
+    for path in sorted(PIPELINE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("pipeline")):
+                names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                private += [f"{path.relative_to(PIPELINE.parent)}:{node.lineno}: {n}" for n in names]
+    assert private == []
+
+
 def test_errors_keep_their_cause() -> None:
     """`raise X from None` hides the cause that `--debug` shows; errors chain with `from exc`."""
     hidden = []

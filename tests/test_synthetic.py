@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.synthetic import KINDS, SyntheticCohort, make_cohort
 from pipeline.synthetic.ct import _ct_phantom
 from pipeline.synthetic.cxr import _chest_image, _cxr_anatomy
-from pipeline.synthetic.patients import _make_patients, _Patient
+from pipeline.synthetic.patients import Patient, make_patients
 
 HEADERS = (
     "PatientName",
@@ -139,7 +139,7 @@ def test_cxr_studies_have_one_or_two_series(cxr: SyntheticCohort) -> None:
 
 
 def test_cxr_opacity_is_faint_local_and_inside_the_lung() -> None:
-    patient = _make_patients(np.random.default_rng(0), 4, 0.5, 0)[0]
+    patient = make_patients(np.random.default_rng(0), 4, 0.5, 0)[0]
     anat = _cxr_anatomy(np.random.default_rng(1), patient)
     finding = {"side": 1.0, "du": 0.2, "dv": -0.2, "r": 0.08, "c": 0.2}
     with_, without = (_chest_image(np.random.default_rng(2), anat, f, (256, 256)) for f in (finding, None))
@@ -215,9 +215,9 @@ def test_ct_studies_have_two_kernels_and_instance_number_order_varies(ct: Synthe
 
 
 def test_ct_nodule_is_small_solid_and_in_the_lung() -> None:
-    patients = _make_patients(np.random.default_rng(0), 4, 0.5, 0)
+    patients = make_patients(np.random.default_rng(0), 4, 0.5, 0)
     pos = next(p for p in patients if p.label == 1)
-    neg = _Patient(**{**pos.__dict__, "label": 0})
+    neg = Patient(**{**pos.__dict__, "label": 0})
     with_ = _ct_phantom(np.random.default_rng(5), 30, 0.7, pos)
     without = _ct_phantom(np.random.default_rng(5), 30, 0.7, neg)
     changed = np.abs(with_ - without) > 1

@@ -13,7 +13,8 @@ CACHE_FILE = ".ingest_cache.json"
 CACHE_VERSION = 1
 
 
-def _load_cache(out_dir: Path, key: bytes) -> dict[str, Any]:
+def load_cache(out_dir: Path, key: bytes) -> dict[str, Any]:
+    """The incremental cache of a manifest folder; empty when absent, unreadable, older or made with another key."""
     empty: dict[str, Any] = {"files": {}, "units": {}}
     try:
         cache = json.loads((out_dir / CACHE_FILE).read_text())
@@ -24,12 +25,12 @@ def _load_cache(out_dir: Path, key: bytes) -> dict[str, Any]:
     return {"files": cache.get("files", {}), "units": cache.get("units", {})}
 
 
-def _path_key(key: bytes, relpath: str) -> str:
+def path_key(key: bytes, relpath: str) -> str:
     """Cache key of a file: paths can carry identifiers, so the cache stores only their keyed hash."""
     return digest(key, "path", relpath)[:32]
 
 
-def _save_cache(out_dir: Path, key: bytes, files: dict, built: dict) -> None:
+def save_cache(out_dir: Path, key: bytes, files: dict, built: dict) -> None:
     """Scan results keyed by hashed path (headers hold pseudonyms only) and decoded-unit results."""
     units = {
         i: {k: r[k] for k in ("sig", "shape", "spacing_mm", "content_sha256")}
@@ -37,7 +38,7 @@ def _save_cache(out_dir: Path, key: bytes, files: dict, built: dict) -> None:
         if "error" not in r
     }
     entries = {
-        _path_key(key, rel): {
+        path_key(key, rel): {
             **e,
             "header": {k: v for k, v in e["header"].items() if k != "relpath"} if e["kind"] == "dicom" else e["header"],
         }

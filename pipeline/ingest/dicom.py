@@ -73,7 +73,7 @@ class DicomHeader:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _read(path: Path, **kwargs: Any) -> Dataset:
+def read_dataset(path: Path, **kwargs: Any) -> Dataset:
     """dcmread with every failure mapped to a quarantine reason (truncated, not-dicom)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -197,7 +197,8 @@ def _first(values: list[float] | None) -> float | None:
     return values[0] if values else None
 
 
-def _item(ds: Dataset | None, seq: str) -> Dataset | None:
+def first_item(ds: Dataset | None, seq: str) -> Dataset | None:
+    """The first item of sequence `seq` in `ds`, or None when `ds` or the sequence is absent or empty."""
     items = ds.get(seq) if ds is not None else None
     return items[0] if items else None
 
@@ -213,15 +214,15 @@ def _geometry(ds: Dataset, n_frames: int) -> Geometry:
     ipp = _floats(ds, "ImagePositionPatient")
     if "PerFrameFunctionalGroupsSequence" not in ds:
         return iop, spacing, thickness, _frame_positions(ds, ipp, iop, n_frames) if n_frames > 1 else None
-    shared, frames = _item(ds, "SharedFunctionalGroupsSequence"), ds.PerFrameFunctionalGroupsSequence
-    measures = _item(shared, "PixelMeasuresSequence") or _item(frames[0], "PixelMeasuresSequence")
+    shared, frames = first_item(ds, "SharedFunctionalGroupsSequence"), ds.PerFrameFunctionalGroupsSequence
+    measures = first_item(shared, "PixelMeasuresSequence") or first_item(frames[0], "PixelMeasuresSequence")
     spacing = _floats(measures, "PixelSpacing") or spacing
     thickness = _first(_floats(measures, "SliceThickness")) or thickness
     orients = {
         tuple(np.round(o, 4).tolist()) if o else None
         for o in (
             _floats(
-                _item(f, "PlaneOrientationSequence") or _item(shared, "PlaneOrientationSequence"),
+                first_item(f, "PlaneOrientationSequence") or first_item(shared, "PlaneOrientationSequence"),
                 "ImageOrientationPatient",
             )
             for f in frames
@@ -231,7 +232,10 @@ def _geometry(ds: Dataset, n_frames: int) -> Geometry:
         raise UnitError("unsupported", "the frames of this multi-frame file have different orientations")
     iop = list(orients.pop() or []) or iop
     positions = [
-        _floats(_item(f, "PlanePositionSequence") or _item(shared, "PlanePositionSequence"), "ImagePositionPatient")
+        _floats(
+            first_item(f, "PlanePositionSequence") or first_item(shared, "PlanePositionSequence"),
+            "ImagePositionPatient",
+        )
         for f in frames
     ]
     complete = bool(iop) and len(positions) == n_frames and all(positions)
@@ -270,7 +274,7 @@ def read_header(path: Path, relpath: str, key: bytes) -> DicomHeader:
     size = path.stat().st_size
     if size == 0:
         raise UnitError("empty-file", "the file is empty (0 bytes)")
-    ds = _read(path, defer_size="64 KB")
+    ds = read_dataset(path, defer_size="64 KB")
     if len(ds) == 0:
         raise UnitError("truncated", "no data elements after the file meta information (file cut short?)")
     if _pixels_cut_short(ds, size):

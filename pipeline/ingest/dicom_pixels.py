@@ -10,7 +10,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from pipeline.ingest.dicom import GPL_HINT, _item, _read
+from pipeline.ingest.dicom import GPL_HINT, first_item, read_dataset
 from pipeline.ingest.dicom_series import UnitPlan
 from pipeline.ingest.nifti import UnitError
 
@@ -81,7 +81,7 @@ def decode_file(path: Path, relpath: str) -> np.ndarray:
             (truncated, no-decoder, decode-error).
     """
     try:
-        ds = _read(path)
+        ds = read_dataset(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             raw = ds.pixel_array
@@ -118,8 +118,8 @@ def _frame_transform(ds: Dataset, index: int) -> Dataset:
     if "PerFrameFunctionalGroupsSequence" not in ds:
         return ds
     per_frame = ds.PerFrameFunctionalGroupsSequence[index]
-    item = _item(per_frame, "PixelValueTransformationSequence") or _item(
-        _item(ds, "SharedFunctionalGroupsSequence"), "PixelValueTransformationSequence"
+    item = first_item(per_frame, "PixelValueTransformationSequence") or first_item(
+        first_item(ds, "SharedFunctionalGroupsSequence"), "PixelValueTransformationSequence"
     )
     out = Dataset()
     source = item if item is not None and "RescaleSlope" in item else ds

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.ingest.cache import CACHE_VERSION, _load_cache, _path_key, _save_cache
+from pipeline.ingest.cache import CACHE_VERSION, load_cache, path_key, save_cache
 from pipeline.ingest.dicom import DicomHeader, read_header
 from pipeline.ingest.dicom_pixels import decode_plan
 from pipeline.ingest.dicom_series import UnitPlan, plan_units
@@ -33,7 +33,7 @@ from pipeline.ingest.nifti import (
     nifti_study,
     nifti_subject,
 )
-from pipeline.ingest.outputs import _remove_stale_images, _report, _strict_message, _write_outputs
+from pipeline.ingest.outputs import build_report, remove_stale_images, strict_message, write_outputs
 from pipeline.ingest.pseudonym import load_or_create_key, pseudonym, resolve_key_file
 from pipeline.ingest.splits import check_fractions
 from pipeline.io import write_bytes
@@ -88,7 +88,7 @@ def ingest(
     key, key_notes = load_or_create_key(resolve_key_file(key_file, out_dir))
     table = read_labels(labels_path, key) if labels_path else None
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    cache = _load_cache(out_dir, key)
+    cache = load_cache(out_dir, key)
     relpaths = _walk(src, {out_dir, *([labels_path] if labels_path else [])})
     with _Runner(workers, progress) as run:
         files = _scan(src, relpaths, key, cache, run)
@@ -97,14 +97,14 @@ def ingest(
     units, quarantine = _collect(plans, built, quarantine)
     split_notes = join_labels(units, table, key, val=val, test=test, seed=seed)
     frame = _frame(units, table)
-    _save_cache(out_dir, key, files, built)
+    save_cache(out_dir, key, files, built)
     if strict and (quarantine or (table is not None and table.n_conflicts)):
-        raise DataError(_strict_message(src, quarantine, table))
+        raise DataError(strict_message(src, quarantine, table))
     params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": labels_path is not None}
-    report = _report(relpaths, files, units, quarantine, frame, table, key, params)
+    report = build_report(relpaths, files, units, quarantine, frame, table, key, params)
     report["warnings"] = key_notes + split_notes + report["warnings"]
-    _write_outputs(out_dir, frame, quarantine, report)
-    _remove_stale_images(out_dir, set(frame["image_id"]))
+    write_outputs(out_dir, frame, quarantine, report)
+    remove_stale_images(out_dir, set(frame["image_id"]))
     logger.info("ingest: %d image units, %d files quarantined", len(frame), len(quarantine))
     return IngestResult(str(out_dir), len(frame), len(quarantine), report)
 
@@ -229,7 +229,7 @@ def _scan(src: Path, relpaths: list[str], key: bytes, cache: dict, run: _Runner)
         except OSError:  # a broken link: the worker records why
             todo.append(rel)
             continue
-        old = cache["files"].get(_path_key(key, rel))
+        old = cache["files"].get(path_key(key, rel))
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
             files[rel] = {
                 **old,

@@ -23,7 +23,7 @@ from pipeline.records import MANIFEST_COLUMNS, SPLITS, QuarantineEntry
 _TYPES = {"shape": pa.list_(pa.int64()), "spacing_mm": pa.list_(pa.float64()), "n_files": pa.int64()}
 
 
-def _report(
+def build_report(
     relpaths: list[str],
     files: dict,
     units: list[dict],
@@ -84,7 +84,8 @@ def _report(
     }
 
 
-def _write_outputs(out_dir: Path, frame: pd.DataFrame, quarantine: list[QuarantineEntry], report: dict) -> None:
+def write_outputs(out_dir: Path, frame: pd.DataFrame, quarantine: list[QuarantineEntry], report: dict) -> None:
+    """Write manifest.parquet, quarantine.csv and ingest_report.json atomically; the report gets the manifest sha256."""
     fields = [pa.field(c, _TYPES.get(c, pa.string())) for c in frame.columns]
     table = pa.Table.from_pandas(frame, schema=pa.schema(fields), preserve_index=False)
     buf = io.BytesIO()
@@ -99,14 +100,16 @@ def _write_outputs(out_dir: Path, frame: pd.DataFrame, quarantine: list[Quaranti
     write_bytes(out_dir / "ingest_report.json", (json.dumps(report, indent=2) + "\n").encode())
 
 
-def _remove_stale_images(out_dir: Path, keep: set[str]) -> None:
+def remove_stale_images(out_dir: Path, keep: set[str]) -> None:
+    """Delete images/ files of units no longer in the manifest, and temp files of a killed writer."""
     for path in (out_dir / "images").iterdir():
         stale = path.name.endswith(".nii") and path.name[:-4] not in keep and path.name.startswith("img-")
         if stale or is_temp(path):
             path.unlink(missing_ok=True)
 
 
-def _strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTable | None) -> str:
+def strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTable | None) -> str:
+    """The error of a strict ingest: every quarantined file and conflicting labels row (first 50), and the fix."""
     lines = [f"  {q.reason:<20} {q.path}: {q.detail}" for q in quarantine[:50]]
     if len(quarantine) > 50:
         lines.append(f"  ... and {len(quarantine) - 50} more")

@@ -49,6 +49,7 @@ def load_cohort(manifest_dir: str | Path) -> Cohort:
 
 
 def manifest_hash(manifest_dir: str | Path) -> str:
+    """First 16 hex of the manifest's sha256: which data a run saw."""
     return hashlib.sha256((Path(manifest_dir) / "manifest.parquet").read_bytes()).hexdigest()[:16]
 
 

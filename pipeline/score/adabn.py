@@ -62,7 +62,7 @@ def adapt_batchnorm(
     return n, len(bns)
 
 
-def _adabn(
+def archive_bn_state(
     pkg: Packaged, units: list[dict], folder: Path, batch_size: int, workers: int, device: torch.device
 ) -> dict[str, Any]:
     """AdaBN on this archive's units (cached in the chunk folder so a resumed run reuses it).

@@ -24,12 +24,12 @@ from pipeline import tracking
 from pipeline.errors import ConfigError
 from pipeline.io import jsonable, write_bytes
 from pipeline.records import Packaged
-from pipeline.score.adabn import _adabn
+from pipeline.score.adabn import archive_bn_state
 from pipeline.score.engines import Engine, EngineOptions, get_engine
 from pipeline.score.external import external_metrics
 from pipeline.score.packaged import load_packaged
-from pipeline.score.plan import _ChunkWriter, _Plan, _plan
-from pipeline.score.table import _assemble, _summary, _write_table
+from pipeline.score.plan import ChunkWriter, Plan, make_plan
+from pipeline.score.table import assemble, summarise, write_table
 
 log = logging.getLogger("medxfer")
 
@@ -87,10 +87,12 @@ def score(
     out = Path(out).expanduser().resolve()
     tracking_uri = _absolute_uri(tracking.connect(tracking_uri))
     pkg = load_packaged(_absolute_model_uri(model_uri))
-    plan = _plan(pkg, source, labels, Path(f"{out}.work"), key_file, workers, adapt_bn, chunk_size, progress)
+    plan = make_plan(pkg, source, labels, Path(f"{out}.work"), key_file, workers, adapt_bn, chunk_size, progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    adabn = _adabn(pkg, plan.units, plan.folder, batch_size, workers, device) if adapt_bn and plan.units else None
-    writer = _ChunkWriter(plan.units, chunk_size, plan.folder, plan.pending, len(pkg.classes))
+    adabn = (
+        archive_bn_state(pkg, plan.units, plan.folder, batch_size, workers, device) if adapt_bn and plan.units else None
+    )
+    writer = ChunkWriter(plan.units, chunk_size, plan.folder, plan.pending, len(pkg.classes))
     if plan.pending:
         options = EngineOptions(
             workers=workers,
@@ -107,12 +109,12 @@ def score(
     return {**result, "seconds": time.perf_counter() - t0}
 
 
-def _finish(pkg: Packaged, plan: _Plan, out: Path, engine: str, adabn: dict | None, labelled: bool) -> dict:
+def _finish(pkg: Packaged, plan: Plan, out: Path, engine: str, adabn: dict | None, labelled: bool) -> dict:
     """Assemble the chunks and failure rows into `out` and write `<out>.metrics.json`."""
-    table, stats = _assemble(plan.folder, plan.n_chunks, plan.failures, pkg)
+    table, stats = assemble(plan.folder, plan.n_chunks, plan.failures, pkg)
     reused = plan.n_chunks - len(plan.pending)
-    summary = _summary(pkg, table, stats, adabn, engine, plan.n_chunks, reused)
-    _write_table(table, out, summary)
+    summary = summarise(pkg, table, stats, adabn, engine, plan.n_chunks, reused)
+    write_table(table, out, summary)
     if labelled:
         summary["external_validation"] = external_metrics(table, plan.frame, pkg)
     metrics_file = Path(f"{out}.metrics.json")

@@ -30,7 +30,9 @@ _CHUNK_VERSION = 1
 
 
 @dataclass
-class _Plan:
+class Plan:
+    """What one `score` call does: the units to score in chunks, the failure rows, and which chunks are left."""
+
     frame: pd.DataFrame  # the manifest, sorted by image_id
     units: list[dict]  # the units this model can score, in chunk order
     failures: list[dict]  # rows for units it cannot score and for quarantined files
@@ -39,7 +41,7 @@ class _Plan:
     pending: list[int]  # chunks not committed yet
 
 
-def _plan(
+def make_plan(
     pkg: Packaged,
     source: str | Path,
     labels: str | Path | None,
@@ -49,7 +51,7 @@ def _plan(
     adapt_bn: bool,
     chunk_size: int,
     progress: bool,
-) -> _Plan:
+) -> Plan:
     """Ingest the archive (incremental, non-strict), sort out what can be scored, find committed chunks."""
     manifest_dir = work / "manifest"
     ingest(source, labels, manifest_dir, key_file=key_file, strict=False, workers=max(1, workers), progress=progress)
@@ -59,8 +61,8 @@ def _plan(
     failures += _quarantine_rows(manifest_dir, key, len(pkg.classes))
     folder = _open_chunks(work, _plan_key(pkg, units, adapt_bn, chunk_size))
     n_chunks = -(-len(units) // chunk_size)
-    pending = [c for c in range(n_chunks) if not (folder / _part(c)).exists()]
-    return _Plan(frame, units, failures, folder, n_chunks, pending)
+    pending = [c for c in range(n_chunks) if not (folder / part_name(c)).exists()]
+    return Plan(frame, units, failures, folder, n_chunks, pending)
 
 
 def _misfit(shape: list[int], modality: str, pkg: Packaged) -> tuple[str, str] | None:
@@ -81,7 +83,7 @@ def _misfit(shape: list[int], modality: str, pkg: Packaged) -> tuple[str, str] |
     return None
 
 
-def _row(
+def result_row(
     n_classes: int,
     image_id: str = "",
     subject_id: str = "",
@@ -112,7 +114,7 @@ def _split_fit(frame: pd.DataFrame, pkg: Packaged, manifest_dir: Path) -> tuple[
     for r in frame.itertuples(index=False):
         bad = _misfit(list(r.shape), str(r.modality), pkg)
         if bad:
-            failures.append(_row(len(pkg.classes), r.image_id, r.subject_id, str(r.modality), "failed", *bad))
+            failures.append(result_row(len(pkg.classes), r.image_id, r.subject_id, str(r.modality), "failed", *bad))
         else:
             units.append(
                 {
@@ -133,7 +135,7 @@ def _quarantine_rows(manifest_dir: Path, key: bytes, n_classes: int) -> list[dic
         return []
     q = pd.read_csv(path, dtype=str, keep_default_na=False)
     return [
-        _row(n_classes, reason=r.reason, source_ref="src-" + digest(key, "source-ref", r.path)[:16])
+        result_row(n_classes, reason=r.reason, source_ref="src-" + digest(key, "source-ref", r.path)[:16])
         for r in q.itertuples(index=False)
     ]
 
@@ -167,12 +169,12 @@ def _open_chunks(work: Path, key: str) -> Path:
     return folder
 
 
-def _part(c: int) -> str:
+def part_name(c: int) -> str:
     """File name of chunk `c` (0-based): ``part-NNNNN.parquet``, numbered from 1."""
     return f"part-{c + 1:05d}.parquet"
 
 
-class _ChunkWriter:
+class ChunkWriter:
     """Collects per-unit results from an engine and commits each chunk once all its units are in."""
 
     def __init__(self, units: list[dict], chunk_size: int, folder: Path, pending: list[int], n_classes: int):
@@ -207,7 +209,7 @@ class _ChunkWriter:
             r, u = got[idx], self.units[idx]
             ok = not str(r["reason"])
             rows.append(
-                _row(
+                result_row(
                     self.n_classes,
                     u["image_id"],
                     u["subject_id"],
@@ -222,8 +224,8 @@ class _ChunkWriter:
                 stats.add(np.array([r["mean"]]), np.array([r["std"]]), np.asarray(r["emb"])[None])
         buf = io.BytesIO()
         np.savez(buf, **stats.arrays())  # type: ignore[arg-type]
-        write_bytes(self.folder / _part(c).replace(".parquet", ".stats.npz"), buf.getvalue())
+        write_bytes(self.folder / part_name(c).replace(".parquet", ".stats.npz"), buf.getvalue())
         frame = pd.DataFrame(rows)
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
-        write_bytes(self.folder / _part(c), sink.getvalue().to_pybytes())
+        write_bytes(self.folder / part_name(c), sink.getvalue().to_pybytes())

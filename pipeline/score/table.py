@@ -14,19 +14,19 @@ import pyarrow.parquet as pq
 from pipeline.evaluate import DomainStats, compare_domain
 from pipeline.io import jsonable, write_bytes
 from pipeline.records import Packaged
-from pipeline.score.plan import _part, _row
+from pipeline.score.plan import part_name, result_row
 
 COLUMNS_HEAD = ("image_id", "subject_id", "modality")
 COLUMNS_TAIL = ("decision", "status", "reason", "detail", "source_ref", "model_uri", "model_version")
 
 
-def _assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) -> tuple[pd.DataFrame, DomainStats]:
+def assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) -> tuple[pd.DataFrame, DomainStats]:
     """The final table (chunks in order, then failure rows; output columns) and the merged domain statistics."""
-    parts = [pd.read_parquet(folder / _part(c)) for c in range(n_chunks)]
+    parts = [pd.read_parquet(folder / part_name(c)) for c in range(n_chunks)]
     stats = DomainStats()
     for c in range(n_chunks):
-        stats.merge(DomainStats.load(folder / _part(c).replace(".parquet", ".stats.npz")))
-    frame = pd.concat([*parts, pd.DataFrame(failures, columns=list(_row(len(pkg.classes))))], ignore_index=True)
+        stats.merge(DomainStats.load(folder / part_name(c).replace(".parquet", ".stats.npz")))
+    frame = pd.concat([*parts, pd.DataFrame(failures, columns=list(result_row(len(pkg.classes))))], ignore_index=True)
     probs = frame[[f"p{i}" for i in range(len(pkg.classes))]].to_numpy(dtype=np.float64)
     ok = (frame["status"] == "ok").to_numpy()
     if len(pkg.classes) == 2 and pkg.threshold is not None:
@@ -45,7 +45,7 @@ def _assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) 
     return frame[[*COLUMNS_HEAD, *pkg.prob_columns, *COLUMNS_TAIL]], stats
 
 
-def _write_table(table: pd.DataFrame, out: Path, summary: dict[str, Any]) -> None:
+def write_table(table: pd.DataFrame, out: Path, summary: dict[str, Any]) -> None:
     """Write `table` to `out` atomically, the summary (without archive_stats) in its ``medxfer`` metadata."""
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     meta = dict(arrow.schema.metadata or {})
@@ -55,7 +55,7 @@ def _write_table(table: pd.DataFrame, out: Path, summary: dict[str, Any]) -> Non
     write_bytes(out, sink.getvalue().to_pybytes())
 
 
-def _summary(
+def summarise(
     pkg: Packaged, table: pd.DataFrame, stats: DomainStats, adabn: dict | None, engine: str, n_chunks: int, reused: int
 ) -> dict[str, Any]:
     """The run summary of ``<out>.metrics.json``: model, counts, AdaBN, domain-shift check, archive stats."""

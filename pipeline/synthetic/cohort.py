@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.io import atomic_path, write_text
-from pipeline.synthetic.ct import _ct_study
-from pipeline.synthetic.cxr import _cxr_study
-from pipeline.synthetic.dicom_writer import _Layout
-from pipeline.synthetic.patients import _make_patients, _Patient
+from pipeline.synthetic.ct import ct_study
+from pipeline.synthetic.cxr import cxr_study
+from pipeline.synthetic.dicom_writer import Layout
+from pipeline.synthetic.patients import Patient, make_patients
 
 KINDS = ("cxr2d", "ct3d")
 
@@ -75,9 +75,9 @@ def make_cohort(
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(seed)
     token = rng.bytes(16).hex()
-    patients = _make_patients(rng, n, positive_fraction, seed)
-    layout = _Layout(tmp, rng, n)
-    study_fn = _cxr_study if kind == "cxr2d" else _ct_study
+    patients = make_patients(rng, n, positive_fraction, seed)
+    layout = Layout(tmp, rng, n)
+    study_fn = cxr_study if kind == "cxr2d" else ct_study
     for p in tqdm(patients, desc=f"synth {kind}", unit="patient", disable=not progress):
         layout.write_study(study_fn(p, token), p.rng)
     shutil.rmtree(archive, ignore_errors=True)
@@ -115,7 +115,7 @@ def _check_args(kind: str, n: int, positive_fraction: float) -> None:
         )
 
 
-def _write_labels(path: Path, patients: list[_Patient]) -> None:
+def _write_labels(path: Path, patients: list[Patient]) -> None:
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["patient_id", "label", "sex", "age", "site"])

@@ -6,8 +6,8 @@ import numpy as np
 from pydicom.uid import CTImageStorage
 from scipy.ndimage import gaussian_filter
 
-from pipeline.synthetic.dicom_writer import _header, _Job, _set, _uid
-from pipeline.synthetic.patients import _SITES, _Patient
+from pipeline.synthetic.dicom_writer import Job, make_uid, set_elements, study_header
+from pipeline.synthetic.patients import SITES, Patient
 
 _CT_FIXED = {
     "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
@@ -26,23 +26,23 @@ _CT_FIXED = {
 }
 
 
-def _ct_study(p: _Patient, token: str) -> list[_Job]:
+def ct_study(p: Patient, token: str) -> list[Job]:
     """Two series (sharp and soft kernel) of one acquisition; InstanceNumber order varies."""
     rng = p.rng
     nz, ps = int(rng.integers(24, 41)), round(float(rng.uniform(0.6, 0.8)), 3)
     hu = _ct_phantom(rng, nz, ps, p)
     z0 = float(rng.uniform(-180, -120))
     x0, y0 = -31.5 * ps + rng.uniform(-3, 3), -31.5 * ps + rng.uniform(-3, 3)
-    frame = _uid(token, "frame", p.index)
+    frame = make_uid(token, "frame", p.index)
     jobs = []
-    for s, (kernel, desc) in enumerate(zip(_SITES[p.site][6], ("LUNG", "STANDARD"), strict=True)):
+    for s, (kernel, desc) in enumerate(zip(SITES[p.site][6], ("LUNG", "STANDARD"), strict=True)):
         reverse = rng.random() < 0.5 if p.index else s == 1  # patient 0 always has both orders
-        ds = _header(p, token, CTImageStorage, "CT", _SITES[p.site][2])
-        ds.SeriesInstanceUID = _uid(token, "series", p.index, s)
+        ds = study_header(p, token, CTImageStorage, "CT", SITES[p.site][2])
+        ds.SeriesInstanceUID = make_uid(token, "series", p.index, s)
         ds.FrameOfReferenceUID = frame
         ds.SeriesNumber, ds.AcquisitionNumber = s + 2, 1
         ds.SeriesDescription = f"CHEST 2.5mm {desc}"
-        _set(ds, _CT_FIXED)
+        set_elements(ds, _CT_FIXED)
         ds.ConvolutionKernel, ds.PixelSpacing = kernel, [str(ps), str(ps)]
         ds.WindowCenter, ds.WindowWidth = ("-600", "1500") if s == 0 else ("40", "400")
         vol = _ct_kernel(rng, hu, sharp=s == 0)
@@ -53,7 +53,7 @@ def _ct_study(p: _Patient, token: str) -> list[_Job]:
                 (
                     ds,
                     {
-                        "SOPInstanceUID": _uid(token, "sop", p.index, s, k),
+                        "SOPInstanceUID": make_uid(token, "sop", p.index, s, k),
                         "InstanceNumber": nz - k if reverse else k + 1,
                         "ImagePositionPatient": [f"{x0:.3f}", f"{y0:.3f}", z],
                         "SliceLocation": z,
@@ -64,7 +64,7 @@ def _ct_study(p: _Patient, token: str) -> list[_Job]:
     return jobs
 
 
-def _ct_phantom(rng: np.random.Generator, nz: int, ps: float, p: _Patient) -> np.ndarray:
+def _ct_phantom(rng: np.random.Generator, nz: int, ps: float, p: Patient) -> np.ndarray:
     """Noise-free HU volume (z, y, x): z inferior->superior, rows anterior->posterior."""
     u = rng.uniform
     y, x = (np.mgrid[0:64, 0:64].astype(np.float32) - 31.5) / 31.5

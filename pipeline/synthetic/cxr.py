@@ -6,8 +6,8 @@ import numpy as np
 from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 from scipy.ndimage import gaussian_filter
 
-from pipeline.synthetic.dicom_writer import _header, _Job, _set, _uid
-from pipeline.synthetic.patients import _SITES, _Patient
+from pipeline.synthetic.dicom_writer import Job, make_uid, set_elements, study_header
+from pipeline.synthetic.patients import SITES, Patient
 
 _MONO1_FRACTION = 0.15  # share of radiographs stored MONOCHROME1 (inverted)
 # CXR opacity: peak attenuation added in the lung (lung field ~0.2, soft tissue ~0.5) and radius
@@ -28,10 +28,10 @@ _CXR_FIXED = {
 }
 
 
-def _cxr_study(p: _Patient, token: str) -> list[_Job]:
+def cxr_study(p: Patient, token: str) -> list[Job]:
     """One study of one or two PA exposures; every exposure of a positive shows the opacity."""
     rng = p.rng
-    _, model, _, _, spacing, shape, _ = _SITES[p.site]
+    _, model, _, _, spacing, shape, _ = SITES[p.site]
     cr = p.site == "site-C"  # a CR plate reader at one site, flat-panel DX elsewhere
     sop = ComputedRadiographyImageStorage if cr else DigitalXRayImageStorageForPresentation
     anat, finding = _cxr_anatomy(rng, p), _cxr_finding(rng) if p.label else None
@@ -39,20 +39,20 @@ def _cxr_study(p: _Patient, token: str) -> list[_Job]:
     for s in range(1 if rng.random() < 0.6 else 2):
         img = _chest_image(rng, anat, finding, shape)
         mono1 = rng.random() < _MONO1_FRACTION
-        ds = _header(p, token, sop, "CR" if cr else "DX", model)
-        ds.SeriesInstanceUID = _uid(token, "series", p.index, s)
+        ds = study_header(p, token, sop, "CR" if cr else "DX", model)
+        ds.SeriesInstanceUID = make_uid(token, "series", p.index, s)
         ds.SeriesNumber, ds.InstanceNumber = s + 1, 1
         ds.SeriesDescription = "PA" if s == 0 else "PA REPEAT"
-        _set(ds, _CXR_FIXED if cr else {**_CXR_FIXED, "PresentationIntentType": "FOR PRESENTATION"})
+        set_elements(ds, _CXR_FIXED if cr else {**_CXR_FIXED, "PresentationIntentType": "FOR PRESENTATION"})
         ds.ImagerPixelSpacing = ds.PixelSpacing = [spacing, spacing]
         ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
         ds.Rows, ds.Columns = shape
         pixels = (4095 - img if mono1 else img).astype("<u2").tobytes()
-        jobs.append((ds, {"SOPInstanceUID": _uid(token, "sop", p.index, s), "PixelData": pixels}))
+        jobs.append((ds, {"SOPInstanceUID": make_uid(token, "sop", p.index, s), "PixelData": pixels}))
     return jobs
 
 
-def _cxr_anatomy(rng: np.random.Generator, p: _Patient) -> dict[str, float]:
+def _cxr_anatomy(rng: np.random.Generator, p: Patient) -> dict[str, float]:
     u = rng.uniform
     return {
         "s": u(0.84, 0.98) + (0.05 if p.sex == "M" else 0.0),

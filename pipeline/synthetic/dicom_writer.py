@@ -12,12 +12,12 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
-from pipeline.synthetic.patients import _SITES, _Patient
+from pipeline.synthetic.patients import SITES, Patient
 
-_Job = tuple[Dataset, dict[str, Any]]  # a series' shared header + one file's own elements
+Job = tuple[Dataset, dict[str, Any]]  # a series' shared header + one file's own elements
 
 
-class _Layout:
+class Layout:
     """Hex-named folders two levels deep; a study's files spread over the leaves of one top.
 
     Files come out byte-identical to pydicom's ``dcmwrite(..., enforce_file_format=True)``
@@ -32,7 +32,7 @@ class _Layout:
             top = root / rng.bytes(3).hex()
             self.tops.append([top / rng.bytes(4).hex() for _ in range(int(rng.integers(2, 5)))])
 
-    def write_study(self, jobs: list[_Job], rng: np.random.Generator) -> None:
+    def write_study(self, jobs: list[Job], rng: np.random.Generator) -> None:
         leaves = self.tops[int(self.rng.integers(len(self.tops)))]
         shared: dict[int, tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]] = {}
         for i in rng.permutation(len(jobs)):
@@ -97,16 +97,18 @@ def _raw(tag: int, vr: str, value: Any) -> bytes:
     return head + struct.pack("<H", len(data)) + data
 
 
-def _set(ds: Dataset, values: dict[str, Any]) -> None:
+def set_elements(ds: Dataset, values: dict[str, Any]) -> None:
+    """Set DICOM elements by keyword."""
     for keyword, value in values.items():
         setattr(ds, keyword, value)
 
 
-def _uid(token: str, *parts: object) -> str:
+def make_uid(token: str, *parts: object) -> str:
+    """A UID derived from the cohort token and `parts`: the same cohort seed gives the same UIDs."""
     return str(generate_uid(entropy_srcs=[token, *map(str, parts)]))
 
 
-def _header(p: _Patient, token: str, sop_class: UID, modality: str, model: str) -> Dataset:
+def study_header(p: Patient, token: str, sop_class: UID, modality: str, model: str) -> Dataset:
     """Patient/study/equipment modules shared by every file of a study."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -119,13 +121,13 @@ def _header(p: _Patient, token: str, sop_class: UID, modality: str, model: str) 
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = p.study_date.strftime("%Y%m%d")
     ds.StudyTime = f"{int(p.rng.integers(7, 19)):02d}{int(p.rng.integers(0, 60)):02d}00"
     ds.AccessionNumber, ds.Modality = p.accession, modality
-    ds.Manufacturer, ds.InstitutionName = _SITES[p.site][0], _SITES[p.site][3]
+    ds.Manufacturer, ds.InstitutionName = SITES[p.site][0], SITES[p.site][3]
     ds.ManufacturerModelName, ds.ReferringPhysicianName = model, ""
     ds.StudyDescription = ds.BodyPartExamined = "CHEST"
     ds.PatientName, ds.PatientID = p.name, p.patient_id
     ds.PatientBirthDate = p.birth.strftime("%Y%m%d")
     ds.PatientSex, ds.PatientAge = p.sex, f"{p.age:03d}Y"
-    ds.StudyInstanceUID = _uid(token, "study", p.index)
+    ds.StudyInstanceUID = make_uid(token, "study", p.index)
     ds.StudyID = str(p.index + 1)
     ds.SamplesPerPixel, ds.BitsAllocated, ds.RescaleSlope = 1, 16, "1"
     return ds

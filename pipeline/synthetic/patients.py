@@ -9,7 +9,7 @@ import numpy as np
 
 # site -> (manufacturer, X-ray model, CT model, institution, CXR pixel spacing (mm),
 #          CXR rows x columns, CT kernels (sharp, soft))
-_SITES: dict[str, tuple[str, str, str, str, str, tuple[int, int], tuple[str, str]]] = {
+SITES: dict[str, tuple[str, str, str, str, str, tuple[int, int], tuple[str, str]]] = {
     "site-A": (
         "GE MEDICAL SYSTEMS",
         "Definium 6000",
@@ -43,7 +43,9 @@ _GIVEN = {
 
 
 @dataclass
-class _Patient:
+class Patient:
+    """One synthetic patient: identifiers and demographics (fake PHI that ingest must remove), label, own RNG."""
+
     index: int
     patient_id: str
     name: str
@@ -57,7 +59,8 @@ class _Patient:
     rng: np.random.Generator
 
 
-def _make_patients(rng: np.random.Generator, n: int, fraction: float, seed: int) -> list[_Patient]:
+def make_patients(rng: np.random.Generator, n: int, fraction: float, seed: int) -> list[Patient]:
+    """`n` patients, round(fraction·n) of them positive (at least one of each class), in random order."""
     n_pos = min(max(round(fraction * n), 1), n - 1)
     labels = rng.permutation(np.r_[np.ones(n_pos, int), np.zeros(n - n_pos, int)])
     mrns = rng.choice(9_000_000, size=n, replace=False) + 1_000_000
@@ -68,11 +71,11 @@ def _make_patients(rng: np.random.Generator, n: int, fraction: float, seed: int)
         age = int(rng.integers(22, 91))
         study = date(2018, 1, 1) + timedelta(days=int(rng.integers(0, 6 * 365)))
         birth = study - timedelta(days=age * 365 + int(rng.integers(1, 360)))
-        site = str(rng.choice(list(_SITES), p=_SITE_P))
+        site = str(rng.choice(list(SITES), p=_SITE_P))
         name = f"{rng.choice(_SURNAMES)}^{rng.choice(_GIVEN[sex])}"
         acc = f"{site[-1]}{study.year}{int(rng.integers(0, 10**6)):06d}"
         out.append(
-            _Patient(
+            Patient(
                 i,
                 f"MRN{int(mrns[i])}",
                 name,
