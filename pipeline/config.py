@@ -51,7 +51,7 @@ class AugmentConfig:
 
 @dataclass
 class PrepareConfig:
-    """`prepare`: dims, intensity preset, size (and spacing), 2.5D slices, z projection, cache: given to the prepare stage."""
+    """`prepare`: dims, intensity preset, size, spacing, 2.5D slices, z projection, cache: for the prepare stage."""
 
     dims: Literal["2d", "2.5d", "3d"] = "2d"
     preset: Literal["xray", "ct-lung", "ct-soft-tissue", "ct-bone", "mr"] = "xray"
