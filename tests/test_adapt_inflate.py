@@ -12,7 +12,7 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
 from pipeline.adapt import build_model, inflate_conv_weight, inflate_to_3d
-from pipeline.adapt.inflate import (
+from pipeline.adapt.layers3d import (
     AvgPool3dDepthSafe,
     BatchNormAct3d,
     GlobalPool,

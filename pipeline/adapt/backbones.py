@@ -14,7 +14,8 @@ import torchvision
 from torch import nn
 
 from pipeline.adapt.channels import adapt_first_conv
-from pipeline.adapt.inflate import INFLATIONS, GlobalPool, inflate_to_3d
+from pipeline.adapt.inflate import INFLATIONS, inflate_to_3d
+from pipeline.adapt.layers3d import GlobalPool
 from pipeline.adapt.registry import (
     DIMS,
     get_spec,
