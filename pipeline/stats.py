@@ -1,4 +1,7 @@
-"""Checks of predictions and labels, and AUROC: the base that fine-tuning and evaluation share.
+"""Checks of predictions and labels, softmax and fitted calibrations, AUROC: what stages share.
+
+`apply_calibration` is the one place a fitted calibration turns logits into probabilities: the
+evaluation's calibrators and the packaged model (`tracking.CalibratedNet`) both call it.
 
 Conventions: `probs` is (N, C) float (a 1-D array is read as P(class 1) of a binary task); `y`
 holds integer class indices (N,). An AUROC with one class present is None, never 0.5 or 0.
@@ -6,6 +9,7 @@ holds integer class indices (N,). An AUROC with one class present is None, never
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -95,3 +99,69 @@ def auroc(y: Any, probs: Any) -> float | None:
     per = [auc_binary(labels == c, p[:, c]) for c in range(p.shape[1])]
     defined = [a for a in per if a is not None]
     return float(np.mean(defined)) if defined else None
+
+
+def softmax(logits: Any) -> np.ndarray:
+    """Row-wise softmax, numerically stable, in float64.
+
+    Args:
+        logits: array-like (N, C) of raw model outputs.
+
+    Returns:
+        (N, C) float64 probabilities whose rows sum to 1.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def apply_calibration(params: Mapping[str, Any], logits: Any) -> np.ndarray:
+    """Probabilities (N, C) float64 of logits (N, C) under a fitted calibration's parameters.
+
+    Args:
+        params: what `pipeline.evaluate.Calibrator.params()` returns (JSON-safe; stored with the model):
+            ``{"method": "none"}``: softmax(z); ``{"method": "temperature", "temperature": T}``:
+            softmax(z / T); ``{"method": "vector", "scale": [w], "bias": [b]}``: softmax(z·w + b);
+            ``{"method": "isotonic", "x": [[...]], "y": [[...]]}``: monotone piecewise-linear maps of
+            the softmax (binary: one map of P(class 1), P(class 0) = 1 − it; multi-class: one map per
+            class, rows renormalised, a row that maps to all zeros becomes uniform).
+        logits: the network's raw outputs (N, C).
+
+    Raises:
+        DataError: an unknown method or parameters that do not fit the logits (a damaged model).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    method = params.get("method")
+    try:
+        if method == "none":
+            return softmax(z)
+        if method == "temperature":
+            return softmax(z / float(params["temperature"]))
+        if method == "vector":
+            return softmax(z * np.asarray(params["scale"], np.float64) + np.asarray(params["bias"], np.float64))
+        if method == "isotonic":
+            return _isotonic(softmax(z), params["x"], params["y"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"calibration parameters {dict(params)!r} do not fit logits of shape {z.shape}: {exc}") from exc
+    raise DataError(
+        f"calibration method {method!r} is unknown (expected none, temperature, vector or isotonic); "
+        "the model's metadata is damaged or from a newer medxfer"
+    )
+
+
+def _isotonic(p: np.ndarray, xs: list[list[float]], ys: list[list[float]]) -> np.ndarray:
+    maps = [np.interp(p[:, c], np.asarray(x, np.float64), np.asarray(y, np.float64)) for c, x, y in _columns(p, xs, ys)]
+    if p.shape[1] == 2:
+        return np.column_stack([1.0 - maps[0], maps[0]])
+    q = np.column_stack(maps)
+    total = q.sum(axis=1, keepdims=True)
+    uniform = np.full_like(q, 1.0 / q.shape[1])
+    return np.where(total > 0, q / np.where(total > 0, total, 1.0), uniform)
+
+
+def _columns(p: np.ndarray, xs: list[list[float]], ys: list[list[float]]) -> list[tuple[int, list[float], list[float]]]:
+    cols = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
+    if len(xs) != len(cols) or len(ys) != len(cols):
+        raise ValueError(f"{len(xs)} isotonic maps for {p.shape[1]} classes (binary: 1, else one per class)")
+    return list(zip(cols, xs, ys, strict=True))

@@ -20,24 +20,38 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.errors import TrackingError
+from pipeline.stats import apply_calibration
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 class CalibratedNet(nn.Module):
-    """The packaged model: a network plus its fitted temperature; outputs calibrated probabilities.
+    """The packaged model: a network plus the calibration evaluation fitted; outputs calibrated probabilities.
 
-    `forward(x)` takes prepared tensors (B, C, H, W) or (B, C, D, H, W) and returns softmax
-    probabilities (B, num_classes) of logits / temperature. `net` is the uncalibrated network.
+    `forward(x)` takes prepared tensors (B, C, H, W) or (B, C, D, H, W) and returns probabilities
+    (B, num_classes) float32: `pipeline.stats.apply_calibration(calibration, net(x))`, the same
+    function evaluation used, so the registered model reproduces the evaluated probabilities.
+    `net` is the uncalibrated network; `calibration` the fitted calibrator's `params()` (a plain
+    dict; a number is read as a temperature).
     """
 
-    def __init__(self, net: nn.Module, temperature: float = 1.0):
+    def __init__(self, net: nn.Module, calibration: dict[str, Any] | float = 1.0):
         super().__init__()
         self.net = net
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        if not isinstance(calibration, dict):
+            calibration = {"method": "temperature", "temperature": float(calibration)}
+        self.calibration = calibration
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x) / self.temperature, dim=1)
+        logits = self.net(x).float()
+        probs = apply_calibration(self.calibration, logits.detach().cpu().numpy())
+        return torch.as_tensor(probs, dtype=torch.float32, device=logits.device)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "calibration" not in self.__dict__:  # packaged by medxfer ≤ 0.1 (a temperature buffer only)
+            t = self._buffers.pop("temperature", None)
+            self.calibration = {"method": "temperature", "temperature": float(t) if t is not None else 1.0}
 
 
 def resolve_uri(uri: str | None) -> str:

@@ -81,7 +81,7 @@ def _log_everything(uri: str) -> tuple[str, dict]:
         for step in range(3):
             tracking.log_metrics({"val_auroc": 0.5 + 0.1 * step}, step=step)
         tracking.log_metrics({"test_auroc": 0.9, "test_auroc__sex.F": 0.8, "nan_is_skipped": float("nan")})
-        model = tracking.CalibratedNet(Tiny(), temperature=2.0)
+        model = tracking.CalibratedNet(Tiny(), 2.0)
         info = tracking.log_model(
             model, np.zeros((1, 1, 4, 4), np.float32), {"classes": ["0", "1"]}, register_as="tracking-test-model"
         )
@@ -124,3 +124,16 @@ def test_load_model_bad_uri_names_it(tmp_path):
     tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(TrackingError, match="models:/absent/1"):
         tracking.load_model("models:/absent/1")
+
+
+def test_model_packaged_with_only_a_temperature_still_loads():
+    """Models registered before the calibrator was packaged hold a `temperature` buffer only."""
+    import pickle
+
+    old = tracking.CalibratedNet(Tiny())
+    del old.__dict__["calibration"]
+    old.register_buffer("temperature", torch.tensor(2.0))
+    loaded = pickle.loads(pickle.dumps(old))
+    x = torch.randn(3, 1, 4, 4)
+    assert loaded.calibration == {"method": "temperature", "temperature": 2.0}
+    assert torch.allclose(loaded(x), torch.softmax(loaded.net(x) / 2.0, dim=1))

@@ -9,24 +9,9 @@ from scipy.optimize import minimize
 from sklearn.isotonic import IsotonicRegression
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
-from pipeline.stats import check_labels
+from pipeline.stats import apply_calibration, check_labels, softmax
 
 _MAX_LOG_T = np.log(1e3)  # T is searched in [1e-3, 1e3]; anything outside is a broken model
-
-
-def softmax(logits: Any) -> np.ndarray:
-    """Row-wise softmax, numerically stable, in float64.
-
-    Args:
-        logits: array-like (N, C) of raw model outputs.
-
-    Returns:
-        (N, C) float64 probabilities whose rows sum to 1.
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -71,9 +56,18 @@ class Calibrator:
         """Fit on validation logits (N, C) and labels (N,); returns self."""
         raise NotImplementedError
 
-    def transform(self, logits: Any) -> np.ndarray:
-        """Return calibrated probabilities (N, C)."""
+    def params(self) -> dict[str, Any]:
+        """The fitted calibration as JSON-safe parameters (`pipeline.stats.apply_calibration` applies them).
+
+        They are stored with the packaged model, so scoring applies exactly the calibration that
+        evaluation measured.
+        """
         raise NotImplementedError
+
+    def transform(self, logits: Any) -> np.ndarray:
+        """Return calibrated probabilities (N, C): `apply_calibration(self.params(), logits)`."""
+        self._check_fitted(logits)
+        return apply_calibration(self.params(), logits)
 
     def _check_fitted(self, logits: Any) -> np.ndarray:
         if self.n_classes_ is None:
@@ -129,10 +123,9 @@ class TemperatureScaler(Calibrator):
         self.n_classes_ = z.shape[1]
         return self
 
-    def transform(self, logits: Any) -> np.ndarray:
-        """Return calibrated probabilities softmax(logits / T), shape (N, C)."""
-        z = self._check_fitted(logits)
-        return softmax(z / self.temperature_)
+    def params(self) -> dict[str, Any]:
+        """{"method": "temperature", "temperature": T}: probabilities softmax(logits / T)."""
+        return {"method": "temperature", "temperature": float(self.temperature_)}
 
 
 class VectorScaler(Calibrator):
@@ -171,10 +164,11 @@ class VectorScaler(Calibrator):
         self.n_classes_ = c
         return self
 
-    def transform(self, logits: Any) -> np.ndarray:
-        """Return calibrated probabilities softmax(logits * scale_ + bias_), shape (N, C)."""
-        z = self._check_fitted(logits)
-        return softmax(z * self.scale_ + self.bias_)
+    def params(self) -> dict[str, Any]:
+        """{"method": "vector", "scale": [w_c], "bias": [b_c]}: probabilities softmax(logits * w + b)."""
+        if self.scale_ is None or self.bias_ is None:
+            raise ConfigError("VectorScaler is not fitted: call fit(logits_val, y_val) first.")
+        return {"method": "vector", "scale": self.scale_.tolist(), "bias": self.bias_.tolist()}
 
 
 class IsotonicCalibrator(Calibrator):
@@ -202,16 +196,17 @@ class IsotonicCalibrator(Calibrator):
         self.n_classes_ = z.shape[1]
         return self
 
-    def transform(self, logits: Any) -> np.ndarray:
-        """Return calibrated probabilities, shape (N, C), rows summing to 1."""
-        p = softmax(self._check_fitted(logits))
-        if self.n_classes_ == 2:
-            p1 = self.regressors_[0].predict(p[:, 1])
-            return np.column_stack([1.0 - p1, p1])
-        q = np.column_stack([r.predict(p[:, c]) for c, r in enumerate(self.regressors_)])
-        total = q.sum(axis=1, keepdims=True)
-        uniform = np.full_like(q, 1.0 / q.shape[1])
-        return np.where(total > 0, q / np.where(total > 0, total, 1.0), uniform)
+    def params(self) -> dict[str, Any]:
+        """{"method": "isotonic", "x": [...], "y": [...]}: each fitted map's breakpoints (one list per map).
+
+        A map is the piecewise-linear interpolation of its breakpoints, clipped at both ends: what
+        scikit-learn's `IsotonicRegression.predict` computes with ``out_of_bounds="clip"``.
+        """
+        return {
+            "method": "isotonic",
+            "x": [r.X_thresholds_.tolist() for r in self.regressors_],
+            "y": [r.y_thresholds_.tolist() for r in self.regressors_],
+        }
 
 
 class _Identity(Calibrator):
@@ -222,8 +217,9 @@ class _Identity(Calibrator):
         self.n_classes_ = z.shape[1]
         return self
 
-    def transform(self, logits: Any) -> np.ndarray:
-        return softmax(self._check_fitted(logits))
+    def params(self) -> dict[str, Any]:
+        """{"method": "none"}: plain softmax."""
+        return {"method": "none"}
 
 
 CALIBRATORS: dict[str, type[Calibrator]] = {

@@ -125,11 +125,12 @@ def _evaluate_and_log(
         "prepare": ckpt["prepare"],
         "classes": cohort.classes,
         "temperature": s.temperature or 1.0,
+        "calibration": s.calibrator.params(),
         "operating_point": {"rule": op.get("rule"), "threshold": op.get("threshold")},
         "adaptation": ckpt["adaptation"],
         "train_run_id": run_id,
     }
-    packaged = tracking.CalibratedNet(model, s.temperature or 1.0)
+    packaged = tracking.CalibratedNet(model, s.calibrator.params())  # the evaluated calibration, whatever it is
     meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
     if train_data is not None:  # intensity and embedding statistics for score's domain-shift check
         meta["reference_stats"] = jsonable(reference_stats(packaged, train_data, batch_size=cfg.finetune.batch_size))

@@ -66,6 +66,7 @@ def summarise(
         "model_version": pkg.version,
         "classes": pkg.classes,
         "temperature": float(pkg.meta.get("temperature", 1.0)),
+        "calibration": pkg.meta.get("calibration", {"method": "temperature"}).get("method"),
         "threshold": pkg.threshold,
         "operating_point": pkg.meta.get("operating_point"),
         "engine": engine,
