@@ -1,9 +1,9 @@
 """DeLong test of two correlated binary AUROCs on the same cases: image-level, or clustered by patient.
 
 Image-level: DeLong, DeLong & Clarke-Pearson (1988), "Comparing the areas under two or more correlated
-receiver operating characteristic curves: a nonparametric approach", Biometrics 44:837–845, in the
-fast midrank form of Sun & Xu (2014), IEEE Signal Processing Letters 21:1389–1393. It treats every
-image as an independent case.
+receiver operating characteristic curves: a nonparametric approach", Biometrics 44:837–845, with the
+placement values computed in O(n log n) as in Sun & Xu (2014), IEEE Signal Processing Letters
+21:1389–1393. It treats every image as an independent case.
 
 Clustered: Obuchowski (1997), "Nonparametric analysis of clustered ROC curve data", Biometrics
 53:567–578, which keeps DeLong's structural components (placement values) but sums them per
@@ -36,10 +36,11 @@ def delong_test(y: Any, prob_a: Any, prob_b: Any, groups: Any = None) -> dict[st
         var(AUC) = S10 / M + S01 / N,  S10, S01 = sample (co)variances (ddof 1) of V10 over the M
         positives and of V01 over the N negatives; between models the same with cross-products.
 
-    With `groups` (Obuchowski 1997, the paper's eq. for var and cov of clustered AUCs): cluster i
-    (patient) has m_i positive and n_i negative units, M = Σ m_i, N = Σ n_i, I clusters, of which
-    I10 hold ≥ 1 positive and I01 ≥ 1 negative. V10_i = Σ of V10 over cluster i's positives,
-    V01_i = Σ of V01 over its negatives (0 when it has none), and for models r, s::
+    With `groups` (Obuchowski 1997): cluster i (patient) has m_i positive and n_i negative units,
+    M = Σ m_i, N = Σ n_i, I clusters, of which I10 hold ≥ 1 positive and I01 ≥ 1 negative.
+    V10_i = Σ of V10 over cluster i's positives, V01_i = Σ of V01 over its negatives (0 when it has
+    none), and for models r, s (the small-sample factors use I10 and I01, the clusters that add to
+    each sum, as the method's reference R code does: funcs_clusteredROC.R, Cleveland Clinic)::
 
         S10_rs = I10 / ((I10 − 1) M) · Σ_i (V10_i^r − m_i AUC^r)(V10_i^s − m_i AUC^s)
         S01_rs = I01 / ((I01 − 1) N) · Σ_i (V01_i^r − n_i AUC^r)(V01_i^s − n_i AUC^s)
