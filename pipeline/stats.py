@@ -36,6 +36,20 @@ def check_labels(y: Any, n: int, n_classes: int, name: str = "y") -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def check_groups(groups: Any, n: int, name: str = "groups") -> np.ndarray:
+    """Validate one patient pseudonym per row; return integer codes (n,) numbering the patients 0..I−1.
+
+    Ids are compared as strings, so 7 and "7" are the same patient.
+
+    Raises:
+        DataError: when `groups` is not shaped (n,).
+    """
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise DataError(f"{name}: expected one patient id per row, shape ({n},), got {g.shape}.")
+    return np.unique(g.astype(str), return_inverse=True)[1].reshape(n).astype(np.int64)
+
+
 def check_probs(probs: Any, name: str = "probs") -> np.ndarray:
     """Validate probabilities shaped (N, C), or (N,) read as P(class 1); return float64 (N, C)."""
     p = np.asarray(probs, dtype=np.float64)

@@ -1,7 +1,8 @@
 """Evaluate stage: calibration on validation, test metrics with patient-level CIs, subgroups, figures.
 
 Modules: `calibrate` (calibrators), `metrics` (pure metric functions), `uncertainty` (patient-level
-bootstrap, DeLong, subgroups), `summary` (the evaluation summary), `plots` (figures).
+bootstrap, paired comparisons, subgroups), `delong` (DeLong test of two AUROCs, image-level or
+clustered by patient), `summary` (the evaluation summary), `plots` (figures).
 """
 
 from pipeline.evaluate.calibrate import (
@@ -13,6 +14,7 @@ from pipeline.evaluate.calibrate import (
     make_calibrator,
     softmax,
 )
+from pipeline.evaluate.delong import delong_test
 from pipeline.evaluate.domain import SMD_WARN, DomainStats, Embedder, compare_domain, reference_stats
 from pipeline.evaluate.metrics import (
     N_BINS,
@@ -37,7 +39,7 @@ from pipeline.evaluate.plots import (
     training_curves_figure,
 )
 from pipeline.evaluate.summary import evaluation_summary, metric_key
-from pipeline.evaluate.uncertainty import bootstrap_ci, delong_test, paired_bootstrap, subgroup_metrics
+from pipeline.evaluate.uncertainty import bootstrap_ci, paired_bootstrap, paired_comparison, subgroup_metrics
 from pipeline.stats import auroc
 
 __all__ = [
@@ -68,6 +70,7 @@ __all__ = [
     "metric_key",
     "nll",
     "paired_bootstrap",
+    "paired_comparison",
     "parse_rule",
     "pr_figure",
     "reference_stats",

@@ -1,7 +1,8 @@
-"""Uncertainty by patient: patient-level bootstrap CIs, DeLong and paired comparisons, subgroup metrics.
+"""Uncertainty by patient: patient-level bootstrap CIs, paired (patient-clustered) comparisons, subgroups.
 
 Conventions as in `pipeline.evaluate.metrics`; `groups` holds one patient pseudonym per row, and
-every resampling draws patients (all of a patient's rows together), never rows.
+every resampling draws patients (all of a patient's rows together), never rows. The DeLong test
+of two AUROCs (image-level, or clustered by patient) is in `pipeline.evaluate.delong`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
-from pipeline.evaluate.metrics import at_threshold, brier, discrimination, ece
-from pipeline.stats import as_binary, auroc, check_labels, check_probs
+from pipeline.evaluate.delong import delong_test
+from pipeline.evaluate.metrics import at_threshold, brier, discrimination, ece, nll
+from pipeline.stats import auroc, check_groups, check_labels, check_probs
 
 # --------------------------------------------------------------------------- uncertainty
 METRICS: dict[str, Callable[[Any, Any], float | None]] = {
@@ -22,6 +23,7 @@ METRICS: dict[str, Callable[[Any, Any], float | None]] = {
     "auprc": lambda y, p: discrimination(y, p)["auprc"],
     "brier": lambda y, p: brier(p, y),
     "ece": lambda y, p: ece(p, y),
+    "nll": lambda y, p: nll(p, y),
 }
 
 
@@ -31,10 +33,7 @@ def _patient_resamples(y: np.ndarray, groups: Any, n_boot: int, seed: int) -> It
     A patient drawn k times contributes all of its rows k times. Resamples missing a class that
     is present in `y` are skipped (so fewer than n_boot may be yielded).
     """
-    g = np.asarray(groups)
-    if g.shape != (len(y),):
-        raise DataError(f"groups: expected one patient id per row, shape ({len(y)},), got {g.shape}.")
-    _, codes = np.unique(g.astype(str), return_inverse=True)
+    codes = check_groups(groups, len(y))
     n_groups, n_classes = int(codes.max()) + 1, len(np.unique(y))
     rng = np.random.default_rng(seed)
     rows = np.arange(len(y))
@@ -93,43 +92,6 @@ def bootstrap_ci(
     return float(point), float(low), float(high)
 
 
-def delong_test(y: Any, prob_a: Any, prob_b: Any) -> dict[str, float]:
-    """Paired DeLong test (DeLong 1988; fast midrank form of Sun & Xu 2014) of two binary AUROCs.
-
-    Returns:
-        auc_a, auc_b, diff (a − b), se of the difference, z, two-sided p, and 95% ci_low/ci_high.
-    """
-    pa, labels = as_binary(y, prob_a, "prob_a", scores=True)
-    pb, _ = as_binary(y, prob_b, "prob_b", scores=True)
-    pos = labels == 1
-    m, n = int(pos.sum()), int((~pos).sum())
-    if m < 2 or n < 2:
-        raise DataError(f"y: DeLong needs at least 2 positives and 2 negatives; got {m} and {n}.")
-    v10, v01, aucs = [], [], []
-    for s in (pa, pb):
-        tz, tx, ty = stats.rankdata(s), stats.rankdata(s[pos]), stats.rankdata(s[~pos])
-        aucs.append((tz[pos].sum() - m * (m + 1) / 2) / (m * n))
-        v10.append((tz[pos] - tx) / n)  # per positive: share of negatives it outranks
-        v01.append(1.0 - (tz[~pos] - ty) / m)  # per negative: share of positives above it
-    cov = np.cov(np.array(v10)) / m + np.cov(np.array(v01)) / n
-    diff = float(aucs[0] - aucs[1])
-    se = float(np.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0)))
-    if se > 0:
-        z = diff / se
-    else:
-        z = 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
-    return {
-        "auc_a": float(aucs[0]),
-        "auc_b": float(aucs[1]),
-        "diff": diff,
-        "se": se,
-        "z": float(z),
-        "p": float(2 * stats.norm.sf(abs(z))),
-        "ci_low": diff - 1.959964 * se,
-        "ci_high": diff + 1.959964 * se,
-    }
-
-
 def paired_bootstrap(
     y: Any,
     prob_a: Any,
@@ -141,7 +103,20 @@ def paired_bootstrap(
     metric: str | Callable[[Any, Any], float | None] = "auroc",
     alpha: float = 0.05,
 ) -> dict[str, Any]:
-    """Compare two models on the same cases by resampling patients; both see the same resamples.
+    """Compare two models on the same cases by a patient-clustered paired bootstrap.
+
+    Each resample draws patients with replacement (a patient's images travel together), and both
+    models are scored on the same resample, so the CI of the difference reflects both the pairing
+    and the correlation of a patient's images; it never treats images as independent. For AUROC,
+    `delong_test(..., groups=...)` is the analytic counterpart; for ΔBrier and ΔNLL
+    (metric="brier", "nll"; probabilities required) this bootstrap is the comparison to use.
+
+    Args:
+        y: labels (N,). prob_a, prob_b: the two models' probabilities (or scores for "auroc").
+        groups: one patient pseudonym per row.
+        n_boot: resamples drawn (those missing a class present in `y` are skipped). seed: RNG seed.
+        metric: callable(y, prob) -> float | None, or a name in METRICS ("auroc", "brier", "nll", ...).
+        alpha: the CI is the (alpha/2, 1 − alpha/2) percentile interval of the resampled differences.
 
     Returns:
         metric name, value_a, value_b, diff (a − b), percentile ci_low/ci_high of the difference,
@@ -170,6 +145,32 @@ def paired_bootstrap(
         "p": float(p),
         "n_boot": len(diffs),
     }
+
+
+def paired_comparison(
+    y: Any, prob_a: Any, prob_b: Any, groups: Any, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Patient-clustered paired comparison of two binary models on the same cases (differences a − b).
+
+    Args:
+        y: binary labels (N,). prob_a, prob_b: P(class 1) of each model, (N,) or (N, 2).
+        groups: one patient pseudonym per row. n_boot: bootstrap resamples (0: DeLong only). seed: RNG seed.
+
+    Returns:
+        {"n_images", "n_patients", "auroc": the clustered `delong_test` result, "brier" and "nll":
+        the `paired_bootstrap` results (None when n_boot is 0)}.
+    """
+    codes = check_groups(groups, len(np.asarray(y)))
+    out: dict[str, Any] = {
+        "n_images": len(codes),
+        "n_patients": int(codes.max()) + 1 if len(codes) else 0,
+        "auroc": delong_test(y, prob_a, prob_b, groups=groups),
+    }
+    for metric in ("brier", "nll"):
+        out[metric] = (
+            paired_bootstrap(y, prob_a, prob_b, groups, n_boot=n_boot, seed=seed, metric=metric) if n_boot else None
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- subgroups
@@ -201,9 +202,7 @@ def subgroup_metrics(
     p = check_probs(prob, "prob")
     labels = check_labels(y, len(p), p.shape[1])
     binary = p.shape[1] == 2
-    g = np.asarray(groups)
-    if g.shape != (len(labels),):
-        raise DataError(f"groups: expected one patient id per row, shape ({len(labels)},), got {g.shape}.")
+    g = check_groups(groups, len(labels))
     present = np.bincount(labels, minlength=p.shape[1]) > 0  # classes absent overall are ignored
     rows = []
     for attr, values in attrs.items():
@@ -216,7 +215,7 @@ def subgroup_metrics(
                 "attribute": attr,
                 "value": value,
                 "n": int(m.sum()),
-                "n_patients": len(np.unique(g[m].astype(str))),
+                "n_patients": len(np.unique(g[m])),
                 "n_pos": int(counts[1]) if binary else None,
                 "prevalence": float(counts[1] / m.sum()) if binary else None,
                 "too_few": bool(counts[present].min() < min_cases),

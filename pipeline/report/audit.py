@@ -25,6 +25,7 @@ from pipeline import __version__, tracking
 from pipeline.errors import DataError, MedxferError
 from pipeline.io import write_text
 from pipeline.records import SPLITS
+from pipeline.report.compare import collect_comparison
 from pipeline.report.view import build_view
 
 ARTIFACTS = {
@@ -113,10 +114,11 @@ def collect_context(
         req = _fetch(run_id, "model/requirements.txt", Path(tmp))
         ctx["requirements"] = _requirements(req) if req else []
         splits = _read_json(run_id, "splits.json", Path(tmp), problems)
+        ctx["baseline"] = _baseline(run, problems)
+        ctx["comparison"] = collect_comparison(run_id, ctx["baseline"], ctx["config"], Path(tmp), _fetch)
     data = ctx["config"].get("data") if isinstance(ctx["config"], dict) else None
     folder = manifest_dir or (data.get("manifest") if isinstance(data, dict) else None)
     ctx["cohort"], ctx["ingest"] = _manifest_parts(folder, splits, problems)
-    ctx["baseline"] = _baseline(run, problems)
     ctx["environment"] = _environment()
     return ctx
 

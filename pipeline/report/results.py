@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.report.compare import comparison_blocks
 from pipeline.report.facts import Facts
 from pipeline.report.fmt import (
     DASH,
@@ -21,7 +22,6 @@ from pipeline.report.fmt import (
     kv,
     note,
     num,
-    para,
     pre,
     section,
     table,
@@ -314,12 +314,7 @@ def transfer_section(f: Facts) -> dict[str, Any]:
         )
     if "test_auroc" not in bm:
         blocks.append(note("The from-scratch run has not been evaluated yet.", NA))
-    blocks.append(
-        para(
-            "Overlapping CIs do not rule out a difference; a paired test on the same patients "
-            "(DeLong or paired bootstrap, pipeline.evaluate) is the proper comparison."
-        )
-    )
+    blocks += comparison_blocks(f.context.get("comparison"))
     return section("transfer", "Transfer gain", blocks)
 
 
