@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -253,12 +254,20 @@ def label_warnings(labels: list[str]) -> list[str]:
 
 
 def join_labels(
-    units: list[dict], table: LabelTable | None, key: bytes, *, val: float, test: float, seed: int
+    units: list[dict],
+    table: LabelTable | None,
+    key: bytes,
+    *,
+    val: float,
+    test: float,
+    seed: int,
+    previous: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Set label, subgroup columns and split on every unit row (in place).
 
     A NIfTI unit joins the labels row naming its path, else the row of its subject; DICOM units
-    join by subject (the keyed hash of PatientID). Splits are per subject (see splits.py);
+    join by subject (the keyed hash of PatientID). Splits are per subject (see splits.py):
+    subjects in `previous` keep their split, the others are placed stratified by label;
     unlabeled units get split "". Rows that matched nothing are added to the table's problems.
 
     Returns:
@@ -274,7 +283,7 @@ def join_labels(
     subject_labels: dict[str, list[str]] = defaultdict(list)
     for unit in units:
         subject_labels[unit["subject_id"]].append(unit["label"])
-    splits, notes = assign_splits(subject_labels, key, val=val, test=test, seed=seed)
+    splits, notes = assign_splits(subject_labels, key, val=val, test=test, seed=seed, previous=previous)
     for unit in units:
         unit["split"] = splits.get(unit["subject_id"], "") if unit["label"] else ""
     if table is not None:

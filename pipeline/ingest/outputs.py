@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DataError
 from pipeline.ingest.labels import LabelTable
 from pipeline.ingest.pseudonym import key_id
+from pipeline.ingest.splits import KEYED_HASH
 from pipeline.io import is_temp, write_bytes
 from pipeline.records import MANIFEST_COLUMNS, SPLITS, QuarantineEntry
 
@@ -121,6 +122,46 @@ def strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTab
         + "\n".join(lines)
         + "\nFix: repair or remove these files and rows, or ingest without strict to quarantine them and go on"
     )
+
+
+def previous_splits(out_dir: Path, key: bytes, *, val: float, test: float, seed: int) -> tuple[dict[str, str], str]:
+    """The splits of the manifest already in `out_dir`, and why they cannot be kept ("" when they can).
+
+    They can be kept when ingest_report.json describes this manifest.parquet (same sha256), was made
+    with the same pseudonym key, seed and fractions, and its splits came from the keyed hash (not
+    from a labels.csv split column).
+
+    Returns:
+        (subject → split of every labelled subject of the previous manifest, {} when there is none
+        or it cannot be read; the reason not to keep them, or "").
+    """
+    path = out_dir / "manifest.parquet"
+    if not path.is_file():
+        return {}, ""
+    try:
+        frame = load_manifest(out_dir)
+        report = json.loads((out_dir / "ingest_report.json").read_text(encoding="utf-8"))
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (DataError, OSError, ValueError) as exc:
+        return {}, f"the previous manifest or its ingest_report.json cannot be read ({type(exc).__name__})"
+    labelled = frame[frame["split"] != ""]
+    splits = dict(zip(labelled["subject_id"], labelled["split"], strict=True))
+    if labelled.groupby("subject_id")["split"].nunique().gt(1).any():
+        return splits, "a patient spans two splits in the previous manifest"
+    return splits, _why_not_kept(report, sha, key, {"seed": seed, "val": val, "test": test})
+
+
+def _why_not_kept(report: Any, sha: str, key: bytes, now: dict[str, float]) -> str:
+    if not isinstance(report, dict) or report.get("manifest_sha256") != sha:
+        return "ingest_report.json does not describe the previous manifest.parquet"
+    if report.get("key_id") != key_id(key):
+        return "the previous manifest was made with another pseudonym key"
+    if report.get("split_source", KEYED_HASH) != KEYED_HASH:
+        return f"the previous splits came from {report.get('split_source')!r}, not from the keyed hash"
+    before = report.get("parameters")
+    before = before if isinstance(before, dict) else {}
+    changed = [f"{k} {before.get(k)!r} → {v!r}" for k, v in now.items() if before.get(k) != v]
+    return f"data.split changed ({', '.join(changed)})" if changed else ""
 
 
 def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
