@@ -238,6 +238,27 @@ def test_ingest_of_a_grown_archive_moves_nobody(tmp_path, key_file):
     assert Counter(frame.loc[frame["label"] == "0", "split"]) == {"train": 56, "val": 12, "test": 12}
 
 
+def test_report_logs_split_source_and_prevalence_per_split(tmp_path, key_file):
+    src, labels = _cr_archive(tmp_path, 100)
+    report = ingest(src, labels, tmp_path / "manifest", key_file=key_file, progress=False).report
+    assert report["split_source"] == "keyed-hash"
+    assert report["splits"]["test"] == {
+        "units": 15,
+        "subjects": 15,
+        "by_label": {"0": 12, "1": 3},
+        "subjects_by_label": {"0": 12, "1": 3},
+        "prevalence": {"0": 0.8, "1": 0.2},
+    }
+    assert report["splits"]["train"]["prevalence"] == {"0": 0.8, "1": 0.2}
+    assert report["splits"]["unlabeled"] == {
+        "units": 0,
+        "subjects": 0,
+        "by_label": {},
+        "subjects_by_label": {},
+        "prevalence": {},
+    }
+
+
 def test_changed_seed_starts_over_and_says_so(tmp_path, key_file):
     out = tmp_path / "manifest"
     src, labels = _cr_archive(tmp_path, 40)

@@ -33,17 +33,14 @@ def build_report(
     table: LabelTable | None,
     key: bytes,
     params: dict,
+    split_source: str = KEYED_HASH,
 ) -> dict[str, Any]:
-    """ingest_report.json: counts, label problems by line number, warnings by image_id; no paths or IDs."""
+    """ingest_report.json: counts, label problems by line number, warnings by image_id; no paths or IDs.
+
+    `split_source` says where the splits came from: "keyed-hash" (assign_splits) or "labels.csv".
+    """
     kinds = Counter(e["kind"] for e in files.values())
-    per_split: dict[str, Any] = {}
-    for split in (*SPLITS, ""):
-        part = frame[frame["split"] == split]
-        per_split[split or "unlabeled"] = {
-            "units": len(part),
-            "subjects": int(part["subject_id"].nunique()),
-            "by_label": dict(sorted(Counter(part["label"]).items())),
-        }
+    per_split = {split or "unlabeled": split_counts(frame[frame["split"] == split]) for split in (*SPLITS, "")}
     unit_warnings = [f"{r.image_id}: {w}" for r in frame.itertuples() for w in r.warnings.split(";") if w]
     labels: dict[str, Any] = {"given": table is not None}
     if table is not None:
@@ -77,11 +74,29 @@ def build_report(
             "files": len(quarantine),
             "by_reason": dict(sorted(Counter(q.reason for q in quarantine).items())),
         },
+        "split_source": split_source,
         "splits": per_split,
         "labels": labels,
         "warnings": warnings,
         "unit_warnings": unit_warnings,
         "manifest_sha256": "",
+    }
+
+
+def split_counts(part: pd.DataFrame) -> dict[str, Any]:
+    """One split's entry of the report: units, subjects, units by label, subjects by label and their fraction.
+
+    `prevalence` is the fraction of the split's subjects with at least one image of each label
+    (a subject with images of two labels counts for both).
+    """
+    subjects = int(part["subject_id"].nunique())
+    by_subject = part.groupby("label")["subject_id"].nunique()
+    return {
+        "units": len(part),
+        "subjects": subjects,
+        "by_label": dict(sorted(Counter(part["label"]).items())),
+        "subjects_by_label": {str(lab): int(n) for lab, n in sorted(by_subject.items())},
+        "prevalence": {str(lab): round(int(n) / subjects, 4) for lab, n in sorted(by_subject.items())},
     }
 
 
