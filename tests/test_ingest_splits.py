@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from dicom_factory import cr_image
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import ingest, load_manifest
-from pipeline.ingest.pseudonym import unit_interval
+from pipeline.ingest.pseudonym import load_or_create_key, pseudonym, unit_interval
 from pipeline.ingest.splits import (
     assign_splits,
     check_fractions,
@@ -22,6 +23,7 @@ from pipeline.ingest.splits import (
     split_fractions,
     stratum_of,
 )
+from pipeline.records import MANIFEST_COLUMNS
 
 KEY = bytes(32)
 
@@ -198,14 +200,22 @@ def test_zero_val_and_test_is_all_train():
 # ------------------------------------------------------------------------------- through ingest()
 
 
-def _cr_archive(root: Path, n: int) -> tuple[Path, Path]:
-    """`n` single-radiograph patients P000.. (every 5th positive) under root/archive, and labels.csv."""
+def _official(i: int) -> str:
+    """A predefined split far from the default fractions: P000-P009 test, P010-P014 val, the rest train."""
+    return "test" if i < 10 else "val" if i < 15 else "train"
+
+
+def _cr_archive(root: Path, n: int, split: Callable[[int], str] | None = None) -> tuple[Path, Path]:
+    """`n` single-radiograph patients P000.. (every 5th positive) under root/archive, and labels.csv.
+
+    With `split`, labels.csv has a split column holding split(i) for patient i.
+    """
     src = root / "archive"
-    lines = ["patient_id,label,site"]
+    lines = ["patient_id,label,site" + (",split" if split else "")]
     for i in range(n):
         if not (src / f"p{i:03d}" / "cr.dcm").exists():
             cr_image(src / f"p{i:03d}" / "cr.dcm", patient_id=f"P{i:03d}", seed=i)
-        lines.append(f"P{i:03d},{int(i % 5 == 0)},S{i % 3}")
+        lines.append(f"P{i:03d},{int(i % 5 == 0)},S{i % 3}" + (f",{split(i)}" if split else ""))
     labels = root / "labels.csv"
     labels.write_text("\n".join(lines) + "\n")
     return src, labels
@@ -284,3 +294,48 @@ def test_a_report_that_does_not_match_the_manifest_is_not_trusted(tmp_path, key_
     (out / "ingest_report.json").write_text(json.dumps({**report, "manifest_sha256": "0" * 64}))
     warnings = ingest(src, labels, out, key_file=key_file, progress=False).report["warnings"]
     assert any("does not describe the previous manifest.parquet" in w for w in warnings)
+
+
+# ------------------------------------------------------------------------- a predefined split
+
+
+def test_a_split_column_is_honoured_exactly_and_kept_on_reingest(tmp_path, key_file):
+    out = tmp_path / "manifest"
+    src, labels = _cr_archive(tmp_path, 30, split=_official)
+    report = ingest(src, labels, out, key_file=key_file, val=0.3, test=0.3, progress=False).report
+    expected = {pseudonym(load_or_create_key(key_file)[0], "subject", f"P{i:03d}"): _official(i) for i in range(30)}
+    assert _subject_splits(out) == expected
+    assert report["split_source"] == "labels.csv"
+    assert "split" not in report["labels"]["carried"] and "split" not in report["labels"]["dropped"]
+    assert list(load_manifest(out).columns) == [*MANIFEST_COLUMNS, "site"]
+    assert {s: report["splits"][s]["subjects"] for s in ("train", "val", "test")} == {"train": 15, "val": 5, "test": 10}
+    again = ingest(src, labels, out, key_file=key_file, seed=5, progress=False).report
+    assert _subject_splits(out) == expected
+    assert again["split_source"] == "labels.csv"
+    assert not [w for w in again["warnings"] if "split" in w]
+
+
+def test_switching_between_hash_and_split_column_says_how_many_moved(tmp_path, key_file):
+    out = tmp_path / "manifest"
+    src, labels = _cr_archive(tmp_path, 30)
+    ingest(src, labels, out, key_file=key_file, progress=False)
+    hashed = _subject_splits(out)
+    src, labels = _cr_archive(tmp_path, 30, split=_official)
+    warnings = ingest(src, labels, out, key_file=key_file, progress=False).report["warnings"]
+    moved = moved_subjects(hashed, _subject_splits(out))
+    assert f"{moved} of 30 patient(s) of the previous manifest changed split: labels.csv defines it" in warnings
+    src, labels = _cr_archive(tmp_path, 30)
+    warnings = ingest(src, labels, out, key_file=key_file, progress=False).report["warnings"]
+    assert _subject_splits(out) == hashed  # a fresh keyed-hash split again
+    assert any(w.startswith("previous splits not kept (the previous splits came from 'labels.csv'") for w in warnings)
+
+
+def test_a_bad_split_column_stops_ingest_and_leaves_the_previous_manifest(tmp_path, key_file):
+    out = tmp_path / "manifest"
+    src, labels = _cr_archive(tmp_path, 8, split=_official)
+    ingest(src, labels, out, key_file=key_file, progress=False)
+    before = (out / "manifest.parquet").read_bytes()
+    labels.write_text(labels.read_text().replace("P003,0,S0,test", "P003,0,S0,training"))
+    with pytest.raises(DataError, match=r"line 5: 'training' is not a split value \(did you mean 'train'\?\)"):
+        ingest(src, labels, out, key_file=key_file, progress=False)
+    assert (out / "manifest.parquet").read_bytes() == before

@@ -35,7 +35,7 @@ from pipeline.ingest.nifti import (
 )
 from pipeline.ingest.outputs import build_report, previous_splits, remove_stale_images, strict_message, write_outputs
 from pipeline.ingest.pseudonym import load_or_create_key, pseudonym, resolve_key_file
-from pipeline.ingest.splits import KEYED_HASH, check_fractions, history_warnings
+from pipeline.ingest.splits import KEYED_HASH, LABELS_CSV, check_fractions, history_warnings
 from pipeline.io import write_bytes
 from pipeline.records import MANIFEST_COLUMNS, IngestResult, QuarantineEntry
 
@@ -97,14 +97,15 @@ def ingest(
     units, quarantine = _collect(plans, built, quarantine)
     previous, why_not = previous_splits(out_dir, key, val=val, test=test, seed=seed)
     split_notes = join_labels(units, table, key, val=val, test=test, seed=seed, previous=None if why_not else previous)
+    source = LABELS_CSV if table is not None and table.split_given else KEYED_HASH
     current = {u["subject_id"]: u["split"] for u in units}
-    split_notes = history_warnings(previous, why_not, current, KEYED_HASH) + split_notes
+    split_notes = history_warnings(previous, why_not, current, source) + split_notes
     frame = _frame(units, table)
     save_cache(out_dir, key, files, built)
     if strict and (quarantine or (table is not None and table.n_conflicts)):
         raise DataError(strict_message(src, quarantine, table))
     params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": labels_path is not None}
-    report = build_report(relpaths, files, units, quarantine, frame, table, key, params)
+    report = build_report(relpaths, files, units, quarantine, frame, table, key, params, source)
     report["warnings"] = key_notes + split_notes + report["warnings"]
     write_outputs(out_dir, frame, quarantine, report)
     remove_stale_images(out_dir, set(frame["image_id"]))
