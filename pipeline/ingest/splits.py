@@ -78,9 +78,13 @@ def assign_splits(
     """Assign every labelled subject to one split, stratified by label (see the module docstring).
 
     Guarantees: a subject is placed once, so it never spans splits; every subject in `previous`
-    keeps its split; without `previous`, every stratum's count of each split differs from
-    fraction × stratum size by less than one patient, and the result depends only on the subjects,
-    their labels, the key, the seed and the fractions (not on the order of `subject_labels`).
+    keeps its split. Without `previous`, every stratum's count of each split differs from
+    fraction × stratum size by less than one patient (so it is the floor or the ceiling), the
+    counts depend only on the stratum's size and the fractions (the key and seed choose which
+    subjects), and the result depends only on the subjects, their labels, the key, the seed and
+    the fractions (not on the order of `subject_labels`). With `previous`, the same bound holds
+    for every stratum whose kept subjects were within it (as they are when this function placed
+    them in the same stratum); other strata are warned about and new subjects fill their gaps.
 
     Args:
         subject_labels: subject pseudonym → the labels of its images ("" entries are ignored).
