@@ -98,8 +98,9 @@ def test_identifying_and_reserved_columns_are_dropped(tmp_path):
     )
     table = read_labels(path, KEY)
     assert table.carried == ["age_band", "site", "scanner"]
-    assert set(table.dropped) == {"patient_name", "birth_date", "accession", "study_uid", "split"}
+    assert set(table.dropped) == {"patient_name", "birth_date", "accession", "study_uid"}  # split is consumed
     assert any("not carried" in w for w in table.warnings)
+    assert table.split_given
 
 
 def test_patient_ids_are_stored_only_as_pseudonyms(tmp_path):
@@ -123,3 +124,82 @@ def test_label_warnings(labels, fragment):
 
 def test_clean_labels_have_no_warnings():
     assert label_warnings(["0", "1", "1", "0"]) == []
+
+
+# ------------------------------------------------------------------------------ the split column
+
+
+def test_split_column_is_read_per_row_and_not_carried(tmp_path):
+    table = read_labels(_write(tmp_path, "patient_id,label,split,site\nP1,1,test,A\nP2,0,train,B\nP3,,,B\n"), KEY)
+    assert table.split_given
+    assert table.carried == ["site"]
+    assert "split" not in table.dropped
+    assert table.by_subject[pseudonym(KEY, "subject", "P1")].split == "test"
+    assert table.by_subject[pseudonym(KEY, "subject", "P3")].split == ""  # unlabeled: needs none
+
+
+def test_an_empty_split_column_means_the_keyed_hash_split(tmp_path):
+    table = read_labels(_write(tmp_path, "patient_id,label,split\nP1,1,\nP2,0,\n"), KEY)
+    assert not table.split_given
+    assert any("gives no labelled patient a split; the keyed-hash split is used" in w for w in table.warnings)
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("training", "did you mean 'train'"),
+        ("Train", "did you mean 'train'"),
+        ("validation", "did you mean 'val'"),
+        ("TEST", "did you mean 'test'"),
+        ("holdout", ""),
+    ],
+)
+def test_bad_split_values_are_listed_with_lines_allowed_values_and_a_hint(tmp_path, value, hint):
+    path = _write(tmp_path, f"patient_id,label,split\nP1,1,train\nP2,0,{value}\nP3,0,{value}\n")
+    message = rf"line 3: '{value}' is not a split value(?s:.*)line 4: '{value}'"
+    with pytest.raises(DataError, match=message) as info:
+        read_labels(path, KEY)
+    text = str(info.value)
+    assert "allowed values: train, val, test" in text
+    assert hint in text if hint else "did you mean" not in text
+    assert "Fix: write train, val or test, in lower case" in text
+
+
+def test_rows_of_one_patient_must_agree_on_the_split(tmp_path):
+    path = _write(
+        tmp_path,
+        "patient_id,label,path,split\nP1,1,P1/a.nii,train\nP2,0,,val\nP1,1,P1/b.nii,test\nP3,1,,test\nP3,1,,test\n",
+    )
+    with pytest.raises(
+        DataError, match=r"lines 2, 4 \(one patient\): different split values 'test', 'train'(?s:.*)Fix: give every row"
+    ):
+        read_labels(path, KEY)
+
+
+def test_a_mix_of_patients_with_and_without_a_split_is_an_error(tmp_path):
+    path = _write(tmp_path, "patient_id,label,split\nP1,1,train\nP2,0,\nP3,0,test\nP4,1,\nP5,,\n")
+    with pytest.raises(DataError) as info:
+        read_labels(path, KEY)
+    text = str(info.value)
+    assert (
+        "2 of 4 labelled patients have no split value (lines 3, 5) while the others have one; "
+        "either every labelled patient has a split value or none does"
+    ) in text
+    assert (
+        "Fix: give the 2 labelled patient(s) without one a split, or leave the split column empty on every row "
+        "(or remove it) to use the keyed-hash split of data.split"
+    ) in text
+
+
+def test_every_split_problem_at_once_and_no_patient_ids(tmp_path):
+    path = _write(
+        tmp_path,
+        "patient_id,label,path,split\nMRN-1,1,,training\nMRN-2,0,x.nii,val\nMRN-2,0,y.nii,test\nMRN-3,1,,\n",
+    )
+    with pytest.raises(DataError, match=r"column 'split' has 3 problem\(s\)") as info:
+        read_labels(path, KEY)
+    text = str(info.value)
+    assert "line 2: 'training'" in text
+    assert "lines 3, 4 (one patient)" in text
+    assert "1 of 3 labelled patients have no split value (line 5)" in text
+    assert "MRN" not in text.replace(str(path), "")

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
 from pipeline.errors import DataError, did_you_mean
+from pipeline.ingest.label_splits import SPLIT_COLUMN, check_split_column
 from pipeline.ingest.pseudonym import pseudonym
-from pipeline.ingest.splits import assign_splits
+from pipeline.ingest.splits import assign_splits, empty_split_warnings
 from pipeline.records import MANIFEST_COLUMNS
 
 REQUIRED = ("patient_id", "label")
 SUBGROUPS_FIRST = ("sex", "age_band", "site")
-_CONSUMED = {"patient_id", "label", "path", "age", "modality"}
+_CONSUMED = {"patient_id", "label", "path", "age", "modality", SPLIT_COLUMN}
 _IDENTIFYING = (
     "name",
     "birth",
@@ -45,6 +47,7 @@ class LabelRow:
     label: str
     extras: dict[str, str]
     modality: str = ""
+    split: str = ""  # the labels.csv split column ("" when absent or empty)
 
 
 @dataclass
@@ -60,6 +63,7 @@ class LabelTable:
     problems: list[dict[str, object]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     n_conflicts: int = 0
+    split_given: bool = False  # the split column gives every labelled patient's split
 
 
 def age_band(value: str) -> str | None:
@@ -138,18 +142,29 @@ def read_labels(path: str | Path, key: bytes) -> LabelTable:
     Line numbers count the header as line 1. Exact duplicate rows are reported and used once;
     conflicting duplicates (same patient_id, or same path, different values) are reported and
     the patient stays unlabeled. Identifying columns (names, birth dates, UIDs, ...) are dropped.
+    An optional ``split`` column (train, val or test per patient) is checked by
+    `check_split_column`; when it gives every labelled patient a split, ``split_given`` is set and
+    each row's ``split`` is the split to use; it is never carried to the manifest.
 
     Raises:
         DataError: If the file is missing, unreadable or lacks patient_id/label (the message
-            names the file, the columns found and the columns expected).
+            names the file, the columns found and the columns expected), or its split column is
+            invalid (every problem by line number).
     """
     frame = _read_frame(Path(path))
     columns = list(frame.columns)
     carried, dropped = _columns(columns)
+    records = frame.to_dict("records")
     table = LabelTable(columns=columns, carried=carried, dropped=dropped, n_rows=len(frame))
+    if SPLIT_COLUMN in columns:
+        table.split_given = check_split_column(Path(path), records)
+        if not table.split_given:
+            table.warnings.append(
+                f"labels column {SPLIT_COLUMN!r} gives no labelled patient a split; the keyed-hash split is used"
+            )
     first: dict[tuple[str, str], tuple[int, tuple[str, ...]]] = {}
     rows: dict[tuple[str, str], LabelRow] = {}
-    for i, rec in enumerate(frame.to_dict("records")):
+    for i, rec in enumerate(records):
         line, pid, rel = i + 2, rec["patient_id"], _norm_path(rec.get("path", ""))
         if not pid:
             table.problems.append({"line": line, "problem": "empty-patient-id", "detail": "patient_id is empty"})
@@ -186,7 +201,9 @@ def _row(table: LabelTable, rec: dict[str, str], line: int, key: bytes, rel: str
             {"line": line, "problem": "empty-label", "detail": "label is empty: this patient's images stay unlabeled"}
         )
     subject = pseudonym(key, "subject", rec["patient_id"])
-    return LabelRow(line, subject, rel, rec["label"], extras, rec.get("modality", "").upper())
+    return LabelRow(
+        line, subject, rel, rec["label"], extras, rec.get("modality", "").upper(), rec.get(SPLIT_COLUMN, "")
+    )
 
 
 def _duplicate(
@@ -253,13 +270,23 @@ def label_warnings(labels: list[str]) -> list[str]:
 
 
 def join_labels(
-    units: list[dict], table: LabelTable | None, key: bytes, *, val: float, test: float, seed: int
+    units: list[dict],
+    table: LabelTable | None,
+    key: bytes,
+    *,
+    val: float,
+    test: float,
+    seed: int,
+    previous: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Set label, subgroup columns and split on every unit row (in place).
 
     A NIfTI unit joins the labels row naming its path, else the row of its subject; DICOM units
-    join by subject (the keyed hash of PatientID). Splits are per subject (see splits.py);
-    unlabeled units get split "". Rows that matched nothing are added to the table's problems.
+    join by subject (the keyed hash of PatientID). Splits are per subject: the labels.csv split
+    column when it is given (`table.split_given`; `val`, `test`, `seed` and `previous` are then
+    ignored), else splits.py (subjects in `previous` keep their split, the others are placed
+    stratified by label). Unlabeled units get split "". Rows that matched nothing are added to
+    the table's problems.
 
     Returns:
         Warnings from the split assignment (e.g. a label with no val/test subjects).
@@ -270,11 +297,18 @@ def join_labels(
             by_path = table.by_path.get(unit["_path"]) if unit["source_format"] == "nifti" else None
             row = by_path or table.by_subject.get(unit["subject_id"])
         unit["label"] = row.label if row is not None else ""
+        unit["split"] = row.split if row is not None and table is not None and table.split_given else ""
         unit.update({c: (row.extras.get(c, "") if row is not None else "") for c in (table.carried if table else [])})
     subject_labels: dict[str, list[str]] = defaultdict(list)
     for unit in units:
         subject_labels[unit["subject_id"]].append(unit["label"])
-    splits, notes = assign_splits(subject_labels, key, val=val, test=test, seed=seed)
+    if table is not None and table.split_given:  # every labelled row has a split, one per patient
+        splits = {u["subject_id"]: u["split"] for u in units if u["label"]}
+        notes = empty_split_warnings(
+            subject_labels, splits, ("val", "test"), "the labels.csv split column puts none there"
+        )
+    else:
+        splits, notes = assign_splits(subject_labels, key, val=val, test=test, seed=seed, previous=previous)
     for unit in units:
         unit["split"] = splits.get(unit["subject_id"], "") if unit["label"] else ""
     if table is not None:

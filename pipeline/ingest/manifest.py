@@ -33,9 +33,9 @@ from pipeline.ingest.nifti import (
     nifti_study,
     nifti_subject,
 )
-from pipeline.ingest.outputs import build_report, remove_stale_images, strict_message, write_outputs
+from pipeline.ingest.outputs import build_report, previous_splits, remove_stale_images, strict_message, write_outputs
 from pipeline.ingest.pseudonym import load_or_create_key, pseudonym, resolve_key_file
-from pipeline.ingest.splits import check_fractions
+from pipeline.ingest.splits import KEYED_HASH, LABELS_CSV, check_fractions, history_warnings
 from pipeline.io import write_bytes
 from pipeline.records import MANIFEST_COLUMNS, IngestResult, QuarantineEntry
 
@@ -95,13 +95,17 @@ def ingest(
         plans, quarantine = _plan_all(files, table, key)
         built = _build(src, out_dir, plans, files, cache, run)
     units, quarantine = _collect(plans, built, quarantine)
-    split_notes = join_labels(units, table, key, val=val, test=test, seed=seed)
+    previous, why_not = previous_splits(out_dir, key, val=val, test=test, seed=seed)
+    split_notes = join_labels(units, table, key, val=val, test=test, seed=seed, previous=None if why_not else previous)
+    source = LABELS_CSV if table is not None and table.split_given else KEYED_HASH
+    current = {u["subject_id"]: u["split"] for u in units}
+    split_notes = history_warnings(previous, why_not, current, source) + split_notes
     frame = _frame(units, table)
     save_cache(out_dir, key, files, built)
     if strict and (quarantine or (table is not None and table.n_conflicts)):
         raise DataError(strict_message(src, quarantine, table))
     params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": labels_path is not None}
-    report = build_report(relpaths, files, units, quarantine, frame, table, key, params)
+    report = build_report(relpaths, files, units, quarantine, frame, table, key, params, source)
     report["warnings"] = key_notes + split_notes + report["warnings"]
     write_outputs(out_dir, frame, quarantine, report)
     remove_stale_images(out_dir, set(frame["image_id"]))

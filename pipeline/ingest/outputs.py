@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DataError
 from pipeline.ingest.labels import LabelTable
 from pipeline.ingest.pseudonym import key_id
+from pipeline.ingest.splits import KEYED_HASH
 from pipeline.io import is_temp, write_bytes
 from pipeline.records import MANIFEST_COLUMNS, SPLITS, QuarantineEntry
 
@@ -32,17 +33,14 @@ def build_report(
     table: LabelTable | None,
     key: bytes,
     params: dict,
+    split_source: str = KEYED_HASH,
 ) -> dict[str, Any]:
-    """ingest_report.json: counts, label problems by line number, warnings by image_id; no paths or IDs."""
+    """ingest_report.json: counts, label problems by line number, warnings by image_id; no paths or IDs.
+
+    `split_source` says where the splits came from: "keyed-hash" (assign_splits) or "labels.csv".
+    """
     kinds = Counter(e["kind"] for e in files.values())
-    per_split: dict[str, Any] = {}
-    for split in (*SPLITS, ""):
-        part = frame[frame["split"] == split]
-        per_split[split or "unlabeled"] = {
-            "units": len(part),
-            "subjects": int(part["subject_id"].nunique()),
-            "by_label": dict(sorted(Counter(part["label"]).items())),
-        }
+    per_split = {split or "unlabeled": split_counts(frame[frame["split"] == split]) for split in (*SPLITS, "")}
     unit_warnings = [f"{r.image_id}: {w}" for r in frame.itertuples() for w in r.warnings.split(";") if w]
     labels: dict[str, Any] = {"given": table is not None}
     if table is not None:
@@ -76,11 +74,29 @@ def build_report(
             "files": len(quarantine),
             "by_reason": dict(sorted(Counter(q.reason for q in quarantine).items())),
         },
+        "split_source": split_source,
         "splits": per_split,
         "labels": labels,
         "warnings": warnings,
         "unit_warnings": unit_warnings,
         "manifest_sha256": "",
+    }
+
+
+def split_counts(part: pd.DataFrame) -> dict[str, Any]:
+    """One split's entry of the report: units, subjects, units by label, subjects by label and their fraction.
+
+    `prevalence` is the fraction of the split's subjects with at least one image of each label
+    (a subject with images of two labels counts for both).
+    """
+    subjects = int(part["subject_id"].nunique())
+    by_subject = part.groupby("label")["subject_id"].nunique()
+    return {
+        "units": len(part),
+        "subjects": subjects,
+        "by_label": dict(sorted(Counter(part["label"]).items())),
+        "subjects_by_label": {str(lab): int(n) for lab, n in sorted(by_subject.items())},
+        "prevalence": {str(lab): round(int(n) / subjects, 4) for lab, n in sorted(by_subject.items())},
     }
 
 
@@ -121,6 +137,46 @@ def strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTab
         + "\n".join(lines)
         + "\nFix: repair or remove these files and rows, or ingest without strict to quarantine them and go on"
     )
+
+
+def previous_splits(out_dir: Path, key: bytes, *, val: float, test: float, seed: int) -> tuple[dict[str, str], str]:
+    """The splits of the manifest already in `out_dir`, and why they cannot be kept ("" when they can).
+
+    They can be kept when ingest_report.json describes this manifest.parquet (same sha256), was made
+    with the same pseudonym key, seed and fractions, and its splits came from the keyed hash (not
+    from a labels.csv split column).
+
+    Returns:
+        (subject → split of every labelled subject of the previous manifest, {} when there is none
+        or it cannot be read; the reason not to keep them, or "").
+    """
+    path = out_dir / "manifest.parquet"
+    if not path.is_file():
+        return {}, ""
+    try:
+        frame = load_manifest(out_dir)
+        report = json.loads((out_dir / "ingest_report.json").read_text(encoding="utf-8"))
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (DataError, OSError, ValueError) as exc:
+        return {}, f"the previous manifest or its ingest_report.json cannot be read ({type(exc).__name__})"
+    labelled = frame[frame["split"] != ""]
+    splits = dict(zip(labelled["subject_id"], labelled["split"], strict=True))
+    if labelled.groupby("subject_id")["split"].nunique().gt(1).any():
+        return splits, "a patient spans two splits in the previous manifest"
+    return splits, _why_not_kept(report, sha, key, {"seed": seed, "val": val, "test": test})
+
+
+def _why_not_kept(report: Any, sha: str, key: bytes, now: dict[str, float]) -> str:
+    if not isinstance(report, dict) or report.get("manifest_sha256") != sha:
+        return "ingest_report.json does not describe the previous manifest.parquet"
+    if report.get("key_id") != key_id(key):
+        return "the previous manifest was made with another pseudonym key"
+    if report.get("split_source", KEYED_HASH) != KEYED_HASH:
+        return f"the previous splits came from {report.get('split_source')!r}, not from the keyed hash"
+    before = report.get("parameters")
+    before = before if isinstance(before, dict) else {}
+    changed = [f"{k} {before.get(k)!r} → {v!r}" for k, v in now.items() if before.get(k) != v]
+    return f"data.split changed ({', '.join(changed)})" if changed else ""
 
 
 def load_manifest(manifest_dir: str | Path) -> pd.DataFrame:
