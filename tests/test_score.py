@@ -445,3 +445,14 @@ def test_reference_stats_of_a_dataset_have_the_metadata_schema():
     assert len(ref["embedding_mean"]) == net.num_features == 1280
     assert ref["intensity_mean"][0] == pytest.approx(float(x.flatten(1).mean(1).mean()), abs=1e-6)
     assert compare_domain(ref, ref)["warnings"] == []
+
+
+def test_a_probability_equal_to_the_threshold_is_decided_as_evaluation_did():
+    """Evaluation compares float64 probabilities with the threshold; scoring stores float32 ones."""
+    from pipeline.score.table import decisions
+
+    threshold = 0.7  # a val probability; not a float32 number: float32(0.7) < 0.7
+    stored = np.array([[0.3, 0.7], [0.8, 0.2], [0.05, 0.95]], dtype=np.float32).astype(np.float64)
+    assert not stored[0, 1] >= threshold  # the naive comparison would call P = threshold negative
+    assert decisions(stored, ["0", "1"], threshold).tolist() == ["1", "0", "1"]
+    assert decisions(stored, ["0", "1"], None).tolist() == ["1", "0", "1"]

@@ -20,6 +20,20 @@ COLUMNS_HEAD = ("image_id", "subject_id", "modality")
 COLUMNS_TAIL = ("decision", "status", "reason", "detail", "source_ref", "model_uri", "model_version")
 
 
+def decisions(probs: np.ndarray, classes: list[str], threshold: float | None) -> np.ndarray:
+    """The class label decided for each row of probabilities (N, C) (NaN rows get the first class).
+
+    Binary with an operating point: class 1 when P(class 1) ≥ threshold. Probabilities are stored as
+    float32, so the comparison is made at that precision: a probability equal to the threshold
+    (isotonic maps produce such ties) is decided as evaluation decided it. Otherwise the arg-max.
+    """
+    if len(classes) == 2 and threshold is not None:
+        pick = (probs[:, 1].astype(np.float32) >= np.float32(threshold)).astype(int)
+    else:
+        pick = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1) if len(probs) else np.zeros(0, int)
+    return np.asarray(classes, dtype=object)[pick]
+
+
 def assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) -> tuple[pd.DataFrame, DomainStats]:
     """The final table (chunks in order, then failure rows; output columns) and the merged domain statistics."""
     parts = [pd.read_parquet(folder / part_name(c)) for c in range(n_chunks)]
@@ -29,11 +43,7 @@ def assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) -
     frame = pd.concat([*parts, pd.DataFrame(failures, columns=list(result_row(len(pkg.classes))))], ignore_index=True)
     probs = frame[[f"p{i}" for i in range(len(pkg.classes))]].to_numpy(dtype=np.float64)
     ok = (frame["status"] == "ok").to_numpy()
-    if len(pkg.classes) == 2 and pkg.threshold is not None:
-        pick = (probs[:, 1] >= pkg.threshold).astype(int)
-    else:
-        pick = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1) if len(frame) else np.zeros(0, int)
-    frame["decision"] = np.where(ok, np.asarray(pkg.classes, dtype=object)[pick], "")
+    frame["decision"] = np.where(ok, decisions(probs, pkg.classes, pkg.threshold), "")
     named = (
         {"prob": probs[:, 1]}
         if len(pkg.classes) == 2
