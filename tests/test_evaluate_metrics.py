@@ -393,7 +393,8 @@ def test_evaluation_summary_multiclass_and_bad_config() -> None:
     zt, yt = overconfident_logits(600, 3, seed=3)
     groups = np.arange(600).astype(str)
     out = M.evaluation_summary(yv, zv, yt, zt, groups, n_boot=50, operating_points=("youden",))
-    expected = roc_auc_score(yt, out.probs_test, multi_class="ovr", average="macro")
+    # ranking metrics use the uncalibrated softmax (multi-class temperature scaling changes OvR rankings)
+    expected = roc_auc_score(yt, out.probs_test_uncalibrated, multi_class="ovr", average="macro")
     assert out.metrics["test_auroc"] == pytest.approx(expected)
     assert out.operating_points == []
     assert "binary tasks only" in out.notes[0]
@@ -402,3 +403,44 @@ def test_evaluation_summary_multiclass_and_bad_config() -> None:
         M.evaluation_summary(yv, zv, yt, zt, groups, calibration="isotonc")
     with pytest.raises(ConfigError, match="did you mean 'youden'"):
         M.evaluation_summary(yv, zv, yt, zt, groups, operating_points=("yuoden",))
+
+
+def _failing_validation(seed: int) -> tuple[np.ndarray, ...]:
+    """A model that ranks test well but whose validation split is anti-correlated with it (no signal)."""
+    rng = np.random.default_rng(seed)
+    yv, yt = rng.integers(0, 2, 80), rng.integers(0, 2, 120)
+    zv = np.column_stack([np.zeros(80), -2.0 * (yv - 0.5) + rng.normal(0, 1, 80)])  # inverted on val
+    zt = np.column_stack([np.zeros(120), 2.0 * (yt - 0.5) + rng.normal(0, 1, 120)])
+    return yv, zv, yt, zt, np.arange(120).astype(str)
+
+
+@pytest.mark.parametrize("calibration", ["temperature", "isotonic", "vector", "none"])
+def test_calibration_never_destroys_ranking(calibration: str) -> None:
+    """Regression: an isotonic map fitted on a signal-less val split is constant, so test AUROC read 0.500."""
+    yv, zv, yt, zt, groups = _failing_validation(seed=4)
+    out = M.evaluation_summary(yv, zv, yt, zt, groups, n_boot=50, calibration=calibration)
+    raw_auroc = roc_auc_score(yt, zt[:, 1])
+    assert out.metrics["test_auroc"] == pytest.approx(raw_auroc, abs=1e-12)
+    assert out.metrics["test_auroc"] > 0.8
+    assert out.metrics["test_auroc_ci_low"] <= raw_auroc <= out.metrics["test_auroc_ci_high"]
+    assert out.metrics["val_signal_absent"] == 1.0
+    assert any("no ranking signal" in n for n in out.notes)
+
+
+def test_flattened_calibration_is_flagged_and_the_temperature_is_bounded() -> None:
+    yv, zv, yt, zt, groups = _failing_validation(seed=4)
+    iso = M.evaluation_summary(yv, zv, yt, zt, groups, n_boot=20, calibration="isotonic")
+    assert np.ptp(iso.probs_test[:, 1]) < 0.05  # the map is (nearly) constant: the old headline was 0.5
+    assert iso.metrics["calibration_flattened"] == 1.0
+    assert any("calibration flattened the output" in n for n in iso.notes)
+    temp = M.evaluation_summary(yv, zv, yt, zt, groups, n_boot=20, calibration="temperature")
+    assert temp.temperature == pytest.approx(20.0)  # runs to its bound instead of 1000
+    healthy = M.evaluation_summary(*_healthy(), n_boot=20, calibration="temperature")
+    assert healthy.metrics["calibration_flattened"] == 0.0 and healthy.metrics["val_signal_absent"] == 0.0
+    assert healthy.notes == []
+
+
+def _healthy() -> tuple[np.ndarray, ...]:
+    zv, yv = overconfident_logits(400, 2, seed=5)
+    zt, yt = overconfident_logits(300, 2, seed=6)
+    return yv, zv, yt, zt, np.arange(300).astype(str)

@@ -11,7 +11,10 @@ from sklearn.isotonic import IsotonicRegression
 from pipeline.errors import ConfigError, DataError, did_you_mean
 from pipeline.stats import apply_calibration, check_labels, softmax
 
-_MAX_LOG_T = np.log(1e3)  # T is searched in [1e-3, 1e3]; anything outside is a broken model
+# T is searched in [1/20, 20]. Trained networks are rarely more than a few times over- or under-confident;
+# an unbounded fit on a validation split without signal runs to T → ∞ and makes every probability equal.
+MAX_TEMPERATURE = 20.0
+_MAX_LOG_T = np.log(MAX_TEMPERATURE)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

@@ -84,6 +84,50 @@ def _operating_points(
     return ops, flat
 
 
+RANKING_KEYS = ("auroc", "auprc", "auroc_per_class", "auprc_per_class")
+FLAT_SPREAD = 0.02  # calibrated probabilities with a spread below this (and < 10 % of the raw one) are flat
+
+
+def _ranking(disc: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: disc[k] for k in RANKING_KEYS if k in disc}
+
+
+def _spread(probs: np.ndarray) -> float:
+    """Mean over classes of the SD over rows: how much the probabilities differ between images."""
+    return float(probs.std(axis=0).mean())
+
+
+def _calibration_warnings(
+    val_auroc: float | None, raw: np.ndarray, calibrated: np.ndarray, metrics: dict[str, float]
+) -> list[str]:
+    """Notes (and 0/1 MLflow flags) when validation carries no ranking signal or calibration flattens the output.
+
+    `val_signal_absent`: the uncalibrated validation AUROC is undefined or ≤ 0.5, so a calibration
+    fitted there is fitted to noise. `calibration_flattened`: the calibrated test probabilities
+    spread less than `FLAT_SPREAD` and less than a tenth of the uncalibrated ones (a temperature
+    at its bound does this); ranking metrics are unaffected, they use the uncalibrated scores.
+    """
+    notes = []
+    absent = val_auroc is None or val_auroc <= 0.5
+    metrics["val_signal_absent"] = float(absent)
+    if absent:
+        shown = "undefined" if val_auroc is None else f"{val_auroc:.3f}"
+        notes.append(
+            f"validation AUROC is {shown}: the validation split carries no ranking signal for this model, so the "
+            "calibration, the early stopping and the operating points chosen on it are unreliable"
+        )
+    before, after = _spread(raw), _spread(calibrated)
+    flat = after < FLAT_SPREAD and after < 0.1 * before
+    metrics["calibration_flattened"] = float(flat)
+    if flat:
+        notes.append(
+            f"calibration flattened the output: test probabilities spread {after:.4f} after vs {before:.4f} before "
+            "(mean SD over images); discrimination metrics use the uncalibrated scores, but the calibrated "
+            "probabilities and decisions carry almost no information"
+        )
+    return notes
+
+
 def evaluation_summary(
     y_val: Any,
     logits_val: Any,
@@ -101,7 +145,10 @@ def evaluation_summary(
     """Calibrate on validation, evaluate on test: the numbers an auditor needs, in one record.
 
     The calibrator is fitted on (logits_val, y_val) only; operating points are chosen on the
-    calibrated validation probabilities and frozen for test; CIs resample test patients.
+    calibrated validation probabilities and frozen for test; CIs resample test patients. Ranking
+    metrics (AUROC, AUPRC, val AUROC, subgroup AUROCs) use the uncalibrated softmax, which a
+    calibration map cannot tie or flatten; calibration and decision metrics use the calibrated
+    probabilities. Notes warn when validation has no ranking signal or calibration flattens the output.
     Multi-class tasks get macro AUROC and no operating points (the rules are still validated).
 
     Returns:
@@ -119,8 +166,10 @@ def evaluation_summary(
         parse_rule(rule)  # a typo fails before any work, binary or not
     calibrator = make_calibrator(calibration).fit(zv, yv)
     pv, pt, raw = calibrator.transform(zv), calibrator.transform(zt), softmax(zt)
-    disc = discrimination(yt, pt)
-    point, low, high = bootstrap_ci(auroc, yt, pt, groups_test, n_boot=n_boot, seed=seed)
+    # ranking metrics from the uncalibrated scores (a calibration map may tie or flatten them);
+    # decision metrics (accuracy, F1, confusion) from the calibrated probabilities the decisions use
+    disc = {**discrimination(yt, pt), **_ranking(discrimination(yt, raw))}
+    point, low, high = bootstrap_ci(auroc, yt, raw, groups_test, n_boot=n_boot, seed=seed)
     metrics = {
         "test_auroc": point,
         "test_auroc_ci_low": low,
@@ -130,21 +179,23 @@ def evaluation_summary(
         "test_n_images": float(len(yt)),
         "test_n_patients": float(len(np.unique(np.asarray(groups_test).astype(str)))),
     }
-    val_auroc = auroc(yv, pv)
+    val_auroc = auroc(yv, softmax(zv))
     if val_auroc is not None:
         metrics["val_auroc"] = val_auroc
     temperature = getattr(calibrator, "temperature_", None)
     if temperature is not None:
         metrics["temperature"] = float(temperature)
     ops: list[dict] = []
-    notes = []
+    notes = _calibration_warnings(val_auroc, raw, pt, metrics)
     if zv.shape[1] == 2:
         ops, flat = _operating_points(yv, pv, yt, pt, rules)
         metrics.update(flat)
     elif rules:
         notes.append(f"operating points {rules} skipped: defined for binary tasks only")
     threshold = ops[0]["threshold"] if ops else None
-    groups_rows = subgroup_metrics(yt, pt, groups_test, subgroups or {}, threshold, n_boot=n_boot, seed=seed)
+    groups_rows = subgroup_metrics(
+        yt, pt, groups_test, subgroups or {}, threshold, n_boot=n_boot, seed=seed, scores=raw
+    )
     metrics.update(
         {
             metric_key("test_auroc", f"{r['attribute']}.{r['value']}"): r["auroc"]

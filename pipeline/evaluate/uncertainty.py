@@ -191,6 +191,7 @@ def subgroup_metrics(
     n_boot: int = 200,
     seed: int = 0,
     min_cases: int = 10,
+    scores: Any = None,
 ) -> list[dict[str, Any]]:
     """Per attribute value: size, prevalence, AUROC with patient-bootstrap CI, sens/spec at threshold.
 
@@ -198,8 +199,11 @@ def subgroup_metrics(
     (n_pos, prevalence, sensitivity, specificity are then None). A subgroup with fewer than
     `min_cases` positives or negatives (multi-class: cases of any class present) is flagged
     `too_few=True` and its AUROC/CI left None; its counts and sens/spec are still reported.
+    `scores` (same shape as `prob`; default `prob`) are what the AUROC ranks: pass the uncalibrated
+    probabilities when `prob` is calibrated.
     """
     p = check_probs(prob, "prob")
+    rank = p if scores is None else check_probs(scores, "scores")
     labels = check_labels(y, len(p), p.shape[1])
     binary = p.shape[1] == 2
     g = check_groups(groups, len(labels))
@@ -209,7 +213,7 @@ def subgroup_metrics(
         vals = _attr_values(values, len(labels), attr)
         for value in sorted(set(vals.tolist())):
             m = vals == value
-            ys, ps = labels[m], p[m]
+            ys, ps, rs = labels[m], p[m], rank[m]
             counts = np.bincount(ys, minlength=p.shape[1])
             row: dict[str, Any] = {
                 "attribute": attr,
@@ -226,7 +230,7 @@ def subgroup_metrics(
                 "specificity": None,
             }
             if not row["too_few"]:
-                row["auroc"], row["ci_low"], row["ci_high"] = _auroc_ci(ys, ps, g[m], n_boot, seed)
+                row["auroc"], row["ci_low"], row["ci_high"] = _auroc_ci(ys, rs, g[m], n_boot, seed)
             if binary and threshold is not None:
                 op = at_threshold(ys, ps[:, 1], threshold)
                 row.update(sensitivity=op["sensitivity"], specificity=op["specificity"])
