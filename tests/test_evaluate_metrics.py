@@ -44,9 +44,13 @@ def test_binary_metrics_match_sklearn(seed: int) -> None:
     assert d["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert d["f1"] == pytest.approx(f1_score(y, pred))
     assert d["confusion_matrix"] == confusion_matrix(y, pred).tolist()
-    # Brier over both columns is exactly twice sklearn's one-column Brier
-    assert M.brier(p, y) == pytest.approx(2 * brier_score_loss(y, p[:, 1]), abs=1e-12)
+    # the headline Brier is sklearn's one-column Brier; the two-class sum is twice it, under its own name
+    assert M.brier(p, y) == pytest.approx(brier_score_loss(y, p[:, 1]), abs=1e-12)
+    assert M.brier_sum_over_classes(p, y) == pytest.approx(2 * brier_score_loss(y, p[:, 1]), abs=1e-12)
     assert M.brier(p[:, 1], y) == pytest.approx(M.brier(p, y))  # 1-D binary input accepted
+    prevalence = np.mean(y)
+    assert M.scaled_brier(p, y) == pytest.approx(1 - brier_score_loss(y, p[:, 1]) / (prevalence * (1 - prevalence)))
+    assert M.scaled_brier(np.full(len(y), prevalence), y) == pytest.approx(0.0, abs=1e-12)  # the prevalence: 0
     assert M.nll(p, y) == pytest.approx(log_loss(y, p), abs=1e-12)
 
 

@@ -205,7 +205,7 @@ def test_external_validation_metrics_match_a_direct_computation(scored, archive)
     assert ev["n_by_class"] == {"0": int((y == 0).sum()), "1": int((y == 1).sum())}
     assert ev["auroc"] == pytest.approx(roc_auc_score(y, p))
     assert ev["auroc_ci"][0] <= ev["auroc"] <= ev["auroc_ci"][1]
-    assert ev["brier"] == pytest.approx(2 * np.mean((p - y) ** 2))  # multi-class Brier = 2 × binary
+    assert ev["brier"] == pytest.approx(np.mean((p - y) ** 2))  # the one-column binary Brier
     assert scored["metrics"]["temperature"] == 1.5
     assert scored["metrics"]["adapt_bn"] is None
 

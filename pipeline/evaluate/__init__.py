@@ -20,6 +20,7 @@ from pipeline.evaluate.metrics import (
     N_BINS,
     at_threshold,
     brier,
+    brier_sum_over_classes,
     calibration_slope_intercept,
     choose_operating_point,
     classwise_ece,
@@ -29,6 +30,7 @@ from pipeline.evaluate.metrics import (
     nll,
     parse_rule,
     reliability_bins,
+    scaled_brier,
 )
 from pipeline.evaluate.plots import (
     confusion_figure,
@@ -56,6 +58,7 @@ __all__ = [
     "auroc",
     "bootstrap_ci",
     "brier",
+    "brier_sum_over_classes",
     "calibration_slope_intercept",
     "choose_operating_point",
     "classwise_ece",
@@ -78,6 +81,7 @@ __all__ = [
     "reliability_figure",
     "roc_figure",
     "save_png",
+    "scaled_brier",
     "softmax",
     "subgroup_metrics",
     "training_curves_figure",

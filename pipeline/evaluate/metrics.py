@@ -72,13 +72,31 @@ def classwise_ece(probs: Any, y: Any, n_bins: int = N_BINS) -> float:
 
 
 def brier(probs: Any, y: Any) -> float:
-    """Multi-class Brier score: mean over samples of Σ_c (p_c − 1[y = c])², in [0, 2].
+    """Brier score on the usual scale: binary, mean (P(class 1) − y)² in [0, 1] (sklearn `brier_score_loss`);
+    multi-class, Brier's original mean over samples of Σ_c (p_c − 1[y = c])², in [0, 2]."""
+    p, labels = check_xy(probs, y)
+    if p.shape[1] == 2:
+        return float(np.mean((p[:, 1] - labels) ** 2))
+    return brier_sum_over_classes(p, labels)
 
-    For a binary task this is exactly 2 × sklearn `brier_score_loss(y, p[:, 1])` (both classes
-    contribute the same squared error); divide by 2 to compare with the one-column convention.
-    """
+
+def brier_sum_over_classes(probs: Any, y: Any) -> float:
+    """Mean over samples of Σ_c (p_c − 1[y = c])², in [0, 2]; for a binary task exactly 2 × `brier`."""
     p, labels = check_xy(probs, y)
     return float(np.mean(np.sum((p - np.eye(p.shape[1])[labels]) ** 2, axis=1)))
+
+
+def scaled_brier(probs: Any, y: Any) -> float | None:
+    """1 − Brier / Brier of always predicting the observed prevalence (binary; None when one class).
+
+    1 is perfect, 0 is no better than the prevalence, below 0 is worse (Steyerberg et al. 2010).
+    """
+    p, labels = check_xy(probs, y)
+    prevalence = float(np.mean(labels == 1))
+    reference = prevalence * (1.0 - prevalence)
+    if p.shape[1] != 2 or reference == 0.0:
+        return None
+    return 1.0 - brier(p, labels) / reference
 
 
 def nll(probs: Any, y: Any) -> float:

@@ -14,6 +14,7 @@ from pipeline.evaluate.metrics import (
     N_BINS,
     at_threshold,
     brier,
+    brier_sum_over_classes,
     calibration_slope_intercept,
     choose_operating_point,
     classwise_ece,
@@ -23,6 +24,7 @@ from pipeline.evaluate.metrics import (
     nll,
     parse_rule,
     reliability_bins,
+    scaled_brier,
 )
 from pipeline.evaluate.uncertainty import bootstrap_ci, subgroup_metrics
 from pipeline.records import EvaluationSummary
@@ -52,11 +54,15 @@ def _calibration_metrics(y: np.ndarray, probs: np.ndarray, raw: np.ndarray, n_bi
         "test_classwise_ece": classwise_ece(probs, y, n_bins),
         "test_brier": brier(probs, y),
         "test_brier_uncalibrated": brier(raw, y),
+        "test_brier_sum_over_classes": brier_sum_over_classes(probs, y),
         "test_nll": nll(probs, y),
         "test_nll_uncalibrated": nll(raw, y),
         "ece_n_bins": n_bins,
     }
     if probs.shape[1] == 2 and y.min() != y.max():
+        scaled = scaled_brier(probs, y)
+        if scaled is not None:
+            out["test_brier_scaled"] = scaled
         slope, intercept = calibration_slope_intercept(probs[:, 1], y)
         out.update(test_calibration_slope=slope, test_calibration_intercept=intercept)
     return out

@@ -126,7 +126,11 @@ def calibration_section(f: Facts) -> dict[str, Any]:
     method = f.setting("evaluate.calibration", DASH)
     rows = [
         [name, num(m.get(f"test_{key}_uncalibrated")), num(m.get(f"test_{key}"))]
-        for name, key in (("ECE", "ece"), ("Brier score (sum over classes, 0–2)", "brier"), ("NLL", "nll"))
+        for name, key in (
+            ("ECE", "ece"),
+            ("Brier score (binary: 0–1; multi-class: sum over classes, 0–2)", "brier"),
+            ("NLL", "nll"),
+        )
     ]
     extra = [
         ("Method (fitted on validation)", method),

@@ -69,7 +69,13 @@ def _cards(f: Facts) -> list[dict[str, str]]:
         ("Sensitivity", num(m.get("test_sensitivity"), 3), _op_sub(f)),
         ("Specificity", num(m.get("test_specificity"), 3), _op_sub(f)),
         ("ECE", num(m.get("test_ece"), 3), f"calibrated; {num(m.get('test_ece_uncalibrated'), 3)} before"),
-        ("Brier", num(m.get("test_brier"), 3), "calibrated; summed over classes, 0–2"),
+        (
+            "Brier",
+            num(m.get("test_brier"), 3),
+            f"calibrated; scaled Brier {num(m.get('test_brier_scaled'), 3)}"
+            if as_float(m.get("test_brier_scaled")) is not None
+            else "calibrated; multi-class: summed over classes, 0–2",
+        ),
     ]
     return [{"label": a, "value": b, "sub": c} for a, b, c in cards if b != DASH]
 
