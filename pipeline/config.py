@@ -28,7 +28,7 @@ class SplitConfig:
 
 @dataclass
 class DataConfig:
-    """`data`: the archive and labels to ingest, the manifest folder, the pseudonym key, ingest workers."""
+    """`data`: the archive and labels to ingest, the manifest folder, the pseudonym key, ingest workers, strictness."""
 
     source: str = ""
     labels: str = ""
@@ -36,6 +36,7 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     key_file: str | None = None
     workers: int = 1
+    strict: bool = True  # train/run: a quarantined file or conflicting label stops before training; false goes on
 
 
 @dataclass

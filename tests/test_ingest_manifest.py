@@ -275,3 +275,20 @@ def test_read_volume_by_row_or_id(tmp_path, archive):
     (tmp_path / "out" / row["image_path"]).unlink()
     with pytest.raises(DataError, match="is missing; re-run"):
         read_volume(tmp_path / "out", row)
+
+
+def test_training_ingest_is_strict_by_default(tmp_path, archive):
+    """`train`/`run` stop on a quarantined file before any training; `data.strict: false` goes on."""
+    from pipeline.config import Config
+    from pipeline.run import ensure_manifest
+
+    src, labels = archive  # holds d/notes.txt, which ingest quarantines
+    cfg = Config()
+    cfg.data.source, cfg.data.labels, cfg.data.manifest = str(src), str(labels), str(tmp_path / "out")
+    assert cfg.data.strict is True
+    with pytest.raises(DataError, match=r"(?s)1 file\(s\) quarantined.*d/notes\.txt.*data\.strict: false"):
+        ensure_manifest(cfg, progress=False)
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+    cfg.data.strict = False
+    ensure_manifest(cfg, progress=False)
+    assert len(load_manifest(tmp_path / "out")) == 6

@@ -135,7 +135,8 @@ def strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTab
         f"strict ingest of {src} stopped: {len(quarantine)} file(s) quarantined and {len(conflicts)} "
         "conflicting labels row(s); the previous manifest (if any) is unchanged.\n"
         + "\n".join(lines)
-        + "\nFix: repair or remove these files and rows, or ingest without strict to quarantine them and go on"
+        + "\nFix: repair or remove these files and rows, or quarantine them and go on: ingest without --strict, "
+        "or set data.strict: false in the config of train/run"
     )
 
 

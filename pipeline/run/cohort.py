@@ -54,7 +54,11 @@ def manifest_hash(manifest_dir: str | Path) -> str:
 
 
 def ensure_manifest(cfg: Config, progress: bool = True) -> Path:
-    """Ingest `data.source` into `data.manifest` (incremental; unchanged files are reused)."""
+    """Ingest `data.source` into `data.manifest` (incremental; unchanged files are reused).
+
+    Strict unless ``data.strict: false``: a quarantined file or a conflicting labels row stops
+    here, before any training, with every problem listed and the previous manifest kept.
+    """
     out = Path(cfg.data.manifest)
     if cfg.data.source:
         split = cfg.data.split
@@ -67,6 +71,7 @@ def ensure_manifest(cfg: Config, progress: bool = True) -> Path:
             test=split.test,
             seed=split.seed,
             workers=cfg.data.workers,
+            strict=cfg.data.strict,
             progress=progress,
         )
     elif not (out / "manifest.parquet").exists():
