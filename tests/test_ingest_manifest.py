@@ -292,3 +292,19 @@ def test_training_ingest_is_strict_by_default(tmp_path, archive):
     cfg.data.strict = False
     ensure_manifest(cfg, progress=False)
     assert len(load_manifest(tmp_path / "out")) == 6
+
+
+def test_every_evaluation_of_a_test_split_is_counted_beside_the_manifest(tmp_path):
+    import json
+
+    from pipeline.run.cohort import TEST_LOG, count_test_evaluation
+
+    ids = ["img-b", "img-a", "img-c"]
+    first = count_test_evaluation(tmp_path, ids, "run1")
+    assert count_test_evaluation(tmp_path, list(reversed(ids)), "run2") == (first[0], 2)  # order does not matter
+    other, n = count_test_evaluation(tmp_path, [*ids, "img-d"], "run3")  # a changed split starts its own count
+    assert other != first[0] and n == 1
+    log = json.loads((tmp_path / TEST_LOG).read_text())
+    assert log[first[0]] == {"count": 2, "runs": ["run1", "run2"]}
+    (tmp_path / TEST_LOG).write_text("{not json")  # a damaged log restarts rather than stopping evaluation
+    assert count_test_evaluation(tmp_path, ids, "run4")[1] == 1

@@ -45,6 +45,7 @@ def test_demo_run_has_metrics_weights_hash_and_registered_model(demo_run, run):
     assert params["weights_sha256"] == sha and tags["weights_sha256"] == sha
     assert params["finetune.strategy"] == "linear-probe" and tags["config_hash"] and tags["manifest_hash"]
     assert tags["registered_model"] == "cxr-demo/1"
+    assert tags["test_evaluations"] == "1" and len(tags["test_split_id"]) == 16  # the test split was opened once
     assert Path(demo_run["report"]).stat().st_size > 10_000
     assert len(run["history"]["val_auroc"]) == int(metrics["epochs_run"])
 

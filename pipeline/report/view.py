@@ -137,6 +137,15 @@ def warning_lines(f: Facts) -> list[dict[str, str]]:
             + ("…" if len(few) > 8 else ""),
             "info",
         )
+    times = as_float(f.tags.get("test_evaluations"))
+    if times is not None and times > 1:
+        add(
+            f"This test split has been evaluated {int(times)} times (this evaluation included; the log is "
+            "test_evaluations.json beside the manifest): settings chosen after seeing earlier test results make "
+            "its numbers optimistic."
+        )
+    elif times == 1:
+        add("This is the test split's first evaluation.", "info")
     for text in f.evaluation.get("notes") or []:
         add(str(text), "info")
     if str(f.setting("model.weights")) != "none" and not f.baseline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ from pipeline.adapt import MedNet, build_model
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import ingest, load_manifest
+from pipeline.io import write_text
 from pipeline.prepare import PreparedDataset, build_augment
 from pipeline.records import AdaptationSummary, Cohort, PrepareSpec
 
@@ -121,3 +123,26 @@ def build_network(cfg: Config, n_classes: int, weights: str | None = None) -> tu
         pool=m.pool,
         keep_depth=m.keep_depth,
     )
+
+
+TEST_LOG = "test_evaluations.json"  # kept with the manifest: how often each test split was evaluated
+
+
+def count_test_evaluation(manifest_dir: str | Path, test_image_ids: list[str], run_id: str) -> tuple[str, int]:
+    """Record that `run_id` opened this test split; return (the split's id, its evaluations so far).
+
+    The split's id is the first 16 hex of the sha256 of its sorted image pseudonyms, so a test split
+    that changes (patients added or moved) starts a new count. The log lives beside the manifest
+    (``test_evaluations.json``: split id → count and run ids), written atomically.
+    """
+    split_id = hashlib.sha256("\n".join(sorted(test_image_ids)).encode()).hexdigest()[:16]
+    path = Path(manifest_dir) / TEST_LOG
+    try:
+        log = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log = {}
+    entry = log.setdefault(split_id, {"count": 0, "runs": []})
+    entry["count"] += 1
+    entry["runs"].append(run_id)
+    write_text(path, json.dumps(log, indent=2) + "\n")
+    return split_id, int(entry["count"])

@@ -29,7 +29,7 @@ from pipeline.finetune import (
 from pipeline.io import jsonable
 from pipeline.prepare import PreparedDataset, spec_from_dict
 from pipeline.records import Cohort, EvaluationSummary
-from pipeline.run.cohort import build_network, load_cohort, make_datasets
+from pipeline.run.cohort import build_network, count_test_evaluation, load_cohort, make_datasets
 
 if TYPE_CHECKING:
     pass
@@ -60,7 +60,9 @@ def evaluate(cfg: Config, run_id: str, progress: bool = True) -> dict[str, float
         )[0]
         for name in ("val", "test")
     }
+    split_id, times = count_test_evaluation(cohort.manifest_dir, cohort.split("test")["image_id"].tolist(), run_id)
     with tracking.start_run(cfg.experiment, run_id=run_id):
+        tracking.set_tags({"test_split_id": split_id, "test_evaluations": times})
         return _evaluate_and_log(cfg, cohort, model, ckpt, logits, run_id, data["train"])
 
 
