@@ -99,6 +99,8 @@ class FinetuneConfig:
     weight_decay: float = 1.0e-4
     layer_lr_decay: float = 0.7
     class_weights: Any = "balanced"  # none | balanced | effective-number | [w0, w1, ...]
+    # weighted: classes drawn in balance (∝ 1/n_class), independent of class_weights; with class_weights
+    # balanced that corrects the imbalance twice (check_options warns): usually pick one of the two
     sampler: Literal["uniform", "weighted"] = "uniform"
     bn: Literal["frozen", "train"] = "frozen"
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)

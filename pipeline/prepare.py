@@ -26,6 +26,7 @@ along z, e.g. nodules in ``ct-lung``), ``mean`` (average projection) or ``center
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ PRESETS = ("xray", "mr", *CT_WINDOWS)
 # Modalities each preset is meant for; a mismatch is a warning, not an error.
 PRESET_MODALITIES = {"xray": {"DX", "CR", "RG", "MG", "XA"}, "mr": {"MR"}}
 REDUCTIONS = ("none", "mip", "mean", "center")  # 2d on volumes: how slices become one image
+DIMS = ("2d", "2.5d", "3d")
+# A backbone's resize interpolation (registry / timm / torchvision name) → MONAI Resize mode (2d images).
+INTERPOLATIONS: dict[str, str] = {"bilinear": "bilinear", "bicubic": "bicubic"}
 
 
 def make_spec(
@@ -79,20 +83,33 @@ def make_spec(
     A 1-channel input is folded into the first conv by summing its RGB kernels, so the gray
     image is normalised with the mean of the per-channel statistics. `reduce` (one of
     `REDUCTIONS`) lets a ``2d`` spec take volumes; other dims need ``"none"``.
+
+    Args:
+        dims: ``"2d"``, ``"2.5d"`` or ``"3d"``.
+        preset: one of `PRESETS`.
+        size: (H, W) or (D, H, W) voxels after resizing.
+        preprocessing: the backbone's ``mean``, ``std`` and ``interpolation`` (a key of
+            `INTERPOLATIONS`; ``"bicubic"`` when absent).
+        spacing: resample to this spacing (mm) first, or None.
+        slices: 2.5d channels.
+        reduce: how a ``2d`` spec collapses a volume.
+
+    Raises:
+        ConfigError: an unknown preset, dims, reduce or interpolation.
     """
     if preset not in PRESETS:
         raise ConfigError(
             f"prepare.preset: unknown preset '{preset}'{did_you_mean(preset, PRESETS)}; choose one of {list(PRESETS)}"
         )
-    if dims not in ("2d", "2.5d", "3d"):
-        raise ConfigError(
-            f"prepare.dims: '{dims}' is not one of 2d, 2.5d, 3d{did_you_mean(dims, ['2d', '2.5d', '3d'])}"
-        )
+    if dims not in DIMS:
+        raise ConfigError(f"prepare.dims: '{dims}' is not one of 2d, 2.5d, 3d{did_you_mean(dims, DIMS)}")
     if reduce not in REDUCTIONS or (reduce != "none" and dims != "2d"):
         raise ConfigError(
             f"prepare.reduce: '{reduce}' with dims {dims}{did_you_mean(reduce, REDUCTIONS)}; "
             f"reduce is one of {list(REDUCTIONS)} and only 2d takes a value other than 'none'"
         )
+    interpolation = str(preprocessing.get("interpolation", "bicubic"))
+    _resize_mode(interpolation)  # an interpolation prepare cannot do fails here, not silently as bilinear
     mean = float(np.mean(preprocessing.get("mean", (0.5,))))
     std = float(np.mean(preprocessing.get("std", (0.5,))))
     return PrepareSpec(
@@ -103,13 +120,41 @@ def make_spec(
         slices=int(slices),
         mean=(mean,),
         std=(std,),
-        interpolation=str(preprocessing.get("interpolation", "bicubic")),
+        interpolation=interpolation,
         reduce=reduce,
     )
 
 
 def spec_from_dict(d: dict[str, Any]) -> PrepareSpec:
-    """Inverse of PrepareSpec.as_dict (lists back to tuples)."""
+    """Inverse of PrepareSpec.as_dict (lists back to tuples), validated.
+
+    The dict comes from a model's prepare metadata (a training checkpoint or a packaged model),
+    which is untrusted input: every problem is reported, none is repaired or defaulted away.
+    Keys absent from older specs (``reduce``) take their defaults, so those specs load with
+    their original hash.
+
+    Args:
+        d: ``PrepareSpec.as_dict()`` as stored with a model.
+
+    Returns:
+        The PrepareSpec.
+
+    Raises:
+        DataError: unknown or missing keys, or values prepare cannot use; one error lists them all.
+    """
+    if not isinstance(d, dict):
+        raise DataError(
+            f"the model's prepare metadata is not a mapping (got {type(d).__name__}); "
+            "re-evaluate the training run to re-package the model (medxfer evaluate CONFIG --run RUN_ID)"
+        )
+    problems = _spec_problems(d)
+    if problems:
+        raise DataError(
+            "the model's prepare metadata is invalid:\n  - "
+            + "\n  - ".join(problems)
+            + "\nit was not written by this medxfer's train/evaluate or was altered; re-evaluate the training "
+            "run to re-package the model (medxfer evaluate CONFIG --run RUN_ID), or retrain it"
+        )
     d = dict(d)
     for key in ("size", "spacing", "mean", "std"):
         if d.get(key) is not None:
@@ -117,7 +162,71 @@ def spec_from_dict(d: dict[str, Any]) -> PrepareSpec:
     return PrepareSpec(**d)
 
 
+_SPEC_KEYS = tuple(f.name for f in fields(PrepareSpec))
+_SPEC_REQUIRED = ("dims", "preset", "size")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _spec_problems(d: dict[str, Any]) -> list[str]:
+    """Every reason `d` is not a PrepareSpec prepare can reproduce (empty when it is)."""
+    problems = [f"unknown key '{k}'{did_you_mean(k, _SPEC_KEYS)}" for k in d if k not in _SPEC_KEYS]
+    problems += [f"missing required key '{k}'" for k in _SPEC_REQUIRED if k not in d]
+    dims, preset = d.get("dims"), d.get("preset")
+    if "dims" in d and dims not in DIMS:
+        problems.append(f"dims: '{dims}' is not one of {list(DIMS)}{did_you_mean(str(dims), DIMS)}")
+    if "preset" in d and preset not in PRESETS:
+        problems.append(f"preset: unknown '{preset}'{did_you_mean(str(preset), PRESETS)}; one of {list(PRESETS)}")
+    reduce = d.get("reduce", "none")
+    if reduce not in REDUCTIONS:
+        problems.append(f"reduce: '{reduce}' is not one of {list(REDUCTIONS)}{did_you_mean(str(reduce), REDUCTIONS)}")
+    elif reduce != "none" and dims in DIMS and dims != "2d":
+        problems.append(f"reduce: '{reduce}' needs dims 2d, got {dims}")
+    interpolation = d.get("interpolation", "bicubic")
+    if interpolation not in INTERPOLATIONS:
+        problems.append(
+            f"interpolation: '{interpolation}' is not one of {list(INTERPOLATIONS)}"
+            f"{did_you_mean(str(interpolation), INTERPOLATIONS)}"
+        )
+    if "size" in d:
+        size = d["size"]
+        want = {"2d": 2, "2.5d": 2, "3d": 3}.get(str(dims))
+        if not isinstance(size, list | tuple) or not all(_is_int(s) for s in size):
+            problems.append(f"size: must be a list of integers, got {size!r}")
+        else:
+            if want is not None and len(size) != want:
+                problems.append(f"size: dims {dims} needs {want} values, got {list(size)}")
+            if any(s < 1 for s in size):
+                problems.append(f"size: every value must be ≥ 1, got {list(size)}")
+    slices = d.get("slices", 3)
+    if not _is_int(slices) or slices < 1:
+        problems.append(f"slices: must be an integer ≥ 1, got {slices!r}")
+    spacing = d.get("spacing")
+    if spacing is not None and (
+        not isinstance(spacing, list | tuple) or not spacing or not all(_is_number(s) and s > 0 for s in spacing)
+    ):
+        problems.append(f"spacing: must be null or a list of positive numbers (mm), got {spacing!r}")
+    for key in ("mean", "std"):
+        v = d.get(key, (0.5,))
+        if not isinstance(v, list | tuple) or not v or not all(_is_number(x) for x in v):
+            problems.append(f"{key}: must be a non-empty list of numbers, got {v!r}")
+        elif key == "std" and any(x <= 0 for x in v):
+            problems.append(f"std: every value must be > 0, got {list(v)}")
+    if d.get("version", 1) != 1:
+        problems.append(f"version: this medxfer reads prepare spec version 1, got {d.get('version')!r}")
+    if not isinstance(d.get("extra", {}), dict):
+        problems.append(f"extra: must be a mapping, got {d.get('extra')!r}")
+    return problems
+
+
 def _intensity(preset: str) -> list:
+    """The preset's intensity steps (see the module docstring); ConfigError for an unknown preset."""
     if preset in CT_WINDOWS:
         a_min, a_max = CT_WINDOWS[preset]
         return [ScaleIntensityRange(a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)]
@@ -127,7 +236,23 @@ def _intensity(preset: str) -> list:
             NormalizeIntensity(nonzero=True),
             ScaleIntensityRange(a_min=-3.0, a_max=3.0, b_min=0.0, b_max=1.0, clip=True),
         ]
-    return [ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)]
+    if preset == "xray":
+        return [ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)]
+    raise ConfigError(
+        f"prepare.preset: unknown preset '{preset}'{did_you_mean(str(preset), PRESETS)}; "
+        f"choose one of {list(PRESETS)} (no preset is assumed)"
+    )
+
+
+def _resize_mode(interpolation: str) -> str:
+    """MONAI Resize mode of a backbone interpolation name; ConfigError for one prepare cannot do."""
+    mode = INTERPOLATIONS.get(interpolation)
+    if mode is None:
+        raise ConfigError(
+            f"prepare interpolation: unknown '{interpolation}'{did_you_mean(str(interpolation), INTERPOLATIONS)}; "
+            f"prepare resizes with one of {list(INTERPOLATIONS)}"
+        )
+    return mode
 
 
 def build_transform(spec: PrepareSpec) -> Compose:
@@ -161,13 +286,13 @@ class _ToNetworkLayout:
 
     def __init__(self, spec: PrepareSpec):
         self.spec = spec
+        self.mode = _resize_mode(spec.interpolation)  # 2d images; fails at build time when unknown
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(img), dtype=torch.float32).permute(0, 3, 2, 1)  # C, Z, Y, X
         spec = self.spec
         if spec.dims == "2d":
-            mode = "bicubic" if spec.interpolation == "bicubic" else "bilinear"
-            return _plain(Resize(spec.size, mode=mode)(self._one_slice(x))).clamp(0.0, 1.0)
+            return _plain(Resize(spec.size, mode=self.mode)(self._one_slice(x))).clamp(0.0, 1.0)
         if spec.dims == "3d":
             return _plain(Resize(spec.size, mode="trilinear")(x))
         return self._slab_channels(x)
@@ -233,9 +358,10 @@ def cache_path(cache_dir: str | Path, spec: PrepareSpec, content_sha256: str) ->
 
 
 def prepare_image(path: str | Path, spec: PrepareSpec, transform: Compose | None = None) -> torch.Tensor:
-    """Prepare one image unit; errors name the file."""
+    """Prepare one image unit; errors name the file (a bad spec fails as itself, before the file)."""
+    transform = transform or build_transform(spec)
     try:
-        out = (transform or build_transform(spec))(str(path))
+        out = transform(str(path))
     except Exception as exc:  # MONAI's Compose wraps every error in a RuntimeError
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, DataError):

@@ -72,7 +72,11 @@ class IngestResult:
 
 @dataclass
 class AdaptationSummary:
-    """How a pretrained backbone was adapted; logged to MLflow and shown in the report."""
+    """How a pretrained backbone was adapted; logged to MLflow and shown in the report.
+
+    `mean`, `std`, `input_size` and `interpolation` are the backbone's pretraining preprocessing
+    (its registry entry); `train` builds the PrepareSpec with this mean/std and interpolation.
+    """
 
     backbone: str
     weights: str  # "imagenet", "none" or a path
@@ -93,6 +97,7 @@ class AdaptationSummary:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     input_size: tuple[int, ...] = (224, 224)
+    interpolation: str = "bicubic"  # resize interpolation of the pretraining preprocessing (bilinear | bicubic)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -382,3 +382,23 @@ def test_model_pickles_and_predicts_the_same() -> None:
     with torch.no_grad():
         torch.testing.assert_close(clone.eval()(x), model.eval()(x))
     assert np.isfinite(clone(x).detach().numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("backbone", "interpolation"),
+    [("resnet18", "bilinear"), ("densenet121", "bilinear"), ("tf_efficientnet_lite0", "bicubic")],
+)
+def test_a_runs_prepare_spec_resizes_with_the_backbones_interpolation(backbone: str, interpolation: str) -> None:
+    from pipeline.config import from_dict
+    from pipeline.prepare import INTERPOLATIONS
+    from pipeline.run.cohort import build_network
+    from pipeline.run.training import prepare_spec
+
+    cfg = from_dict({"model": {"backbone": backbone, "weights": "none"}, "prepare": {"size": [96, 96]}})
+    _, summary = build_network(cfg, 2)
+    assert summary.interpolation == BACKBONES[backbone].interpolation == interpolation
+    spec = prepare_spec(cfg, summary)
+    assert spec.interpolation == interpolation  # torchvision's IMAGENET1K_V1 transforms: bilinear; timm: bicubic
+    assert spec.size == (96, 96)  # the input size stays the config's choice
+    assert (spec.mean, spec.std) == ((float(np.mean(summary.mean)),), (float(np.mean(summary.std)),))
+    assert all(s.interpolation in INTERPOLATIONS for s in BACKBONES.values())  # prepare can resize as each says

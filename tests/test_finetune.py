@@ -73,9 +73,44 @@ def test_class_weights_on_known_imbalance():
 
 def test_weighted_sampler_balances_classes():
     y = np.array([0] * 90 + [1] * 10)
-    idx = list(weighted_sampler(y, class_weights(y, 2, "balanced"), seed=0))
+    idx = list(weighted_sampler(y, seed=0))
     frac = np.mean(y[idx])
     assert 0.35 < frac < 0.65
+
+
+class _Recording(torch.utils.data.Dataset):
+    """A train set that records which images the loader draws."""
+
+    def __init__(self, ds: TensorDataset):
+        self.ds, self.drawn = ds, []
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        self.drawn.append(int(i))
+        return self.ds[i]
+
+
+def _drawn_counts(y: np.ndarray, **kw) -> np.ndarray:
+    """Class counts of the train images `finetune` draws in 3 epochs (Toy model, fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(y), 1, 8, 8, generator=g) + torch.as_tensor(y).view(-1, 1, 1, 1).float()
+    ds = TensorDataset(x, torch.as_tensor(y), torch.arange(len(y)))
+    train = _Recording(ds)
+    cfg = _cfg(epochs=3, batch_size=40, seed=0, early_stopping=EarlyStoppingConfig("val_loss", 9), **kw)
+    finetune(Toy(), GROUPS, train, ds, y, cfg, 2)
+    return np.bincount(y[train.drawn], minlength=2)
+
+
+def test_weighted_sampler_balances_by_itself_whatever_the_loss_weights():
+    y = np.array([0] * 180 + [1] * 20)
+    counts = {str(w): _drawn_counts(y, sampler="weighted", class_weights=w) for w in ("none", [10, 1], "balanced")}
+    for w, c in counts.items():  # 600 draws: balanced within sampling noise (sd of the fraction ≈ 0.02)
+        assert 0.42 < c[1] / c.sum() < 0.58, (w, c)
+    # the same draws whatever the loss weights: the sampler does not read them
+    assert counts["none"].tolist() == counts["[10, 1]"].tolist() == counts["balanced"].tolist()
+    assert _drawn_counts(y, sampler="uniform").tolist() == [540, 60]  # uniform keeps the train imbalance
 
 
 def test_groups_and_strategies():
@@ -210,8 +245,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_global_batches
 
 def test_weighted_sampler_shards_keep_the_balance():
     y = np.array([0] * 90 + [1] * 10)
-    w = class_weights(y, 2, "balanced")
-    shards = [list(weighted_sampler(y, w, seed=0, rank=r, world=2)) for r in range(2)]
+    shards = [list(weighted_sampler(y, seed=0, rank=r, world=2)) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 50
     assert 0.35 < np.mean(y[shards[0] + shards[1]]) < 0.65
 
@@ -240,6 +274,19 @@ def test_check_options_lists_every_problem():
         assert needle in text, needle
     with pytest.raises(ConfigError, match="unknown 'val_auc'"):
         finetune(Toy(), GROUPS, *_data()[:1], *_data()[:1], _data()[1], cfg, 2)
+
+
+def test_weighted_sampler_with_balanced_loss_weights_warns_of_correcting_twice(caplog):
+    from pipeline.finetune import check_options
+
+    with caplog.at_level("WARNING", logger="medxfer"):
+        check_options(_cfg(sampler="weighted", class_weights="balanced"))
+    assert "corrects the imbalance a second time" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medxfer"):
+        for cfg in (_cfg(sampler="weighted", class_weights="none"), _cfg(sampler="uniform")):
+            check_options(cfg)
+    assert caplog.text == ""
 
 
 def test_unfreeze_every_and_partial_freeze_come_from_the_config():

@@ -1,5 +1,6 @@
 """Prepare stage: MONAI chains per preset with known answers, layouts per dims, and the cache."""
 
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -115,3 +116,95 @@ def test_augmentation_is_seeded_and_changes_the_image():
     ya, yb = a(x), b(x)
     assert torch.allclose(torch.as_tensor(ya), torch.as_tensor(yb))
     assert not torch.allclose(torch.as_tensor(ya), x)
+
+
+# --- no silent fallbacks: unknown presets and interpolations, untrusted spec metadata ---------------
+
+
+def test_an_unknown_preset_in_a_spec_is_an_error_not_the_xray_chain(tmp_path):
+    from pipeline.records import PrepareSpec
+
+    spec = PrepareSpec(dims="2d", preset="ct_lung", size=(8, 8))  # e.g. built by hand or from old metadata
+    with pytest.raises(ConfigError, match=r"unknown preset 'ct_lung' \(did you mean 'ct-lung'\?\).*'xray'"):
+        prepare_image(_save(tmp_path / "x.nii", np.ones((8, 8, 1))), spec)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_2d_resize_uses_the_specs_interpolation(tmp_path, interpolation, monkeypatch):
+    import pipeline.prepare as prepare
+
+    modes = []
+    real = prepare.Resize
+
+    def spy(*args, **kw):
+        modes.append(kw.get("mode"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(prepare, "Resize", spy)
+    img = np.random.default_rng(0).random((12, 12, 1)) * 100
+    spec = make_spec("2d", "xray", [8, 8], {**HALF, "interpolation": interpolation})
+    assert spec.interpolation == interpolation
+    prepare_image(_save(tmp_path / "x.nii", img), spec)
+    assert modes == [interpolation]
+
+
+def test_an_unknown_interpolation_is_an_error_not_bilinear(tmp_path):
+    from pipeline.records import PrepareSpec
+
+    with pytest.raises(ConfigError, match=r"unknown 'bicubc' \(did you mean 'bicubic'\?\)"):
+        make_spec("2d", "xray", [8, 8], {**HALF, "interpolation": "bicubc"})
+    spec = PrepareSpec(dims="2d", preset="xray", size=(8, 8), interpolation="lanczos")
+    with pytest.raises(ConfigError, match=r"unknown 'lanczos'.*\['bilinear', 'bicubic'\]"):
+        prepare_image(_save(tmp_path / "x.nii", np.ones((8, 8, 1))), spec)
+
+
+def test_spec_from_dict_lists_every_problem_of_untrusted_metadata():
+    bad = {
+        "dims": "3d",
+        "preset": "ct_lung",
+        "size": [64, 0],
+        "slices": 0,
+        "reduce": "mip",
+        "interpolation": "bicubc",
+        "colour": "red",
+    }
+    with pytest.raises(DataError) as err:
+        spec_from_dict(bad)
+    text = str(err.value)
+    for needle in (
+        "the model's prepare metadata is invalid",
+        "unknown key 'colour'",
+        "preset: unknown 'ct_lung' (did you mean 'ct-lung'?)",
+        "reduce: 'mip' needs dims 2d, got 3d",
+        "interpolation: 'bicubc'",
+        "size: dims 3d needs 3 values, got [64, 0]",
+        "size: every value must be ≥ 1",
+        "slices: must be an integer ≥ 1, got 0",
+        "re-package the model",
+    ):
+        assert needle in text, needle
+    with pytest.raises(DataError) as err:
+        spec_from_dict({"dim": "2d", "size": [8, 8]})
+    text = str(err.value)
+    assert "unknown key 'dim' (did you mean 'dims'?)" in text
+    assert "missing required key 'dims'" in text and "missing required key 'preset'" in text
+    for wrong, needle in (
+        ({"dims": "2.5"}, "dims: '2.5' is not one of"),
+        ({"reduce": "maxip"}, "did you mean 'mip'"),
+        ({"size": [8, 8, 8]}, "dims 2d needs 2 values"),
+        ({"size": "224"}, "size: must be a list of integers"),
+        ({"std": [0.0]}, "std: every value must be > 0"),
+    ):
+        with pytest.raises(DataError, match=re.escape(needle)):
+            spec_from_dict({**make_spec("2d", "xray", [8, 8], HALF).as_dict(), **wrong})
+
+
+def test_spec_from_dict_keeps_valid_and_older_specs_and_their_hash():
+    for spec in (
+        make_spec("2d", "ct-lung", [64, 64], HALF, reduce="center"),
+        make_spec("2.5d", "ct-bone", [32, 32], IMAGENET, slices=5, spacing=[1.0, 1.0, 2.5]),
+        make_spec("3d", "mr", [8, 16, 16], {**HALF, "interpolation": "bilinear"}),
+    ):
+        assert spec_from_dict(spec.as_dict()) == spec and spec_from_dict(spec.as_dict()).hash() == spec.hash()
+    old = {k: v for k, v in make_spec("2d", "ct-lung", [64, 64], HALF).as_dict().items() if k != "reduce"}
+    assert spec_from_dict(old).hash() == "50142b0748ca07be"  # written before `reduce` existed

@@ -306,5 +306,6 @@ def build_model(
         mean=spec.mean,
         std=spec.std,
         input_size=spec.input_size,
+        interpolation=spec.interpolation,
     )
     return model, summary

@@ -170,7 +170,7 @@ def finetune(
         model.to(memory_format=torch.channels_last)
     weights = class_weights(y_train, n_classes, cfg.class_weights)
     loss_fn = make_loss(cfg.loss, weights, cfg.focal_gamma, world.device)
-    loader, gen = _train_loader(train_ds, y_train, weights, cfg, world)
+    loader, gen = _train_loader(train_ds, y_train, n_classes, cfg, world)
     rngs = random_states(train_ds)  # e.g. MONAI augmentation states, saved with each checkpoint
     st = _Loop(
         TrainResult(model=model, class_weights=weights.tolist(), device=str(world.device)),
@@ -199,12 +199,15 @@ def finetune(
 
 
 def _train_loader(
-    train_ds: Dataset, y_train: np.ndarray, weights: np.ndarray, cfg: FinetuneConfig, world: World
+    train_ds: Dataset, y_train: np.ndarray, n_classes: int, cfg: FinetuneConfig, world: World
 ) -> tuple[DataLoader, torch.Generator]:
-    """This process's loader: its share (batch_size / world) of every global batch, in a per-epoch order."""
+    """This process's loader: its share (batch_size / world) of every global batch, in a per-epoch order.
+
+    ``sampler: weighted`` balances the classes by itself (`weighted_sampler`), whatever the loss weights.
+    """
     per_rank = cfg.batch_size // world.size
     if cfg.sampler == "weighted":
-        sampler = weighted_sampler(y_train, weights, cfg.seed, world.rank, world.size)
+        sampler = weighted_sampler(y_train, cfg.seed, world.rank, world.size, n_classes)
     else:
         sampler = EpochSampler(len(train_ds), None, cfg.seed, world.rank, world.size)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(cfg.seed)  # seeds the workers' augmentation, nothing else

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 from pipeline.config import FinetuneConfig
 from pipeline.errors import ConfigError, did_you_mean
 
 STOP_METRICS = ("val_auroc", "val_loss", "train_loss")
 
+log = logging.getLogger("medxfer")
+
 
 def check_options(cfg: FinetuneConfig, world_size: int = 1, augment: bool = False) -> None:
     """Validate a FinetuneConfig before any work; raise one ConfigError listing every problem.
+
+    Logs a warning (logger ``medxfer``) for valid but doubtful combinations: ``sampler: weighted``
+    with ``class_weights: balanced`` corrects the class imbalance twice.
 
     Args:
         cfg: the ``finetune`` section.
@@ -49,3 +56,9 @@ def check_options(cfg: FinetuneConfig, world_size: int = 1, augment: bool = Fals
         )
     if problems:
         raise ConfigError("invalid finetune options:\n  - " + "\n  - ".join(problems))
+    if cfg.sampler == "weighted" and cfg.class_weights == "balanced":
+        log.warning(
+            "finetune.sampler: weighted already draws the classes in balance; with class_weights: balanced "
+            "the loss corrects the imbalance a second time (minority classes over-weighted). Usually set "
+            "class_weights: none with sampler: weighted, or keep sampler: uniform"
+        )

@@ -78,15 +78,26 @@ class EpochSampler(Sampler[int]):
 
 
 def weighted_sampler(
-    y_train: np.ndarray, weights: np.ndarray, seed: int = 0, rank: int = 0, world: int = 1
+    y_train: np.ndarray, seed: int = 0, rank: int = 0, world: int = 1, n_classes: int | None = None
 ) -> EpochSampler:
-    """Sample each image with probability ∝ its class weight (with replacement, one epoch's worth).
+    """Draw classes in balance: each image with probability ∝ 1 / (its class's train count).
+
+    The sampler balances by itself, independently of the loss's ``finetune.class_weights``: with
+    loss weights ``none`` it still balances, and explicit loss weights do not change its draws.
+    Combined with loss weights ``balanced`` the imbalance is corrected twice (the minority class
+    is both over-sampled and up-weighted), which should usually be avoided.
 
     Args:
         y_train: integer train labels.
-        weights: per-class weights (from `class_weights`).
         seed: base seed; each epoch's order also depends on the epoch set by `set_epoch`.
         rank, world: this process and the number of processes (DDP).
+        n_classes: number of classes (default: the largest label + 1).
+
+    Returns:
+        An `EpochSampler` of ``len(y_train)`` draws with replacement per epoch.
     """
-    per_sample = torch.as_tensor(weights[np.asarray(y_train, dtype=int)], dtype=torch.double)
+    y = np.asarray(y_train, dtype=int)
+    k = int(n_classes) if n_classes is not None else int(y.max(initial=-1)) + 1
+    balanced = class_weights(y, k, "balanced")  # n / (k * n_c): the sampler's own, never the loss's
+    per_sample = torch.as_tensor(balanced[y], dtype=torch.double)
     return EpochSampler(len(per_sample), per_sample, seed, rank, world)

@@ -65,15 +65,7 @@ def train(cfg: Config, progress: bool = True) -> str:
     cohort = load_cohort(manifest_dir)
     torch.manual_seed(cfg.finetune.seed)  # the new head (and a from-scratch backbone) start from the seed
     model, summary = build_network(cfg, len(cohort.classes))
-    spec = make_spec(
-        cfg.prepare.dims,
-        cfg.prepare.preset,
-        cfg.prepare.size,
-        {"mean": summary.mean, "std": summary.std, "interpolation": "bicubic"},
-        spacing=cfg.prepare.spacing,
-        slices=cfg.prepare.slices,
-        reduce=cfg.prepare.reduce,
-    )
+    spec = prepare_spec(cfg, summary)
     data = make_datasets(cfg, cohort, spec, augment=True)
     if world.lead:
         run_id = _train_and_log(cfg, cohort, model, summary, spec, data, world)
@@ -83,6 +75,31 @@ def train(cfg: Config, progress: bool = True) -> str:
     barrier(world)
     shutdown(world)
     return run_id
+
+
+def prepare_spec(cfg: Config, summary: AdaptationSummary) -> PrepareSpec:
+    """The PrepareSpec of a run: the config's prepare settings with the backbone's preprocessing.
+
+    Normalisation (mean/std) and resize interpolation come from the backbone (`summary`, i.e. its
+    registry entry: bilinear for torchvision ResNets/DenseNets, bicubic for timm EfficientNets);
+    the input size stays ``prepare.size`` (the backbone's own is recorded in `summary.input_size`).
+
+    Args:
+        cfg: the run's config.
+        summary: the adapted backbone (`build_network`).
+
+    Returns:
+        The spec saved with the model and used to prepare every split.
+    """
+    return make_spec(
+        cfg.prepare.dims,
+        cfg.prepare.preset,
+        cfg.prepare.size,
+        {"mean": summary.mean, "std": summary.std, "interpolation": summary.interpolation},
+        spacing=cfg.prepare.spacing,
+        slices=cfg.prepare.slices,
+        reduce=cfg.prepare.reduce,
+    )
 
 
 # settings that may differ between an interrupted run and its resumption
