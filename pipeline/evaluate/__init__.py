@@ -39,7 +39,13 @@ from pipeline.evaluate.plots import (
     training_curves_figure,
 )
 from pipeline.evaluate.summary import evaluation_summary, metric_key
-from pipeline.evaluate.uncertainty import bootstrap_ci, paired_bootstrap, paired_comparison, subgroup_metrics
+from pipeline.evaluate.uncertainty import (
+    bootstrap_ci,
+    paired_bootstrap,
+    paired_comparison,
+    subgroup_metrics,
+    threshold_cis,
+)
 from pipeline.stats import auroc
 
 __all__ = [
@@ -80,5 +86,6 @@ __all__ = [
     "save_png",
     "softmax",
     "subgroup_metrics",
+    "threshold_cis",
     "training_curves_figure",
 ]
