@@ -38,7 +38,7 @@ from pipeline.evaluate.plots import (
     save_png,
     training_curves_figure,
 )
-from pipeline.evaluate.summary import evaluation_summary, metric_key
+from pipeline.evaluate.summary import MISSED_TARGET, evaluation_summary, metric_key
 from pipeline.evaluate.uncertainty import (
     bootstrap_ci,
     paired_bootstrap,
@@ -50,6 +50,7 @@ from pipeline.stats import auroc
 
 __all__ = [
     "CALIBRATORS",
+    "MISSED_TARGET",
     "N_BINS",
     "SMD_WARN",
     "Calibrator",
