@@ -195,7 +195,9 @@ class EvaluationSummary:
     order. `metrics` are the flat MLflow names (test_auroc, test_auroc_ci_low, test_ece, ...).
     `temperature` is set for calibration "temperature" only, None otherwise; `calibrator` is the
     fitted `evaluate.Calibrator` itself. `operating_points` (binary tasks) are chosen on val and
-    frozen: one dict per rule with rule, threshold and the val and test counts and rates.
+    frozen: one dict per rule with rule, threshold and the val and test counts and rates (test
+    also `<rate>_ci` = [low, high] patient-bootstrap 95% CIs, or None). `notes` include missed
+    operating-point targets and rules that chose the same threshold.
     `subgroups` holds one row per (attribute, value); `reliability` the binned tables before and
     after calibration; `discrimination` the test AUROC/AUPRC/accuracy/confusion matrix.
     """

@@ -26,7 +26,7 @@ from pipeline.evaluate import (
 )
 from pipeline.records import MANIFEST_COLUMNS
 from pipeline.report import collect_context, render_report, write_report
-from pipeline.report.fmt import as_floats, ci, count, duration, num, table, with_ci
+from pipeline.report.fmt import as_floats, ci, count, duration, num, rate_with_ci, table, with_ci
 
 SECTIONS = (
     "summary",
@@ -363,6 +363,9 @@ def test_format_helpers_known_answers():
     assert as_floats("[1 2 ... 9]") == []
     t = table(["group", "n", "AUROC"], [["F", "12", "0.812 (0.700–0.900)"], ["M", "8", "—"]])
     assert t["numeric"] == [False, True, True]
+    op = {"sensitivity": 0.75, "sensitivity_ci": [0.62, 0.86], "ppv": None, "ppv_ci": None, "npv": 0.9}
+    assert [rate_with_ci(op, k) for k in ("sensitivity", "ppv", "npv")] == ["0.750 (0.620–0.860)", "—", "0.900"]
+    assert rate_with_ci([1], "sensitivity") == "—"
 
 
 def test_report_has_every_section_headline_and_figures(store, main_html):
@@ -384,6 +387,21 @@ def test_report_has_every_section_headline_and_figures(store, main_html):
     for text in ("youden", "sensitivity@0.90", "test PPV"):
         assert text in perf
     assert "not available" not in perf
+    ops = collect_context(store["main"], store["uri"])["evaluation"]["operating_points"]
+    for op in ops:  # test rates with their patient-bootstrap CIs
+        for k in ("sensitivity", "specificity", "npv"):
+            assert f'<td class="num">{with_ci(op["test"][k], *op["test"][f"{k}_ci"])}</td>' in perf, (op["rule"], k)
+    assert "test rates with 95% CIs (patient bootstrap)" in perf
+
+
+def test_missed_target_note_is_a_warning(store):
+    ctx = collect_context(store["main"], store["uri"])
+    text = "sensitivity@0.90: test sensitivity 0.60 (95% CI 0.53–0.67) misses the target 0.90 met on validation"
+    ctx["evaluation"]["notes"] = [text, "rules youden, sensitivity@1.0 chose the same threshold 0.600"]
+    html = render_report(ctx)
+    assert f'<li class="warn"><span class="lvl">warn</span>{text}' in _section(html, "warnings")
+    assert '<li class="info"><span class="lvl">info</span>rules youden' in _section(html, "warnings")
+    assert f'<div class="note warn">{text}' in _section(html, "performance")
 
 
 def test_cohort_and_exclusions_are_counts_from_the_manifest(store, main_html):

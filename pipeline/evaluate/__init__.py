@@ -40,12 +40,19 @@ from pipeline.evaluate.plots import (
     save_png,
     training_curves_figure,
 )
-from pipeline.evaluate.summary import evaluation_summary, metric_key
-from pipeline.evaluate.uncertainty import bootstrap_ci, paired_bootstrap, paired_comparison, subgroup_metrics
+from pipeline.evaluate.summary import MISSED_TARGET, evaluation_summary, metric_key
+from pipeline.evaluate.uncertainty import (
+    bootstrap_ci,
+    paired_bootstrap,
+    paired_comparison,
+    subgroup_metrics,
+    threshold_cis,
+)
 from pipeline.stats import auroc
 
 __all__ = [
     "CALIBRATORS",
+    "MISSED_TARGET",
     "N_BINS",
     "SMD_WARN",
     "Calibrator",
@@ -84,5 +91,6 @@ __all__ = [
     "scaled_brier",
     "softmax",
     "subgroup_metrics",
+    "threshold_cis",
     "training_curves_figure",
 ]

@@ -26,9 +26,11 @@ from pipeline.evaluate.metrics import (
     reliability_bins,
     scaled_brier,
 )
-from pipeline.evaluate.uncertainty import bootstrap_ci, subgroup_metrics
+from pipeline.evaluate.uncertainty import RATES, bootstrap_ci, subgroup_metrics, threshold_cis
 from pipeline.records import EvaluationSummary
 from pipeline.stats import auroc, check_labels
+
+MISSED_TARGET = "misses the target"  # the phrase of a missed-target note; the report shows such notes as warnings
 
 
 # --------------------------------------------------------------------------- summary
@@ -69,25 +71,72 @@ def _calibration_metrics(y: np.ndarray, probs: np.ndarray, raw: np.ndarray, n_bi
 
 
 def _operating_points(
-    yv: np.ndarray, pv: np.ndarray, yt: np.ndarray, pt: np.ndarray, rules: tuple[str, ...] | list[str]
-) -> tuple[list[dict], dict[str, float]]:
+    yv: np.ndarray,
+    pv: np.ndarray,
+    yt: np.ndarray,
+    pt: np.ndarray,
+    groups_test: Any,
+    rules: tuple[str, ...] | list[str],
+    n_boot: int,
+    seed: int,
+) -> tuple[list[dict], dict[str, float], list[str]]:
+    """Choose each rule's threshold on validation, freeze it, and evaluate it on test with patient-bootstrap CIs.
+
+    Each op's "test" dict gains `<rate>_ci` = [low, high] (or None) for sensitivity, specificity,
+    PPV and NPV (`threshold_cis`, the AUROC CI's resamples). A rule with a target
+    (sensitivity@T, specificity@T) whose test 95% CI lies wholly below T gets a "misses the target"
+    note and `target_missed__<rule>` = 1.0 (else 0.0; no flag without a CI). A point estimate below
+    T whose CI still reaches T is within sampling error of the target: no note, flag 0.0. Rules
+    that chose exactly the same threshold get one note naming them.
+
+    Returns:
+        (ops, flat MLflow metrics, notes).
+    """
     ops: list[dict[str, Any]] = []
     flat: dict[str, float] = {}
+    notes: list[str] = []
     for k, rule in enumerate(rules):
         thr = choose_operating_point(yv, pv[:, 1], rule)
-        op: dict[str, Any] = {
-            "rule": rule,
-            "threshold": thr,
-            "val": at_threshold(yv, pv[:, 1], thr),
-            "test": at_threshold(yt, pt[:, 1], thr),
-        }
+        test = at_threshold(yt, pt[:, 1], thr)
+        cis = threshold_cis(yt, pt[:, 1], groups_test, thr, n_boot=n_boot, seed=seed)
+        test.update({f"{name}_ci": cis[name] for name in RATES})
+        op: dict[str, Any] = {"rule": rule, "threshold": thr, "val": at_threshold(yv, pv[:, 1], thr), "test": test}
         ops.append(op)
-        names = ("sensitivity", "specificity", "ppv", "npv")
+        rates = _flat("test_", test, RATES)
         if k == 0:
-            flat.update(_flat("test_", op["test"], names), threshold=thr)
-        flat.update({metric_key(key, rule): v for key, v in _flat("test_", op["test"], names).items()})
+            flat.update(rates, threshold=thr)
+        flat.update({metric_key(key, rule): v for key, v in rates.items()})
+        for name in RATES:
+            for end, v in zip(("_ci_low", "_ci_high"), cis[name] or (), strict=False):
+                if k == 0:
+                    flat[f"test_{name}{end}"] = v
+                flat[metric_key(f"test_{name}", rule) + end] = v
         flat[metric_key("threshold", rule)] = thr
-    return ops, flat
+        kind, target = parse_rule(rule)
+        if target is not None and cis[kind] is not None:
+            low, high = cis[kind]  # type: ignore[misc]
+            missed = high < target
+            flat[metric_key("target_missed", rule)] = float(missed)
+            if missed:
+                notes.append(
+                    f"{rule}: test {kind} {test[kind]:.2f} (95% CI {low:.2f}–{high:.2f}) {MISSED_TARGET} "
+                    f"{target:.2f} met on validation (threshold {thr:.3f}, frozen)"
+                )
+    notes += _shared_thresholds(ops)
+    return ops, flat, notes
+
+
+def _shared_thresholds(ops: list[dict[str, Any]]) -> list[str]:
+    """One note per threshold that two or more rules chose (exactly equal floats)."""
+    by_thr: dict[float, list[str]] = {}
+    for op in ops:
+        by_thr.setdefault(op["threshold"], []).append(str(op["rule"]))
+    return [
+        f"rules {', '.join(rules)} chose the same threshold {thr:.3f} on validation: "
+        "their test operating points are identical"
+        for thr, rules in by_thr.items()
+        if len(rules) > 1
+    ]
 
 
 RANKING_KEYS = ("auroc", "auprc", "auroc_per_class", "auprc_per_class")
@@ -151,10 +200,13 @@ def evaluation_summary(
     """Calibrate on validation, evaluate on test: the numbers an auditor needs, in one record.
 
     The calibrator is fitted on (logits_val, y_val) only; operating points are chosen on the
-    calibrated validation probabilities and frozen for test; CIs resample test patients. Ranking
-    metrics (AUROC, AUPRC, val AUROC, subgroup AUROCs) use the uncalibrated softmax, which a
-    calibration map cannot tie or flatten; calibration and decision metrics use the calibrated
-    probabilities. Notes warn when validation has no ranking signal or calibration flattens the output.
+    calibrated validation probabilities and frozen for test; CIs resample test patients
+    (n_boot = 0: no CIs). Ranking metrics (AUROC, AUPRC, val AUROC, subgroup AUROCs) use the
+    uncalibrated softmax, which a calibration map cannot tie or flatten; calibration and decision
+    metrics use the calibrated probabilities. Each frozen threshold gets patient-bootstrap CIs of
+    test sensitivity, specificity, PPV and NPV; a target rule whose test CI excludes its target,
+    rules sharing a threshold, a validation split without ranking signal and a calibration that
+    flattens the output are reported in `notes`.
     Multi-class tasks get macro AUROC and no operating points (the rules are still validated).
 
     Returns:
@@ -175,11 +227,17 @@ def evaluation_summary(
     # ranking metrics from the uncalibrated scores (a calibration map may tie or flatten them);
     # decision metrics (accuracy, F1, confusion) from the calibrated probabilities the decisions use
     disc = {**discrimination(yt, pt), **_ranking(discrimination(yt, raw))}
-    point, low, high = bootstrap_ci(auroc, yt, raw, groups_test, n_boot=n_boot, seed=seed)
+    if n_boot > 0:
+        point, low, high = bootstrap_ci(auroc, yt, raw, groups_test, n_boot=n_boot, seed=seed)
+        auroc_ci = {"test_auroc_ci_low": low, "test_auroc_ci_high": high}
+    else:  # n_boot = 0: point estimates only, no CIs
+        value = auroc(yt, raw)
+        if value is None:
+            raise DataError("y_test: the test AUROC is undefined (one class present).")
+        point, auroc_ci = value, {}
     metrics = {
         "test_auroc": point,
-        "test_auroc_ci_low": low,
-        "test_auroc_ci_high": high,
+        **auroc_ci,
         **_flat("test_", disc, ("auprc", "accuracy", "balanced_accuracy", "f1")),
         **_calibration_metrics(yt, pt, raw, n_bins),
         "test_n_images": float(len(yt)),
@@ -194,8 +252,9 @@ def evaluation_summary(
     ops: list[dict] = []
     notes = _calibration_warnings(val_auroc, raw, pt, metrics)
     if zv.shape[1] == 2:
-        ops, flat = _operating_points(yv, pv, yt, pt, rules)
+        ops, flat, op_notes = _operating_points(yv, pv, yt, pt, groups_test, rules, n_boot, seed)
         metrics.update(flat)
+        notes += op_notes
     elif rules:
         notes.append(f"operating points {rules} skipped: defined for binary tasks only")
     threshold = ops[0]["threshold"] if ops else None

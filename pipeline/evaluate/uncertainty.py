@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.errors import ConfigError, DataError, did_you_mean
 from pipeline.evaluate.delong import delong_test
 from pipeline.evaluate.metrics import at_threshold, brier, discrimination, ece, nll
-from pipeline.stats import auroc, check_groups, check_labels, check_probs
+from pipeline.stats import as_binary, auroc, check_groups, check_labels, check_probs
 
 # --------------------------------------------------------------------------- uncertainty
 METRICS: dict[str, Callable[[Any, Any], float | None]] = {
@@ -82,14 +82,56 @@ def bootstrap_ci(
             "one class); it cannot be bootstrapped."
         )
     vals = [fn(labels[i], p[i]) for i in _patient_resamples(labels, groups, n_boot, seed)]
-    vals = [v for v in vals if v is not None and np.isfinite(v)]
-    if not vals:
+    interval = _percentile_ci(vals, alpha)
+    if interval is None:
         raise DataError(
             "bootstrap_ci: no patient resample contained every class; the data has "
             "too few patients per class for a confidence interval."
         )
-    low, high = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
-    return float(point), float(low), float(high)
+    return float(point), interval[0], interval[1]
+
+
+def _percentile_ci(values: list[float | None], alpha: float) -> list[float] | None:
+    """[low, high]: the (alpha/2, 1 − alpha/2) percentiles of the defined, finite values; None if none."""
+    kept = [v for v in values if v is not None and np.isfinite(v)]
+    if not kept:
+        return None
+    low, high = np.quantile(kept, [alpha / 2, 1 - alpha / 2])
+    return [float(low), float(high)]
+
+
+RATES = ("sensitivity", "specificity", "ppv", "npv")
+
+
+def threshold_cis(
+    y: Any, prob: Any, groups: Any, threshold: float, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, list[float] | None]:
+    """Patient-bootstrap percentile CIs of sensitivity, specificity, PPV and NPV at a frozen threshold.
+
+    The resamples are those of `bootstrap_ci` (`_patient_resamples`: patients drawn with
+    replacement, a patient's images together; resamples missing a class skipped), so with the same
+    `y`, `groups` and `seed` the operating-point CIs and the AUROC CI come from the same draws.
+    All four rates are computed by `at_threshold` on each resample.
+
+    Args:
+        y: binary labels (N,). prob: P(class 1), (N,) or (N, 2). groups: one patient pseudonym per row.
+        threshold: the frozen decision threshold (positive when prob ≥ threshold).
+        n_boot: resamples to draw; 0 gives no CIs. seed: RNG seed. alpha: 0.05 for 95% intervals.
+
+    Returns:
+        {rate: [low, high] or None} for each of RATES. None when the rate is undefined on the full
+        data (e.g. PPV with no positive calls), when n_boot is 0, or when no resample defines it;
+        a rate undefined on some resamples is summarised over the resamples that define it.
+    """
+    p, labels = as_binary(y, prob)
+    point = at_threshold(labels, p, threshold)
+    draws: dict[str, list[float | None]] = {k: [] for k in RATES}
+    if n_boot > 0 and any(point[k] is not None for k in RATES):
+        for idx in _patient_resamples(labels, groups, n_boot, seed):
+            rates = at_threshold(labels[idx], p[idx], threshold)
+            for k in RATES:
+                draws[k].append(rates[k])
+    return {k: _percentile_ci(draws[k], alpha) if point[k] is not None else None for k in RATES}
 
 
 def paired_bootstrap(

@@ -8,6 +8,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.evaluate.summary import MISSED_TARGET
+
 DASH = "—"
 NA = "na"  # level of a note saying that data is not available
 _NUMBER = r"[−+\-]?[\d,.]+(e[−+\-]?\d+)?"
@@ -47,6 +49,20 @@ def with_ci(point: Any, lo: Any, hi: Any, digits: int = 3) -> str:
     text = num(point, digits)
     interval = ci(lo, hi, digits)
     return text if interval == DASH or text == DASH else f"{text} ({interval})"
+
+
+def note_level(text: str) -> str:
+    """The level of an evaluation note: 'warn' for a missed operating-point target, else 'info'."""
+    return "warn" if MISSED_TARGET in text else "info"
+
+
+def rate_with_ci(test: Any, key: str) -> str:
+    """A test rate with its patient-bootstrap CI, '0.750 (0.620–0.860)'; the point alone without a CI."""
+    if not isinstance(test, dict):
+        return DASH
+    bounds = test.get(f"{key}_ci")
+    low, high = bounds if isinstance(bounds, list | tuple) and len(bounds) == 2 else (None, None)
+    return with_ci(test.get(key), low, high)
 
 
 def duration(seconds: Any) -> str:

@@ -21,8 +21,10 @@ from pipeline.report.fmt import (
     group,
     kv,
     note,
+    note_level,
     num,
     pre,
+    rate_with_ci,
     section,
     table,
     with_ci,
@@ -93,12 +95,13 @@ def performance_section(f: Facts) -> dict[str, Any]:
                 o.get("rule", DASH),
                 num(o.get("threshold")),
                 *[num((o.get("val") or {}).get(k)) for k in ("sensitivity", "specificity")],
-                *[num((o.get("test") or {}).get(k)) for k in ("sensitivity", "specificity", "ppv", "npv")],
+                *[rate_with_ci(o.get("test"), k) for k in ("sensitivity", "specificity", "ppv", "npv")],
                 *[count((o.get("test") or {}).get(k)) for k in ("tp", "fp", "tn", "fn")],
             ]
             for o in ops
         ]
-        blocks.append(table(head, rows_, "Operating points: thresholds chosen on validation, frozen for test"))
+        caption = "Operating points: thresholds chosen on validation, frozen for test; test rates with 95% CIs"
+        blocks.append(table(head, rows_, caption + " (patient bootstrap)"))
     elif e:
         blocks.append(note("No operating points: they are defined for binary tasks only.", NA))
     cm = d.get("confusion_matrix")
@@ -112,7 +115,7 @@ def performance_section(f: Facts) -> dict[str, Any]:
             )
         )
     for text in e.get("notes") or []:
-        blocks.append(note(str(text)))
+        blocks.append(note(str(text), note_level(str(text))))
     return section("performance", "Test performance", blocks)
 
 

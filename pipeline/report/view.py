@@ -10,6 +10,7 @@ from pipeline.report.facts import Facts, facts
 from pipeline.report.fmt import DASH, as_float, note, section
 from pipeline.report.results import (
     calibration_section,
+    note_level,
     performance_section,
     provenance_section,
     subgroups_section,
@@ -147,7 +148,7 @@ def warning_lines(f: Facts) -> list[dict[str, str]]:
     elif times == 1:
         add("This is the test split's first evaluation.", "info")
     for text in f.evaluation.get("notes") or []:
-        add(str(text), "info")
+        add(str(text), note_level(str(text)))
     if str(f.setting("model.weights")) != "none" and not f.baseline:
         add("No from-scratch baseline: the transfer gain is not measured (see Transfer gain).", "info")
     return out
