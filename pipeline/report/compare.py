@@ -81,7 +81,8 @@ def compare_runs(
             )
         if frame["image_id"].duplicated().any():
             return _unavailable(f"the test predictions of {name} list an image more than once")
-    assert this is not None and base is not None
+    if this is None or base is None:  # checked above; narrows the types
+        return _unavailable("a table of test predictions is missing")
     both = this.merge(base[["image_id", "y_true", "prob"]], on="image_id", suffixes=("", "_base"))
     if both.empty:
         return _unavailable("the two runs share no test images")
