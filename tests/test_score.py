@@ -26,7 +26,8 @@ from pipeline.cli import main
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import DomainStats, compare_domain, reference_stats
 from pipeline.ingest import load_manifest
-from pipeline.prepare import PrepareSpec, make_spec, prepare_image, spec_from_dict
+from pipeline.prepare import make_spec, prepare_image, spec_from_dict
+from pipeline.records import PrepareSpec
 from pipeline.score import ENGINES, load_packaged, score
 from pipeline.score.adabn import adapt_batchnorm
 from pipeline.score.engines import get_engine

@@ -1,14 +1,13 @@
 """Fine-tuning stage: strategies, imbalance handling, the training loop, resume and DDP."""
 
 from pipeline.finetune.distributed import World, init_distributed, pick_device, shutdown
-from pipeline.finetune.loop import TrainResult, autocast, finetune, predict_logits, val_auroc
+from pipeline.finetune.loop import autocast, finetune, predict_logits, val_auroc
 from pipeline.finetune.losses import FocalLoss, make_loss
 from pipeline.finetune.options import check_options
 from pipeline.finetune.probe import extract_features, feature_cache_key, linear_probe, logistic_head
 
 __all__ = [
     "FocalLoss",
-    "TrainResult",
     "World",
     "autocast",
     "check_options",

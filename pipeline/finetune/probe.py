@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pipeline.config import FinetuneConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.finetune.loop import EpochHook, TrainResult, autocast, finetune, val_auroc
+from pipeline.finetune.loop import EpochHook, autocast, finetune, val_auroc
 from pipeline.finetune.losses import make_loss
 from pipeline.finetune.weighting import class_weights
 from pipeline.io import atomic_path, state_sha256
+from pipeline.records import TrainResult
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (N, F) float32 features, (N,) int labels
 

@@ -123,16 +123,17 @@ def _evaluate_and_log(
         "evaluation.json",
     )
     op = s.operating_points[0] if s.operating_points else {}
+    calibration = s.calibrator.params()
     meta = {
         "prepare": ckpt["prepare"],
         "classes": cohort.classes,
         "temperature": s.temperature or 1.0,
-        "calibration": s.calibrator.params(),
+        "calibration": calibration,
         "operating_point": {"rule": op.get("rule"), "threshold": op.get("threshold")},
         "adaptation": ckpt["adaptation"],
         "train_run_id": run_id,
     }
-    packaged = tracking.CalibratedNet(model, s.calibrator.params())  # the evaluated calibration, whatever it is
+    packaged = tracking.CalibratedNet(model, calibration)  # the evaluated calibration, whatever it is
     meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
     if train_data is not None:  # intensity and embedding statistics for score's domain-shift check
         meta["reference_stats"] = jsonable(reference_stats(packaged, train_data, batch_size=cfg.finetune.batch_size))

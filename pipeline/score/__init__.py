@@ -9,8 +9,6 @@ engine is one module with a function of the `Engine` signature plus one `ENGINES
 Domain statistics (`DomainStats`, `compare_domain`, `reference_stats`) live in `pipeline.evaluate`.
 """
 
-from pipeline.evaluate import reference_stats
-from pipeline.records import Packaged
 from pipeline.score.archive import score
 from pipeline.score.engines import ENGINES, Engine, EngineOptions
 from pipeline.score.external import external_metrics
@@ -20,9 +18,7 @@ __all__ = [
     "ENGINES",
     "Engine",
     "EngineOptions",
-    "Packaged",
     "external_metrics",
     "load_packaged",
-    "reference_stats",
     "score",
 ]

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from pipeline.errors import DataError
 from pipeline.evaluate import Embedder
 from pipeline.finetune import autocast
-from pipeline.prepare import PrepareSpec, build_transform, prepare_image
+from pipeline.prepare import build_transform, prepare_image
+from pipeline.records import PrepareSpec
 
 Item = tuple[int, "torch.Tensor | None", str, str]  # (unit index, prepared tensor or None, reason, detail)
 Sink = Callable[[dict[str, np.ndarray]], None]  # receives `Scorer.score_items` results, in any order
