@@ -10,6 +10,7 @@ import pandas as pd
 from pipeline.errors import DataError
 from pipeline.evaluate import N_BINS, at_threshold, bootstrap_ci, brier, ece
 from pipeline.records import Packaged
+from pipeline.score.table import stored_threshold
 
 
 def external_metrics(
@@ -17,7 +18,8 @@ def external_metrics(
 ) -> dict[str, Any]:
     """AUROC (patient-bootstrap 95% CI), ECE, Brier of the scored units whose label is a model class.
 
-    Probabilities are the model's calibrated ones (its temperature).
+    Probabilities are the model's calibrated ones (its packaged calibration); sensitivity and
+    specificity use the threshold the output table's decisions use.
 
     Args:
         table: the output table of `score`. frame: the archive's manifest (``image_id``, ``label``).
@@ -61,5 +63,5 @@ def external_metrics(
     except DataError as exc:
         out["notes"].append(f"AUROC not computed: {exc}")
     if len(pkg.classes) == 2 and pkg.threshold is not None and len(set(y)) == 2:
-        out["at_operating_point"] = at_threshold(y, probs[:, 1], pkg.threshold)
+        out["at_operating_point"] = at_threshold(y, probs[:, 1], stored_threshold(pkg.threshold))
     return out

@@ -20,15 +20,23 @@ COLUMNS_HEAD = ("image_id", "subject_id", "modality")
 COLUMNS_TAIL = ("decision", "status", "reason", "detail", "source_ref", "model_uri", "model_version")
 
 
+def stored_threshold(threshold: float) -> float:
+    """The operating point at the precision scored probabilities are stored in (float32).
+
+    Comparing float32-stored probabilities with it decides a probability equal to the threshold
+    (isotonic maps produce such ties) as evaluation, which compares float64 values, decided it.
+    """
+    return float(np.float32(threshold))
+
+
 def decisions(probs: np.ndarray, classes: list[str], threshold: float | None) -> np.ndarray:
     """The class label decided for each row of probabilities (N, C) (NaN rows get the first class).
 
-    Binary with an operating point: class 1 when P(class 1) ≥ threshold. Probabilities are stored as
-    float32, so the comparison is made at that precision: a probability equal to the threshold
-    (isotonic maps produce such ties) is decided as evaluation decided it. Otherwise the arg-max.
+    Binary with an operating point: class 1 when P(class 1) ≥ `stored_threshold(threshold)`;
+    otherwise the arg-max.
     """
     if len(classes) == 2 and threshold is not None:
-        pick = (probs[:, 1].astype(np.float32) >= np.float32(threshold)).astype(int)
+        pick = (probs[:, 1] >= stored_threshold(threshold)).astype(int)
     else:
         pick = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1) if len(probs) else np.zeros(0, int)
     return np.asarray(classes, dtype=object)[pick]
