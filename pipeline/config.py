@@ -121,7 +121,9 @@ class FinetuneConfig:
 class EvaluateConfig:
     """`evaluate`: calibration method, operating-point rules, bootstrap resamples and subgroup columns."""
 
-    calibration: Literal["temperature", "vector", "isotonic", "none"] = "temperature"
+    # auto: fit temperature or vector scaling only when validation is large enough and it lowers the
+    # cross-validated validation NLL (pipeline.evaluate.choose_calibration); else plain softmax
+    calibration: Literal["auto", "temperature", "vector", "isotonic", "none"] = "auto"
     operating_points: list[str] = field(default_factory=lambda: ["youden", "sensitivity@0.90"])
     bootstrap: int = 1000
     subgroups: list[str] = field(default_factory=lambda: ["sex", "site", "manufacturer"])

@@ -188,6 +188,27 @@ class TrainResult:
 
 
 @dataclass
+class CalibrationChoice:
+    """Which calibration evaluation fitted on validation, and why (`evaluate.choose_calibration`).
+
+    `requested` is `evaluate.calibration` (a method, or "auto"); `method` the one fitted
+    (temperature | vector | isotonic | none). `reason` is one sentence for the report. `n_val` and
+    `smallest_class` count validation images (all, and of the rarest class); `minimum` is the
+    smallest-class count the requested method needs (0 for none). `cv_nll` holds, for "auto", the
+    out-of-fold validation NLL of each candidate (patient-grouped folds; "none" is plain softmax).
+    """
+
+    requested: str
+    method: str
+    reason: str
+    n_val: int
+    smallest_class: int
+    minimum: int = 0
+    cv_nll: dict[str, float] = field(default_factory=dict)
+    undersized: bool = False  # an explicitly requested method fitted on fewer images than it needs
+
+
+@dataclass
 class EvaluationSummary:
     """What evaluation returns (evaluate → run, MLflow, report): calibrated on val, measured on test.
 
@@ -199,7 +220,8 @@ class EvaluationSummary:
     also `<rate>_ci` = [low, high] patient-bootstrap 95% CIs, or None). `notes` include missed
     operating-point targets and rules that chose the same threshold.
     `subgroups` holds one row per (attribute, value); `reliability` the binned tables before and
-    after calibration; `discrimination` the test AUROC/AUPRC/accuracy/confusion matrix.
+    after calibration; `discrimination` the test AUROC/AUPRC/accuracy/confusion matrix;
+    `calibration` which calibration was fitted and why (`CalibrationChoice`).
     """
 
     metrics: dict[str, float]
@@ -213,6 +235,7 @@ class EvaluationSummary:
     reliability: dict[str, Any]
     discrimination: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    calibration: CalibrationChoice | None = None
 
 
 @dataclass(eq=False)

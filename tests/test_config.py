@@ -93,7 +93,7 @@ def test_config_choices_match_the_stages_that_implement_them():
 
     from pipeline.adapt.registry import DIMS
     from pipeline.config import EvaluateConfig, FinetuneConfig, PrepareConfig
-    from pipeline.evaluate import CALIBRATORS
+    from pipeline.evaluate import CALIBRATORS, CHOICES
     from pipeline.finetune.freezing import STRATEGIES
     from pipeline.prepare import PRESETS, REDUCTIONS
 
@@ -104,4 +104,4 @@ def test_config_choices_match_the_stages_that_implement_them():
     assert choices(PrepareConfig, "dims") == set(DIMS)
     assert choices(PrepareConfig, "reduce") == set(REDUCTIONS)
     assert choices(FinetuneConfig, "strategy") == set(STRATEGIES)
-    assert choices(EvaluateConfig, "calibration") == set(CALIBRATORS)
+    assert choices(EvaluateConfig, "calibration") == set(CHOICES) == {*CALIBRATORS, "auto"}

@@ -3,6 +3,7 @@ no identifiers, "not available" instead of crashes), rendered in headless Chromi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -216,6 +217,8 @@ def _log_evaluation(frame: pd.DataFrame, rng: np.random.Generator, signal: float
         operating_points=["youden", "sensitivity@0.90"],
         n_boot=200,
         subgroups={"sex": test["sex"].to_numpy(), "site": test["site"].to_numpy()},
+        calibration="temperature",
+        groups_val=val["subject_id"].to_numpy(),
     )
     tracking.log_metrics(s.metrics)
     rel = s.reliability
@@ -229,6 +232,7 @@ def _log_evaluation(frame: pd.DataFrame, rng: np.random.Generator, signal: float
                     "notes": s.notes,
                     "classes": ["0", "1"],
                     "discrimination": s.discrimination,
+                    "calibration": dataclasses.asdict(s.calibration),
                 }
             ),
             "reliability": {k: rel[k] for k in ("n_bins", "before", "after")},

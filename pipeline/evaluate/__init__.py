@@ -7,10 +7,12 @@ clustered by patient), `summary` (the evaluation summary), `plots` (figures).
 
 from pipeline.evaluate.calibrate import (
     CALIBRATORS,
+    CHOICES,
     Calibrator,
     IsotonicCalibrator,
     TemperatureScaler,
     VectorScaler,
+    choose_calibration,
     make_calibrator,
     softmax,
 )
@@ -40,9 +42,10 @@ from pipeline.evaluate.plots import (
     save_png,
     training_curves_figure,
 )
-from pipeline.evaluate.summary import MISSED_TARGET, evaluation_summary, metric_key
+from pipeline.evaluate.summary import MISSED_TARGET, WARNING_PHRASES, evaluation_summary, metric_key
 from pipeline.evaluate.uncertainty import (
     bootstrap_ci,
+    calibration_cis,
     paired_bootstrap,
     paired_comparison,
     subgroup_metrics,
@@ -52,9 +55,11 @@ from pipeline.stats import auroc
 
 __all__ = [
     "CALIBRATORS",
+    "CHOICES",
     "MISSED_TARGET",
     "N_BINS",
     "SMD_WARN",
+    "WARNING_PHRASES",
     "Calibrator",
     "DomainStats",
     "Embedder",
@@ -66,7 +71,9 @@ __all__ = [
     "bootstrap_ci",
     "brier",
     "brier_sum_over_classes",
+    "calibration_cis",
     "calibration_slope_intercept",
+    "choose_calibration",
     "choose_operating_point",
     "classwise_ece",
     "compare_domain",

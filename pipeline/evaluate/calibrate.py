@@ -9,7 +9,8 @@ from scipy.optimize import minimize
 from sklearn.isotonic import IsotonicRegression
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
-from pipeline.stats import apply_calibration, check_labels, softmax
+from pipeline.records import CalibrationChoice
+from pipeline.stats import apply_calibration, check_groups, check_labels, softmax
 
 # T is searched in [1/20, 20]. Trained networks are rarely more than a few times over- or under-confident;
 # an unbounded fit on a validation split without signal runs to T → ∞ and makes every probability equal.
@@ -246,3 +247,145 @@ def make_calibrator(name: str) -> Calibrator:
             f"expected one of {', '.join(choices)}."
         )
     return CALIBRATORS[name]()
+
+
+# --------------------------------------------------------------------------- choosing a calibration
+# A calibration fitted on too few validation images overfits them and makes test calibration worse.
+# The rule of thumb of clinical prediction modelling (Riley et al. 2019: at least 10–20 events per
+# fitted parameter) is applied to the rarest validation class: 20 images per parameter for the
+# parametric maps, and 100 for isotonic regression, which is non-parametric and known to overfit
+# small calibration sets (Niculescu-Mizil & Caruana 2005).
+PER_PARAMETER = 20
+CHOICES = (*CALIBRATORS, "auto")  # what evaluate.calibration accepts
+AUTO_CANDIDATES = ("temperature", "vector")  # isotonic is never chosen automatically
+CV_FOLDS = 5
+
+
+def minimum_smallest_class(method: str, n_classes: int) -> int:
+    """Images of the rarest validation class a method needs: 20 per fitted parameter, 100 for isotonic."""
+    params = {"none": 0, "temperature": 1, "vector": 2 * n_classes}
+    return 100 if method == "isotonic" else PER_PARAMETER * params[method]
+
+
+def _patient_codes(groups: Any, n: int) -> np.ndarray:
+    """Patient numbers 0..I−1 per row (`stats.check_groups`); None: every row is its own patient."""
+    return np.arange(n) if groups is None else check_groups(groups, n, "groups_val")
+
+
+def patient_folds(y: np.ndarray, codes: np.ndarray, k: int = CV_FOLDS, seed: int = 0) -> np.ndarray:
+    """A fold number in 0..k−1 per row: all of a patient's rows share a fold, stratified by the patient's label.
+
+    `codes` numbers the patients 0..I−1 (one per row). Patients are labelled by their highest
+    class, shuffled within each label (seeded) and dealt to the folds in turn, so each fold holds
+    about 1/k of every label's patients.
+    """
+    n_patients = int(codes.max()) + 1
+    label = np.zeros(n_patients, dtype=np.int64)
+    np.maximum.at(label, codes, y)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(n_patients, dtype=np.int64)
+    start = 0
+    for c in np.unique(label):
+        members = rng.permutation(np.flatnonzero(label == c))
+        fold[members] = (start + np.arange(len(members))) % k
+        start += len(members)  # the next label starts where this one stopped, so fold sizes stay even
+    return fold[codes]
+
+
+def _out_of_fold_loss(method: str, z: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Per-image log loss of `method` on validation, each fold calibrated by a fit on the other folds."""
+    logp = np.empty(len(y))
+    for f in np.unique(folds):
+        held = folds == f
+        probs = make_calibrator(method).fit(z[~held], y[~held]).transform(z[held])
+        logp[held] = np.log(np.clip(probs[np.arange(int(held.sum())), y[held]], 1e-15, 1.0))
+    return -logp
+
+
+def _clustered_se(diff: np.ndarray, codes: np.ndarray) -> float:
+    """Standard error of the mean of per-image values, patients as clusters (their images are correlated)."""
+    sums = np.bincount(codes, weights=diff)
+    counts = np.bincount(codes)
+    mean = diff.mean()
+    n_patients = len(sums)
+    if n_patients < 2:
+        return float("inf")
+    resid = sums - counts * mean
+    return float(np.sqrt(n_patients / (n_patients - 1) * np.sum(resid**2)) / len(diff))
+
+
+def choose_calibration(
+    requested: str, logits: Any, y: Any, groups: Any = None, seed: int = 0
+) -> tuple[Calibrator, CalibrationChoice]:
+    """Fit the calibration `requested` (a method, or "auto") on validation; say which was fitted and why.
+
+    An explicit method is always fitted; when the rarest validation class has fewer images than
+    the method needs (`minimum_smallest_class`) the choice is marked `undersized`. "auto" fits
+    nothing (method "none") below the temperature's minimum; otherwise it cross-validates on
+    validation (5 folds of patients, stratified by label) each candidate the data is large enough
+    for — temperature and vector scaling — against plain softmax, and fits the one with the lowest
+    out-of-fold NLL on all of validation. Softmax is kept when no candidate lowers it: a
+    calibration that does not help on held-out validation patients is not applied to test.
+
+    Args:
+        requested: evaluate.calibration. logits: validation logits (N, C). y: labels (N,).
+        groups: one patient pseudonym per validation row (None: every image is its own patient).
+
+    Returns:
+        (the fitted calibrator, the `records.CalibrationChoice`).
+    """
+    z, labels = _check_xy(logits, y)
+    c = z.shape[1]
+    smallest = int(np.bincount(labels, minlength=c).min())
+    n = len(labels)
+    if requested not in CHOICES:
+        raise ConfigError(
+            f"evaluate.calibration: unknown method '{requested}'{did_you_mean(requested, CHOICES)}; "
+            f"expected one of {', '.join(CHOICES)}."
+        )
+    if requested != "auto":
+        need = minimum_smallest_class(requested, c)
+        undersized = smallest < need
+        reason = f"{requested} requested in evaluate.calibration"
+        if undersized:
+            reason += (
+                f"; validation has {smallest} image(s) in its smallest class, {requested} needs ≥ {need} "
+                "to fit reliably, so it may overfit (calibration: auto would fit none)"
+            )
+        choice = CalibrationChoice(requested, requested, reason, n, smallest, need, undersized=undersized)
+        return make_calibrator(requested).fit(z, labels), choice
+    need = minimum_smallest_class("temperature", c)
+    if smallest < need:
+        reason = (
+            f"validation too small to fit a calibration: {smallest} image(s) in its smallest class, "
+            f"temperature scaling needs ≥ {need}; probabilities are the plain softmax"
+        )
+        return make_calibrator("none").fit(z, labels), CalibrationChoice("auto", "none", reason, n, smallest, need)
+    codes = _patient_codes(groups, n)
+    folds = patient_folds(labels, codes, seed=seed)
+    eligible = [m for m in AUTO_CANDIDATES if smallest >= minimum_smallest_class(m, c)]
+    losses = {m: _out_of_fold_loss(m, z, labels, folds) for m in ("none", *eligible)}
+    cv = {m: float(v.mean()) for m, v in losses.items()}
+    best = "none"
+    for m in eligible:  # simplest first; a more complex map must beat the current choice by > 1 SE
+        gain = losses[best] - losses[m]
+        if gain.mean() > _clustered_se(gain, codes):
+            best = m
+    k = len(np.unique(folds))
+    if best == "none":
+        tried = " or ".join(f"{m} scaling ({cv[m]:.4f})" for m in eligible)
+        reason = (
+            f"cross-validated on validation ({k} patient folds), neither {tried} lowered the NLL of the plain "
+            f"softmax ({cv['none']:.4f}) by more than one standard error; probabilities are the plain softmax"
+            if len(eligible) > 1
+            else f"cross-validated on validation ({k} patient folds), {tried} did not lower the NLL of the plain "
+            f"softmax ({cv['none']:.4f}) by more than one standard error; probabilities are the plain softmax"
+        )
+    else:
+        reason = (
+            f"{best} scaling lowered the out-of-fold validation NLL from {cv['none']:.4f} to {cv[best]:.4f} "
+            f"({k} patient folds; candidates {', '.join(['none', *eligible])}, each kept only when it beats the "
+            "simpler one by more than one standard error)"
+        )
+    choice = CalibrationChoice("auto", best, reason, n, smallest, need, cv_nll=cv)
+    return make_calibrator(best).fit(z, labels), choice

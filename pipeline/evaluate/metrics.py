@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_curve
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
@@ -110,7 +111,7 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, offset: np.ndarray) -> np.ndarra
     """Unpenalised logistic regression y ~ x·beta + offset by Newton–Raphson."""
     beta = np.zeros(x.shape[1])
     for _ in range(100):
-        mu = 1.0 / (1.0 + np.exp(-(offset + x @ beta)))
+        mu = expit(offset + x @ beta)  # no overflow on a separable resample
         hess = x.T @ (x * (mu * (1.0 - mu))[:, None]) + 1e-12 * np.eye(x.shape[1])
         step = np.linalg.solve(hess, x.T @ (y - mu))
         beta += step

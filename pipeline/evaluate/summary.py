@@ -9,28 +9,32 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.evaluate.calibrate import check_logits, make_calibrator, softmax
+from pipeline.evaluate.calibrate import check_logits, choose_calibration, softmax
 from pipeline.evaluate.metrics import (
     N_BINS,
     at_threshold,
     brier,
     brier_sum_over_classes,
-    calibration_slope_intercept,
     choose_operating_point,
     classwise_ece,
     discrimination,
-    ece,
     mce,
     nll,
     parse_rule,
     reliability_bins,
     scaled_brier,
 )
-from pipeline.evaluate.uncertainty import RATES, bootstrap_ci, subgroup_metrics, threshold_cis
+from pipeline.evaluate.uncertainty import RATES, bootstrap_ci, calibration_cis, subgroup_metrics, threshold_cis
 from pipeline.records import EvaluationSummary
 from pipeline.stats import auroc, check_labels
 
-MISSED_TARGET = "misses the target"  # the phrase of a missed-target note; the report shows such notes as warnings
+MISSED_TARGET = "misses the target"  # the phrase of a missed-target note
+ECE_WORSE = "calibration made test ECE worse"
+NO_SIGNAL = "carries no ranking signal"
+FLATTENED = "calibration flattened the output"
+UNDERSIZED = "may overfit"
+# a note holding one of these phrases is a warning (the report shows it so); other notes are information
+WARNING_PHRASES = (MISSED_TARGET, ECE_WORSE, NO_SIGNAL, FLATTENED, UNDERSIZED)
 
 
 # --------------------------------------------------------------------------- summary
@@ -48,10 +52,19 @@ def _flat(prefix: str, values: Mapping[str, Any], keys: tuple[str, ...]) -> dict
     return {f"{prefix}{k}": float(values[k]) for k in keys if values.get(k) is not None}
 
 
-def _calibration_metrics(y: np.ndarray, probs: np.ndarray, raw: np.ndarray, n_bins: int) -> dict:
+def _calibration_metrics(
+    y: np.ndarray, probs: np.ndarray, raw: np.ndarray, groups: Any, n_bins: int, n_boot: int, seed: int
+) -> tuple[dict[str, float], list[str]]:
+    """Test calibration before (`raw`) and after (`probs`) calibration, with the panel's patient-bootstrap CIs.
+
+    Flat names: `test_ece` (after), `test_ece_uncalibrated`, `test_ece_change` (after − before),
+    each with `_ci_low`/`_ci_high`; `test_calibration_slope` / `_intercept` (after) and their
+    `_uncalibrated` counterparts with CIs (binary tasks); Brier (one column, 0–1 scale for binary),
+    scaled Brier, the two-class sum under its own name, NLL, MCE and class-wise ECE.
+    `calibration_worsened_ece` is 1 when the CI of the ECE change lies wholly above 0, and only
+    then is a note returned; a worse point estimate inside sampling error is not a finding.
+    """
     out = {
-        "test_ece": ece(probs, y, n_bins),
-        "test_ece_uncalibrated": ece(raw, y, n_bins),
         "test_mce": mce(probs, y, n_bins),
         "test_classwise_ece": classwise_ece(probs, y, n_bins),
         "test_brier": brier(probs, y),
@@ -65,9 +78,34 @@ def _calibration_metrics(y: np.ndarray, probs: np.ndarray, raw: np.ndarray, n_bi
         scaled = scaled_brier(probs, y)
         if scaled is not None:
             out["test_brier_scaled"] = scaled
-        slope, intercept = calibration_slope_intercept(probs[:, 1], y)
-        out.update(test_calibration_slope=slope, test_calibration_intercept=intercept)
-    return out
+    names = {
+        ("ece", "after"): "test_ece",
+        ("ece", "before"): "test_ece_uncalibrated",
+        ("ece", "diff"): "test_ece_change",
+        ("slope", "after"): "test_calibration_slope",
+        ("slope", "before"): "test_calibration_slope_uncalibrated",
+        ("intercept", "after"): "test_calibration_intercept",
+        ("intercept", "before"): "test_calibration_intercept_uncalibrated",
+    }
+    panel = calibration_cis(y, raw, probs, groups, n_boot=n_boot, seed=seed, n_bins=n_bins)
+    for (stat, part), name in names.items():
+        entry = panel.get(stat, {}).get(part)
+        if entry is None:
+            continue
+        out[name] = entry["value"]
+        if entry["ci"] is not None:
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = entry["ci"]
+    notes = []
+    change_ci = panel["ece"]["diff"]["ci"]
+    worse = change_ci is not None and change_ci[0] > 0
+    out["calibration_worsened_ece"] = float(worse)
+    if worse:
+        notes.append(
+            f"{ECE_WORSE}: {out['test_ece_uncalibrated']:.3f} → {out['test_ece']:.3f} "
+            f"(change {out['test_ece_change']:+.3f}, 95% CI {change_ci[0]:+.3f} to {change_ci[1]:+.3f}, "
+            "patient bootstrap); the calibration fitted on validation does not carry over to test"
+        )
+    return out, notes
 
 
 def _operating_points(
@@ -168,7 +206,7 @@ def _calibration_warnings(
     if absent:
         shown = "undefined" if val_auroc is None else f"{val_auroc:.3f}"
         notes.append(
-            f"validation AUROC is {shown}: the validation split carries no ranking signal for this model, so the "
+            f"validation AUROC is {shown}: the validation split {NO_SIGNAL} for this model, so the "
             "calibration, the early stopping and the operating points chosen on it are unreliable"
         )
     before, after = _spread(raw), _spread(calibrated)
@@ -176,7 +214,7 @@ def _calibration_warnings(
     metrics["calibration_flattened"] = float(flat)
     if flat:
         notes.append(
-            f"calibration flattened the output: test probabilities spread {after:.4f} after vs {before:.4f} before "
+            f"{FLATTENED}: test probabilities spread {after:.4f} after vs {before:.4f} before "
             "(mean SD over images); discrimination metrics use the uncalibrated scores, but the calibrated "
             "probabilities and decisions carry almost no information"
         )
@@ -194,19 +232,24 @@ def evaluation_summary(
     n_boot: int = 1000,
     seed: int = 0,
     subgroups: Mapping[str, Any] | None = None,
-    calibration: str = "temperature",
+    calibration: str = "auto",
     n_bins: int = N_BINS,
+    groups_val: Any = None,
 ) -> EvaluationSummary:
     """Calibrate on validation, evaluate on test: the numbers an auditor needs, in one record.
 
-    The calibrator is fitted on (logits_val, y_val) only; operating points are chosen on the
+    The calibrator is fitted on (logits_val, y_val) only (`choose_calibration`: "auto" fits a
+    calibration only when the validation split is large enough and cross-validation on its patients,
+    `groups_val`, shows it lowers the NLL); operating points are chosen on the
     calibrated validation probabilities and frozen for test; CIs resample test patients
     (n_boot = 0: no CIs). Ranking metrics (AUROC, AUPRC, val AUROC, subgroup AUROCs) use the
     uncalibrated softmax, which a calibration map cannot tie or flatten; calibration and decision
-    metrics use the calibrated probabilities. Each frozen threshold gets patient-bootstrap CIs of
+    metrics use the calibrated probabilities. The calibration panel (ECE, slope, intercept before
+    and after, the ECE change) has patient-bootstrap CIs. Each frozen threshold gets patient-bootstrap CIs of
     test sensitivity, specificity, PPV and NPV; a target rule whose test CI excludes its target,
-    rules sharing a threshold, a validation split without ranking signal and a calibration that
-    flattens the output are reported in `notes`.
+    rules sharing a threshold, a validation split without ranking signal, a calibration that
+    flattens the output, one fitted on too small a validation split and one that makes test ECE
+    worse (CI of the change above 0) are reported in `notes` (`WARNING_PHRASES` mark the warnings).
     Multi-class tasks get macro AUROC and no operating points (the rules are still validated).
 
     Returns:
@@ -222,7 +265,7 @@ def evaluation_summary(
     rules = list(operating_points)
     for rule in rules:
         parse_rule(rule)  # a typo fails before any work, binary or not
-    calibrator = make_calibrator(calibration).fit(zv, yv)
+    calibrator, choice = choose_calibration(calibration, zv, yv, groups_val, seed=seed)
     pv, pt, raw = calibrator.transform(zv), calibrator.transform(zt), softmax(zt)
     # ranking metrics from the uncalibrated scores (a calibration map may tie or flatten them);
     # decision metrics (accuracy, F1, confusion) from the calibrated probabilities the decisions use
@@ -239,7 +282,6 @@ def evaluation_summary(
         "test_auroc": point,
         **auroc_ci,
         **_flat("test_", disc, ("auprc", "accuracy", "balanced_accuracy", "f1")),
-        **_calibration_metrics(yt, pt, raw, n_bins),
         "test_n_images": float(len(yt)),
         "test_n_patients": float(len(np.unique(np.asarray(groups_test).astype(str)))),
     }
@@ -250,7 +292,11 @@ def evaluation_summary(
     if temperature is not None:
         metrics["temperature"] = float(temperature)
     ops: list[dict] = []
-    notes = _calibration_warnings(val_auroc, raw, pt, metrics)
+    calibration_metrics, notes = _calibration_metrics(yt, pt, raw, groups_test, n_bins, n_boot, seed)
+    metrics.update(calibration_metrics, calibration_undersized=float(choice.undersized))
+    if choice.undersized:
+        notes.append(f"calibration: {choice.reason}")
+    notes += _calibration_warnings(val_auroc, raw, pt, metrics)
     if zv.shape[1] == 2:
         ops, flat, op_notes = _operating_points(yv, pv, yt, pt, groups_test, rules, n_boot, seed)
         metrics.update(flat)
@@ -288,4 +334,5 @@ def evaluation_summary(
         reliability=reliability,
         discrimination=disc,
         notes=notes,
+        calibration=choice,
     )

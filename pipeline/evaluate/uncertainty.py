@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
 from pipeline.evaluate.delong import delong_test
-from pipeline.evaluate.metrics import at_threshold, brier, discrimination, ece, nll
+from pipeline.evaluate.metrics import N_BINS, at_threshold, brier, calibration_slope_intercept, discrimination, ece, nll
 from pipeline.stats import as_binary, auroc, check_groups, check_labels, check_probs
 
 # --------------------------------------------------------------------------- uncertainty
@@ -287,3 +287,56 @@ def _auroc_ci(
         return bootstrap_ci(auroc, y, p, groups, n_boot=n_boot, seed=seed)
     except DataError:  # every resample lost a class (very few patients): report the point only
         return auroc(y, p), None, None
+
+
+# --------------------------------------------------------------------------- calibration panel
+def calibration_cis(
+    y: Any,
+    probs_before: Any,
+    probs_after: Any,
+    groups: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    n_bins: int = N_BINS,
+) -> dict[str, Any]:
+    """Patient-bootstrap CIs of the calibration panel, before and after calibration, from the same resamples.
+
+    ECE (top-label, `n_bins` equal-width bins) before and after and their paired difference
+    (after − before: > 0 means calibration made ECE worse); for binary tasks also the calibration
+    slope and intercept (Van Calster 2019, `calibration_slope_intercept`) before and after.
+    Resamples draw patients (`_patient_resamples`), so with the same y, groups and seed they are
+    the draws of the AUROC and operating-point CIs.
+
+    Returns:
+        {"ece": {"before", "after", "diff"}, "slope": {"before", "after"}, "intercept": {...}}, each
+        entry {"value": point estimate, "ci": [low, high] or None}; slope and intercept only for
+        binary tasks with both classes present. n_boot = 0 gives points without CIs.
+    """
+    before, after = check_probs(probs_before, "probs_before"), check_probs(probs_after, "probs_after")
+    labels = check_labels(y, len(before), before.shape[1])
+    binary = before.shape[1] == 2 and labels.min() != labels.max()
+
+    def panel(idx: np.ndarray) -> dict[str, float]:
+        yy, b, a = labels[idx], before[idx], after[idx]
+        out = {"ece.before": ece(b, yy, n_bins), "ece.after": ece(a, yy, n_bins)}
+        out["ece.diff"] = out["ece.after"] - out["ece.before"]
+        if binary:
+            out["slope.before"], out["intercept.before"] = calibration_slope_intercept(b[:, 1], yy)
+            out["slope.after"], out["intercept.after"] = calibration_slope_intercept(a[:, 1], yy)
+        return out
+
+    point = panel(np.arange(len(labels)))
+    draws: dict[str, list[float | None]] = {k: [] for k in point}
+    if n_boot > 0:
+        for idx in _patient_resamples(labels, groups, n_boot, seed):
+            for k, v in panel(idx).items():
+                draws[k].append(v)
+    result: dict[str, Any] = {}
+    for key, value in point.items():
+        name, part = key.split(".")
+        result.setdefault(name, {})[part] = {
+            "value": float(value),
+            "ci": _percentile_ci(draws[key], alpha) if n_boot > 0 else None,
+        }
+    return result

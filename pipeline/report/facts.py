@@ -57,6 +57,20 @@ class Facts:
         ]
 
     @property
+    def calibration(self) -> dict[str, Any]:
+        """Which calibration evaluation fitted and why (evaluation.json's `calibration`, a `CalibrationChoice`).
+
+        Runs evaluated before the choice was recorded: the configured method (and the logged
+        `calibration_method` tag), without a reason.
+        """
+        c = self.evaluation.get("calibration")
+        if isinstance(c, dict) and c.get("method"):
+            return c
+        requested = self.setting("evaluate.calibration")
+        method = self.tags.get("calibration_method") or requested
+        return {"requested": requested, "method": method} if method else {}
+
+    @property
     def evaluated(self) -> bool:
         """Whether the run has test results (evaluation.json or a logged test_auroc)."""
         return bool(self.evaluation) or "test_auroc" in self.metrics

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.evaluate.summary import MISSED_TARGET
+from pipeline.evaluate import WARNING_PHRASES
 
 DASH = "—"
 NA = "na"  # level of a note saying that data is not available
@@ -51,9 +51,37 @@ def with_ci(point: Any, lo: Any, hi: Any, digits: int = 3) -> str:
     return text if interval == DASH or text == DASH else f"{text} ({interval})"
 
 
+CALIBRATION_NAMES = {
+    "temperature": "temperature scaling",
+    "vector": "vector scaling",
+    "isotonic": "isotonic regression",
+    "none": "no calibration (plain softmax)",
+}
+
+
+def calibration_name(method: Any, temperature: Any = None) -> str:
+    """'temperature scaling (T = 1.62)', 'no calibration (plain softmax)', ...; '—' when unknown."""
+    if not method:
+        return DASH
+    name = CALIBRATION_NAMES.get(str(method), str(method))
+    t = as_float(temperature)
+    return f"{name} (T = {t:.2f})" if method == "temperature" and t is not None else name
+
+
+def signed_with_ci(point: Any, lo: Any, hi: Any, digits: int = 3) -> str:
+    """A difference with its CI, '+0.012 (−0.030 to +0.041)'; the point alone without a CI; '—' without a point."""
+    values = [as_float(v) for v in (point, lo, hi)]
+    if values[0] is None:
+        return DASH
+    text = f"{values[0]:+.{digits}f}"
+    if values[1] is None or values[2] is None:
+        return text
+    return f"{text} ({values[1]:+.{digits}f} to {values[2]:+.{digits}f})"
+
+
 def note_level(text: str) -> str:
-    """The level of an evaluation note: 'warn' for a missed operating-point target, else 'info'."""
-    return "warn" if MISSED_TARGET in text else "info"
+    """The level of an evaluation note: 'warn' when it holds one of evaluate's `WARNING_PHRASES`, else 'info'."""
+    return "warn" if any(phrase in text for phrase in WARNING_PHRASES) else "info"
 
 
 def rate_with_ci(test: Any, key: str) -> str:

@@ -14,6 +14,7 @@ from pipeline.report.fmt import (
     NA,
     as_float,
     as_floats,
+    calibration_name,
     ci,
     count,
     duration,
@@ -23,9 +24,11 @@ from pipeline.report.fmt import (
     note,
     note_level,
     num,
+    para,
     pre,
     rate_with_ci,
     section,
+    signed_with_ci,
     table,
     with_ci,
 )
@@ -120,39 +123,76 @@ def performance_section(f: Facts) -> dict[str, Any]:
 
 
 def calibration_section(f: Facts) -> dict[str, Any]:
-    """The Calibration section: ECE, Brier and NLL before and after calibration, the reliability diagram."""
+    """The Calibration section: which calibration and why, the panel before/after with CIs, the reliability diagram."""
     if not f.evaluated:
         return _not_evaluated("calibration", "Calibration", f)
     m = f.metrics
     rel = f.evaluation.get("reliability") or {}
     n_bins = int(as_float(m.get("ece_n_bins")) or as_float(rel.get("n_bins")) or 15)
-    method = f.setting("evaluate.calibration", DASH)
+    choice = f.calibration
+    fitted = calibration_name(choice.get("method"), m.get("temperature"))
+
+    def cell(key: str, digits: int = 3) -> str:
+        return with_ci(m.get(key), m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high"), digits)
+
     rows = [
-        [name, num(m.get(f"test_{key}_uncalibrated")), num(m.get(f"test_{key}"))]
-        for name, key in (
-            ("ECE", "ece"),
-            ("Brier score (binary: 0–1; multi-class: sum over classes, 0–2)", "brier"),
-            ("NLL", "nll"),
-        )
+        [
+            "ECE",
+            cell("test_ece_uncalibrated"),
+            cell("test_ece"),
+            signed_with_ci(m.get("test_ece_change"), m.get("test_ece_change_ci_low"), m.get("test_ece_change_ci_high")),
+        ],
+        [
+            "Calibration slope (ideal 1)",
+            cell("test_calibration_slope_uncalibrated", 2),
+            cell("test_calibration_slope", 2),
+            "",
+        ],
+        [
+            "Calibration intercept (ideal 0)",
+            cell("test_calibration_intercept_uncalibrated", 2),
+            cell("test_calibration_intercept", 2),
+            "",
+        ],
+        [
+            "Brier score (0–1; multi-class: sum over classes, 0–2)",
+            num(m.get("test_brier_uncalibrated")),
+            num(m.get("test_brier")),
+            "",
+        ],
+        ["NLL", num(m.get("test_nll_uncalibrated")), num(m.get("test_nll")), ""],
     ]
+    requested = choice.get("requested")
     extra = [
-        ("Method (fitted on validation)", method),
+        ("Requested (evaluate.calibration)", requested or DASH),
+        ("Fitted on validation", fitted),
+        ("Why", choice.get("reason")),
         ("Temperature T", num(m.get("temperature"), 3) if as_float(m.get("temperature")) else None),
+        (
+            "Validation images (smallest class)",
+            f"{count(choice.get('n_val'))} ({count(choice.get('smallest_class'))})" if choice.get("n_val") else None,
+        ),
         ("Bins", f"{n_bins} equal-width confidence bins (top label)"),
+        ("Scaled Brier (after; 1 − Brier / Brier of the prevalence)", num(m.get("test_brier_scaled"))),
         ("MCE (after)", num(m.get("test_mce"))),
         ("Class-wise ECE (after)", num(m.get("test_classwise_ece"))),
-        (
-            "Calibration slope / intercept (after)",
-            f"{num(m.get('test_calibration_slope'), 2)} / {num(m.get('test_calibration_intercept'), 2)} (ideal 1 / 0)",
-        ),
     ]
     blocks = [
         group(
             [
-                table(["metric", "before", "after"], rows, "Test-set calibration before and after " + str(method)),
+                table(
+                    ["metric", "before (softmax)", f"after ({fitted})", "change (after − before)"],
+                    rows,
+                    "Calibration panel on test: 95% CIs by patient bootstrap (same resamples before and after)",
+                ),
                 kv(extra),
             ]
-        )
+        ),
+        para(
+            "Slope < 1 means the predictions are too extreme (overconfident), > 1 too moderate; intercept > 0 means "
+            "risks are underestimated on average (Van Calster et al. 2019). A change in ECE whose CI includes 0 is "
+            "within sampling error; only one whose CI lies above 0 is reported as calibration making ECE worse."
+        ),
     ]
     fig = figures([("reliability", "Reliability diagram, before and after calibration")], f.figures)
     after = rel.get("after") or {}

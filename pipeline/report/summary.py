@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.report.facts import Facts
-from pipeline.report.fmt import DASH, NA, as_float, count, kv, note, num, section
+from pipeline.report.fmt import DASH, NA, as_float, calibration_name, count, kv, note, num, section, with_ci
 
 
 def headline(f: Facts) -> str | None:
@@ -102,16 +102,24 @@ def verdicts(f: Facts) -> list[str]:
             f"{num(t.get('specificity'), 2)}, PPV {num(t.get('ppv'), 2)}, NPV {num(t.get('npv'), 2)} on test."
         )
     if as_float(m.get("test_ece")) is not None:
-        how = (
-            f"after temperature scaling (T = {num(m['temperature'], 2)})"
-            if as_float(m.get("temperature"))
-            else f"after {f.setting('evaluate.calibration', 'calibration')}"
-        )
+        method = f.calibration.get("method")
         bins = int(as_float(m.get("ece_n_bins")) or (f.evaluation.get("reliability") or {}).get("n_bins") or 15)
-        out.append(
-            f"Calibration: ECE {num(m['test_ece'], 3)} {how}, {num(m.get('test_ece_uncalibrated'), 3)} "
-            f"before ({bins} equal-width confidence bins)."
+        ece_now = with_ci(m["test_ece"], m.get("test_ece_ci_low"), m.get("test_ece_ci_high"))
+        ece_before = with_ci(
+            m.get("test_ece_uncalibrated"),
+            m.get("test_ece_uncalibrated_ci_low"),
+            m.get("test_ece_uncalibrated_ci_high"),
         )
+        if method == "none":
+            out.append(
+                f"Calibration: ECE {ece_now} with {calibration_name(method)}, none was fitted "
+                f"({bins} equal-width confidence bins; see Calibration for why)."
+            )
+        else:
+            out.append(
+                f"Calibration: ECE {ece_now} after {calibration_name(method, m.get('temperature'))}, "
+                f"{ece_before} before ({bins} equal-width confidence bins)."
+            )
     if (
         f.baseline
         and as_float(f.baseline.get("metrics", {}).get("test_auroc")) is not None

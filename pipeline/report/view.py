@@ -127,9 +127,6 @@ def warning_lines(f: Facts) -> list[dict[str, str]]:
     lo, hi = as_float(m.get("test_auroc_ci_low")), as_float(m.get("test_auroc_ci_high"))
     if lo is not None and hi is not None and hi - lo > 0.2:
         add(f"The test AUROC CI is wide ({hi - lo:.2f}): the test set is small for firm conclusions.")
-    ece_a, ece_b = as_float(m.get("test_ece")), as_float(m.get("test_ece_uncalibrated"))
-    if ece_a is not None and ece_b is not None and ece_a > ece_b:
-        add(f"Calibration made test ECE worse ({ece_b:.3f} → {ece_a:.3f}): the validation split may be too small.")
     few = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict) and r.get("too_few")]
     if few:
         add(

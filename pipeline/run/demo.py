@@ -48,6 +48,7 @@ def demo_config(root: Path, cohort: SyntheticCohort) -> Config:
 
 def demo(out: str | Path = "medxfer-demo", n: int = 240, seed: int = 0) -> dict[str, Any]:
     """Generate a synthetic chest X-ray cohort under `out` and run the whole pipeline on it."""
+    from pipeline.report.fmt import calibration_name
     from pipeline.synthetic import make_cohort
 
     root = Path(out).resolve()
@@ -58,11 +59,12 @@ def demo(out: str | Path = "medxfer-demo", n: int = 240, seed: int = 0) -> dict[
     save_config(cfg, root / "config.yaml")
     result = run(cfg, report=root / "report.html")
     m = result["metrics"]
+    method = tracking.get_run(result["run_id"])["tags"].get("calibration_method", cfg.evaluate.calibration)
     print(
         f"\nmedxfer demo finished: test AUROC {m['test_auroc']:.3f} "
         f"(95% CI {m.get('test_auroc_ci_low', float('nan')):.3f}–{m.get('test_auroc_ci_high', float('nan')):.3f}), "
-        f"ECE {m['test_ece']:.3f} after temperature scaling (T = {m.get('temperature', 1.0):.2f}; "
-        f"{m['test_ece_uncalibrated']:.3f} before)"
+        f"ECE {m['test_ece']:.3f} with {calibration_name(method, m.get('temperature'))} "
+        f"({m['test_ece_uncalibrated']:.3f} uncalibrated)"
     )
     print(f"  report:       {result['report']}")
     print(f"  MLflow store: {cfg.tracking.uri}  (run {result['run_id']})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,11 +99,14 @@ def _evaluate_and_log(
         seed=cfg.finetune.seed,
         subgroups=attrs,
         calibration=cfg.evaluate.calibration,
+        groups_val=val["subject_id"].to_numpy(),
     )
     metrics = dict(s.metrics)
     if "val_auroc" in metrics:  # the per-epoch history owns `val_auroc`; this is the calibrated final value
         metrics["val_auroc_final"] = metrics.pop("val_auroc")
     tracking.log_metrics(metrics)
+    if s.calibration is not None:
+        tracking.set_tags({"calibration_method": s.calibration.method})
     with tempfile.TemporaryDirectory() as tmp:
         for name, frame, probs in (("val", val, s.probs_val), ("test", test, s.probs_test)):
             path = Path(tmp) / f"{name}.parquet"
@@ -118,6 +122,7 @@ def _evaluate_and_log(
                 "classes": cohort.classes,
                 "discrimination": s.discrimination,
                 "reliability": {k: s.reliability[k] for k in ("n_bins", "before", "after")},
+                "calibration": asdict(s.calibration) if s.calibration is not None else None,
             }
         ),
         "evaluation.json",
