@@ -123,6 +123,18 @@ class Cohort:
         """Class indices (int, (N,)) of `frame`'s labels."""
         return frame["label"].map({c: i for i, c in enumerate(self.classes)}).to_numpy(dtype=int)
 
+    def prevalence(self) -> dict[str, float]:
+        """Binary tasks: split → fraction of its patients with an image of the positive class (the last); else {}."""
+        if len(self.classes) != 2:
+            return {}
+        out = {}
+        for name in ("train", "val", "test"):
+            part = self.split(name)
+            if len(part):
+                positive = part.loc[part["label"] == self.classes[1], "subject_id"].nunique()
+                out[name] = positive / part["subject_id"].nunique()
+        return out
+
 
 @dataclass(frozen=True)
 class PrepareSpec:

@@ -36,9 +36,18 @@ def test_demo_run_has_metrics_weights_hash_and_registered_model(demo_run, run):
         "test_ece",
         "test_ece_uncalibrated",
         "test_brier",
-        "temperature",
+        "test_ece_change",
+        "test_calibration_slope_uncalibrated",
+        "calibration_undersized",
     ):
         assert key in metrics, key
+    assert tags["calibration_method"] in ("none", "temperature", "vector")  # calibration: auto in the demo config
+    assert ("temperature" in metrics) == (tags["calibration_method"] == "temperature")
+    frame = load_manifest(demo_run["root"] / "manifest")
+    for split in ("train", "val", "test"):  # the realised prevalence per split, by patient
+        part = frame[frame["split"] == split]
+        expected = part.loc[part["label"] == "1", "subject_id"].nunique() / part["subject_id"].nunique()
+        assert metrics[f"prevalence_{split}"] == pytest.approx(expected, abs=1e-12), split
     assert metrics["test_auroc_ci_low"] <= metrics["test_auroc"] <= metrics["test_auroc_ci_high"]
     assert metrics["test_auroc"] > 0.6  # small cohort here; the full demo reaches ≥ 0.8
     sha = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"  # the bundled lite0 file

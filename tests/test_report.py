@@ -88,6 +88,7 @@ def _manifest(root: Path, rng: np.random.Generator) -> pd.DataFrame:
             {  # the layout pipeline.ingest writes
                 "format": 1,
                 "parameters": {"val": 0.2, "test": 0.3, "seed": 0},
+                "split_source": "keyed-hash",
                 "files_seen": 103,
                 "files": {"dicom": 101, "nifti": 0, "rejected_at_scan": 2},
                 "units": 100,
@@ -642,3 +643,17 @@ def test_report_of_the_real_demo_run(demo_run):
             }
     leaked = [x for x in secrets - {""} if x in html]
     assert not leaked, leaked[:5]
+
+
+def test_cohort_shows_the_realised_prevalence_per_split(store, main_html):
+    """The patient prevalence of every split, recomputed from the manifest, and where the splits came from."""
+    frame = pd.read_parquet(store["manifest"] / "manifest.parquet")
+    cohort = _section(main_html, "cohort")
+    assert "prevalence (patients with class 1)" in cohort
+    for split in ("train", "val", "test"):
+        part = frame[frame["split"] == split]
+        expected = part.loc[part["label"] == "1", "subject_id"].nunique() / part["subject_id"].nunique()
+        row = re.search(rf"<tr><td>{split}</td>(.*?)</tr>", cohort, flags=re.S)
+        assert row, split
+        assert f'<td class="num">{expected:.3f}</td>' in row.group(1), (split, expected)
+    assert "stratified by label" in cohort

@@ -226,7 +226,12 @@ def _manifest_parts(folder: Any, splits: Any, problems: list[str]) -> tuple[dict
 
 
 def cohort_tables(frame: pd.DataFrame) -> dict[str, Any]:
-    """Counts of images and patients by split and class, and of images by subgroup attribute × split."""
+    """Counts of images and patients by split and class, and of images by subgroup attribute × split.
+
+    Binary tasks also get the realised prevalence per split (`prevalence`: split → the fraction of
+    its patients with an image of the positive class, the last class), which stratified splitting
+    keeps close to the cohort's.
+    """
     if "split" not in frame.columns or "label" not in frame.columns:
         raise DataError(f"manifest: needs 'split' and 'label' columns, found {sorted(frame.columns)}")
     frame = frame.assign(
@@ -236,9 +241,13 @@ def cohort_tables(frame: pd.DataFrame) -> dict[str, Any]:
     splits = [s for s in (*SPLITS, "unlabelled") if s in set(frame["split"])]
     classes = sorted({c for c in frame["label"] if c}, key=_class_key)
     rows = []
+    prevalence: dict[str, float] = {}
     for split in [*splits, "total"]:
         part = frame if split == "total" else frame[frame["split"] == split]
         counts = part["label"].value_counts()
+        if len(classes) == 2 and "subject_id" in part and len(part) and split != "unlabelled":
+            positive = part.loc[part["label"] == classes[-1], "subject_id"].nunique()
+            prevalence[split] = round(positive / part["subject_id"].nunique(), 4)
         rows.append(
             [
                 split,
@@ -251,6 +260,7 @@ def cohort_tables(frame: pd.DataFrame) -> dict[str, Any]:
         "splits": splits,
         "classes": classes,
         "by_split": rows,
+        "prevalence": prevalence,
         "n_images": len(frame),
         "attributes": [],
     }
@@ -292,6 +302,7 @@ def _ingest_parts(root: Path, problems: list[str]) -> dict[str, Any]:
         "label_problems": None,
         "warnings": [],
         "unit_warnings": None,
+        "split_source": None,
     }
     qpath = root / "quarantine.csv"
     if qpath.is_file():
@@ -309,6 +320,7 @@ def _ingest_parts(root: Path, problems: list[str]) -> dict[str, Any]:
         return out
     labels: dict[str, Any] = report["labels"] if isinstance(report.get("labels"), dict) else {}
     out["counts"] = _numbers(report)
+    out["split_source"] = _code(report["split_source"]) if isinstance(report.get("split_source"), str) else None
     out["label_problems"] = _problem_kinds(labels.get("problems", report.get("label_problems", [])))
     out["warnings"] = [_safe_text(w) for w in [*_texts(report.get("warnings")), *_texts(labels.get("warnings"))]]
     units = [re.sub(r"^img-[0-9a-f]+:\s*", "", w) for w in _texts(report.get("unit_warnings"))]

@@ -18,6 +18,7 @@ from pipeline.report.fmt import (
     kv,
     note,
     num,
+    para,
     section,
     table,
 )
@@ -33,13 +34,21 @@ def cohort_section(f: Facts) -> dict[str, Any]:
             [note("Cohort counts not available: neither the manifest nor the run's splits.json could be read.", NA)],
         )
     classes = c.get("classes") or []
-    blocks: list[dict[str, Any] | None] = [
-        table(
-            ["split", "images", "patients", *[f"class {k}" for k in classes]],
-            [[r[0], *[count(v) for v in r[1:]]] for r in c["by_split"]],
-            "Images and patients by split",
-        )
-    ]
+    prevalence = c.get("prevalence") if isinstance(c.get("prevalence"), dict) else {}
+    head = ["split", "images", "patients", *[f"class {k}" for k in classes]]
+    rows = [[r[0], *[count(v) for v in r[1:]]] for r in c["by_split"]]
+    if prevalence:
+        head.append(f"prevalence (patients with class {classes[-1]})")
+        rows = [[*r, num(prevalence.get(r[0]), 3)] for r in rows]
+    blocks: list[dict[str, Any] | None] = [table(head, rows, "Images and patients by split")]
+    source = (f.ingest or {}).get("split_source")
+    if source:
+        how = {
+            "keyed-hash": "assigned by ingest: a keyed hash of each patient, stratified by label, stable when "
+            "patients are added",
+            "labels.csv": "predefined: the split column of labels.csv",
+        }.get(str(source), str(source))
+        blocks.append(para(f"Splits {how}."))
     if c.get("source") == "splits.json":
         blocks.insert(
             0,

@@ -188,6 +188,7 @@ def _train_and_log(
         new_params = {k: v for k, v in params.items() if k not in before["params"]}  # a param is set once
         if new_params:
             tracking.log_params(new_params)
+        tracking.log_metrics({f"prevalence_{name}": v for name, v in cohort.prevalence().items()})
         tracking.log_json(fresh.as_dict(), "config.json")
         tracking.log_json(summary.as_dict(), "adaptation_summary.json")
         tracking.log_json(cohort.frame[["image_id", "subject_id", "split", "label"]].to_dict("list"), "splits.json")
