@@ -181,7 +181,7 @@ def calibration_section(f: Facts) -> dict[str, Any]:
         group(
             [
                 table(
-                    ["metric", "before (softmax)", f"after ({fitted})", "change (after − before)"],
+                    ["metric", "before (softmax)", f"after: {fitted}", "change (after − before)"],
                     rows,
                     "Calibration panel on test: 95% CIs by patient bootstrap (same resamples before and after)",
                 ),
