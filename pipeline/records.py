@@ -232,7 +232,9 @@ class EvaluationSummary:
     also `<rate>_ci` = [low, high] patient-bootstrap 95% CIs, or None). `notes` include missed
     operating-point targets and rules that chose the same threshold.
     `subgroups` holds one row per (attribute, value); `reliability` the binned tables before and
-    after calibration; `discrimination` the test AUROC/AUPRC/accuracy/confusion matrix;
+    after calibration; `discrimination` the test AUROC/AUPRC and, at the arg-max (P ≥ 0.5 for binary),
+    accuracy/F1/confusion matrix, plus for binary tasks with operating points `deployed`: the same
+    decision metrics at the first rule's frozen threshold, where the packaged model decides;
     `calibration` which calibration was fitted and why (`CalibrationChoice`).
     """
 

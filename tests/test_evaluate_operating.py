@@ -126,3 +126,31 @@ def test_no_bootstrap_gives_no_cis_and_no_crash() -> None:
     assert out.operating_points[0]["test"]["sensitivity_ci"] is None
     assert not any("_ci_" in k or k.startswith("target_missed") for k in out.metrics)
     assert "test_auroc" in out.metrics and out.notes == []
+
+
+def test_deployed_decision_metrics_are_at_the_first_rules_threshold() -> None:
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+
+    rng = np.random.default_rng(11)
+    yv, yt = rng.integers(0, 2, 300), rng.integers(0, 2, 300)
+    pv = np.clip(0.15 + 0.5 * yv + rng.normal(0, 0.2, 300), 0.01, 0.99)
+    pt = np.clip(0.15 + 0.5 * yt + rng.normal(0, 0.2, 300), 0.01, 0.99)
+    out = M.evaluation_summary(
+        yv,
+        _logits(pv),
+        yt,
+        _logits(pt),
+        np.arange(300),
+        operating_points=["sensitivity@0.95", "youden"],
+        n_boot=0,
+        calibration="none",
+    )
+    dep = out.discrimination["deployed"]
+    thr = out.operating_points[0]["threshold"]
+    assert dep["rule"] == "sensitivity@0.95" and dep["threshold"] == thr != 0.5
+    pred = (pt >= thr).astype(int)
+    assert dep["confusion_matrix"] == confusion_matrix(yt, pred).tolist()
+    assert dep["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(yt, pred), abs=1e-12)
+    assert out.metrics["test_f1_at_threshold"] == pytest.approx(f1_score(yt, pred), abs=1e-12)
+    assert out.metrics["test_accuracy_at_threshold"] == pytest.approx(np.mean(pred == yt), abs=1e-12)
+    assert out.discrimination["confusion_matrix"] == confusion_matrix(yt, (pt >= 0.5).astype(int)).tolist()

@@ -657,3 +657,19 @@ def test_cohort_shows_the_realised_prevalence_per_split(store, main_html):
         assert row, split
         assert f'<td class="num">{expected:.3f}</td>' in row.group(1), (split, expected)
     assert "stratified by label" in cohort
+
+
+def test_confusion_matrix_is_at_the_operating_point_the_model_decides_with(store, main_html):
+    """The report's confusion matrix and threshold metrics are the deployed rule's, not the arg-max's."""
+    ctx = collect_context(store["main"], store["uri"])
+    op = ctx["evaluation"]["operating_points"][0]
+    t = op["test"]
+    perf = _section(main_html, "performance")
+    caption = f"Confusion matrix counts (at the {op['rule']} threshold {op['threshold']:.3f}"
+    assert caption in perf
+    body = perf[perf.index(caption) :]
+    cells = re.findall(r'<td class="num">([\d,]+)</td>', body)[:4]
+    assert [int(c) for c in cells] == [t["tn"], t["fp"], t["fn"], t["tp"]]
+    n = t["tp"] + t["fp"] + t["tn"] + t["fn"]
+    assert f"{(t['tp'] + t['tn']) / n:.3f}" in perf
+    assert "not how the model decides" in perf  # the 0.5 numbers, if shown, are labelled as such

@@ -123,8 +123,8 @@ def reliability_figure(probs_before: Any, probs_after: Any, y: Any, n_bins: int 
     return fig
 
 
-def confusion_figure(cm: Any, class_names: Sequence[str]) -> Figure:
-    """Confusion matrix (rows = true, columns = predicted) with counts and row percentages."""
+def confusion_figure(cm: Any, class_names: Sequence[str], title: str = "Confusion matrix") -> Figure:
+    """Confusion matrix (rows = true, columns = predicted) with counts and row percentages, under `title`."""
     mat = np.asarray(cm)
     if mat.ndim != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] != len(class_names):
         raise DataError(f"cm: expected a square matrix matching {len(class_names)} class names, got shape {mat.shape}.")
@@ -149,7 +149,7 @@ def confusion_figure(cm: Any, class_names: Sequence[str]) -> Figure:
     ax.set_yticks(ticks, labels=list(class_names))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("Confusion matrix")
+    ax.set_title(title, fontsize="medium")
     fig.colorbar(image, ax=ax, label="share of true class")
     return fig
 

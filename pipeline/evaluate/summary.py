@@ -164,6 +164,23 @@ def _operating_points(
     return ops, flat, notes
 
 
+def _deployed(op: Mapping[str, Any]) -> dict[str, Any]:
+    """Decision metrics at an operating point's frozen threshold: rule, threshold, confusion matrix (rows =
+    true 0/1, columns = predicted 0/1), accuracy, balanced accuracy and F1 of the positive class."""
+    t = op["test"]
+    tp, fp, tn, fn = (int(t[k]) for k in ("tp", "fp", "tn", "fn"))
+    n = tp + fp + tn + fn
+    rates = [r for r in (t["sensitivity"], t["specificity"]) if r is not None]
+    return {
+        "rule": op["rule"],
+        "threshold": float(op["threshold"]),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "accuracy": (tp + tn) / n,
+        "balanced_accuracy": float(np.mean(rates)),
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+    }
+
+
 def _shared_thresholds(ops: list[dict[str, Any]]) -> list[str]:
     """One note per threshold that two or more rules chose (exactly equal floats)."""
     by_thr: dict[float, list[str]] = {}
@@ -304,6 +321,10 @@ def evaluation_summary(
     elif rules:
         notes.append(f"operating points {rules} skipped: defined for binary tasks only")
     threshold = ops[0]["threshold"] if ops else None
+    if ops:  # the decisions the packaged model makes are at the first rule's frozen threshold
+        deployed = _deployed(ops[0])
+        disc["deployed"] = deployed
+        metrics.update({f"test_{k}_at_threshold": deployed[k] for k in ("accuracy", "balanced_accuracy", "f1")})
     groups_rows = subgroup_metrics(
         yt, pt, groups_test, subgroups or {}, threshold, n_boot=n_boot, seed=seed, scores=raw
     )

@@ -54,15 +54,28 @@ def performance_section(f: Facts) -> dict[str, Any]:
         return _not_evaluated("performance", "Test performance", f)
     m, e = f.metrics, f.evaluation
     d = e.get("discrimination") or {}
+    dep = d.get("deployed") if isinstance(d.get("deployed"), dict) else {}
+    at = f"at the {dep.get('rule')} threshold {num(dep.get('threshold'))}" if dep else "arg-max"
     rows = [
         (
             "AUROC (95% CI, patient bootstrap)",
             with_ci(m.get("test_auroc"), m.get("test_auroc_ci_low"), m.get("test_auroc_ci_high")),
         ),
         ("AUPRC", num(m.get("test_auprc"))),
-        ("Accuracy (arg-max)", num(m.get("test_accuracy"))),
-        ("Balanced accuracy", num(m.get("test_balanced_accuracy"))),
-        ("F1", num(m.get("test_f1"))),
+        *[
+            (
+                f"{name} ({at})",
+                num(dep.get(key)) if dep else num(m.get(f"test_{key}")),
+            )
+            for name, key in (("Accuracy", "accuracy"), ("Balanced accuracy", "balanced_accuracy"), ("F1", "f1"))
+        ],
+        (
+            "At the arg-max instead (P ≥ 0.5; not how the model decides)",
+            f"accuracy {num(m.get('test_accuracy'))}, balanced accuracy {num(m.get('test_balanced_accuracy'))}, "
+            f"F1 {num(m.get('test_f1'))}"
+            if dep
+            else None,
+        ),
         ("Test images / patients", f"{count(m.get('test_n_images'))} / {count(m.get('test_n_patients'))}"),
         ("Bootstrap resamples", f.setting("evaluate.bootstrap")),
     ]
@@ -72,7 +85,7 @@ def performance_section(f: Facts) -> dict[str, Any]:
             [
                 ("roc", "ROC curve (test) with operating points"),
                 ("pr", "Precision–recall curve (test)"),
-                ("confusion", "Confusion matrix (test, arg-max)"),
+                ("confusion", f"Confusion matrix (test, {at})"),
             ],
             f.figures,
         ),
@@ -107,14 +120,16 @@ def performance_section(f: Facts) -> dict[str, Any]:
         blocks.append(table(head, rows_, caption + " (patient bootstrap)"))
     elif e:
         blocks.append(note("No operating points: they are defined for binary tasks only.", NA))
-    cm = d.get("confusion_matrix")
+    cm = dep.get("confusion_matrix") if dep else d.get("confusion_matrix")
     if isinstance(cm, list) and cm:
         names = f.classes if len(f.classes) == len(cm) else [str(i) for i in range(len(cm))]
         blocks.append(
             table(
                 ["true \\ predicted", *names],
                 [[names[i], *[count(v) for v in row]] for i, row in enumerate(cm)],
-                "Confusion matrix counts",
+                f"Confusion matrix counts ({at}: the decisions the registered model makes)"
+                if dep
+                else "Confusion matrix counts (arg-max)",
             )
         )
     for text in e.get("notes") or []:

@@ -161,12 +161,21 @@ def data_example(prepare: dict[str, Any]) -> np.ndarray:
     return np.zeros(shape, dtype=np.float32)
 
 
+def _confusion(s: EvaluationSummary, classes: list[str]) -> Any:
+    """The confusion figure at the deployed operating point (binary with rules), else at the arg-max."""
+    deployed = s.discrimination.get("deployed")
+    if deployed:
+        title = f"Confusion matrix at the {deployed['rule']} threshold {deployed['threshold']:.3f}"
+        return confusion_figure(deployed["confusion_matrix"], classes, title)
+    return confusion_figure(s.discrimination["confusion_matrix"], classes, "Confusion matrix (arg-max)")
+
+
 def _log_figures(s: EvaluationSummary, cohort: Cohort, y_test: np.ndarray, run_id: str) -> None:
     probs = s.probs_test
     rel = s.reliability
     figures = {
         "reliability.png": reliability_figure(rel["probs_before"], rel["probs_after"], rel["y"], rel["n_bins"]),
-        "confusion.png": confusion_figure(s.discrimination["confusion_matrix"], cohort.classes),
+        "confusion.png": _confusion(s, cohort.classes),
     }
     if probs.shape[1] == 2:
         figures["roc.png"] = roc_figure(y_test, probs[:, 1], s.operating_points)
