@@ -183,7 +183,8 @@ class TrainResult:
     """What training returns (finetune → run); `model` holds the best epoch's weights.
 
     `history` maps a metric name (train_loss, val_loss, val_auroc, lr, epoch_seconds, ...) to one
-    value per epoch; `best_metric` is the early-stopping metric at `best_epoch` (0-based).
+    value per epoch; `best_metric` is the early-stopping metric at `best_epoch` (a 0-based index
+    here; the console, MLflow's `best_epoch` and steps and the report number epochs from 1).
     """
 
     model: nn.Module

@@ -96,3 +96,19 @@ def test_no_phi_in_manifest_mlflow_or_report(demo_run):
 def test_patients_never_span_two_splits(demo_run):
     frame = load_manifest(demo_run["root"] / "manifest")
     assert (frame.groupby("subject_id")["split"].nunique() == 1).all()
+
+
+def test_one_epoch_numbering_everywhere(demo_run, run):
+    """Epochs are numbered from 1 on the console, in MLflow (best_epoch and steps) and in the report."""
+    client = mlflow.tracking.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(demo_run["run_id"], "val_auroc")]
+    n = int(run["metrics"]["epochs_run"])
+    assert sorted(steps) == list(range(1, n + 1))
+    best = int(run["metrics"]["best_epoch"])
+    assert 1 <= best <= n
+    history = run["history"]["val_auroc"]
+    assert history[best - 1] == max(history)  # the early-stopping metric's best epoch, as numbered
+    assert run["metrics"]["val_auroc_evaluated_model"] == pytest.approx(max(history), abs=1e-4)
+    html = Path(demo_run["report"]).read_text()
+    assert f'<th scope="row">Best epoch (of the evaluated model, numbered from 1)</th><td>{best}</td>' in html
+    assert "layer decay" not in html  # a linear probe trains the head only: the setting did not apply

@@ -177,10 +177,10 @@ def _log_run(
                 "epoch_seconds": 1.5,
                 "images_per_s": 33.0,
             }
-            tracking.log_metrics(row, step=epoch)
+            tracking.log_metrics(row, step=epoch + 1)
             for k in hist:
                 hist[k].append(row[k])
-        tracking.log_metrics({"best_epoch": 5, "epochs_run": 6, "train_seconds": 9.2, "stopped_early": 0.0})
+        tracking.log_metrics({"best_epoch": 6, "epochs_run": 6, "train_seconds": 9.2, "stopped_early": 0.0})
         tracking.log_json(
             {
                 "class_weights": [0.77, 1.43],

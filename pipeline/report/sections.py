@@ -210,7 +210,7 @@ def model_section(f: Facts) -> dict[str, Any]:
         ("Weights not loaded (new layers)", f"{len(missing)}{_keys(missing)}"),
         ("File tensors not used", f"{len(unexpected)}{_keys(unexpected)}"),
         ("Parameters", f"{count(a.get('total_params'))} in total"),
-        ("BatchNorm", f.setting("finetune.bn")),
+        ("BatchNorm", None if f.setting("finetune.strategy") == "linear-probe" else f.setting("finetune.bn")),
         ("Strategy", f.setting("finetune.strategy")),
     ]
     blocks: list[dict[str, Any]] = [kv(rows)]
@@ -265,11 +265,12 @@ def training_section(f: Facts) -> dict[str, Any]:
     val = [float(v) for v in hist.get("val_auroc", []) if as_float(v) is not None]
     rate = [float(v) for v in hist.get("images_per_s", []) if as_float(v) is not None]
     best = as_float(m.get("best_epoch"))
+    probe = f.setting("finetune.strategy") == "linear-probe"  # only the head trains: no layer decay, no BatchNorm
     stopped = "stopped early" if as_float(m.get("stopped_early")) else "ran all epochs"
     es = "finetune.early_stopping"
     rows = [
         ("Epochs (configured / run)", f"{f.setting('finetune.epochs', DASH)} / {count(m.get('epochs_run'))}"),
-        ("Best epoch", count(best + 1) if best is not None else None),
+        ("Best epoch (of the evaluated model, numbered from 1)", count(best) if best is not None else None),
         ("Best validation AUROC", num(max(val), 3) if val else None),
         (
             "Early stopping",
@@ -278,7 +279,7 @@ def training_section(f: Facts) -> dict[str, Any]:
         (
             "Optimiser",
             f"AdamW, lr {f.setting('finetune.lr', DASH)}, batch {f.setting('finetune.batch_size', DASH)}"
-            f", layer decay {f.setting('finetune.layer_lr_decay', DASH)}",
+            + ("" if probe else f", layer decay {f.setting('finetune.layer_lr_decay', DASH)}"),
         ),
         ("Training time", duration(m.get("train_seconds"))),
         ("Throughput", f"{sum(rate) / len(rate):.1f} images/s (mean)" if rate else None),
@@ -289,7 +290,7 @@ def training_section(f: Facts) -> dict[str, Any]:
     blocks: list[dict[str, Any] | None] = [
         group([kv(rows), figures([("training_curves", "Loss and validation AUROC per epoch")], f.figures)])
     ]
-    blocks.append(_history_table(hist, int(best or 0)))
+    blocks.append(_history_table(hist, int(best or 1) - 1))
     return section("training", "Training", blocks)
 
 

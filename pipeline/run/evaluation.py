@@ -102,8 +102,8 @@ def _evaluate_and_log(
         groups_val=val["subject_id"].to_numpy(),
     )
     metrics = dict(s.metrics)
-    if "val_auroc" in metrics:  # the per-epoch history owns `val_auroc`; this is the calibrated final value
-        metrics["val_auroc_final"] = metrics.pop("val_auroc")
+    if "val_auroc" in metrics:  # the per-epoch history owns `val_auroc`; this is the evaluated (best-epoch) model's
+        metrics["val_auroc_evaluated_model"] = metrics.pop("val_auroc")
     tracking.log_metrics(metrics)
     if s.calibration is not None:
         tracking.set_tags({"calibration_method": s.calibration.method})

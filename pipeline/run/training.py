@@ -198,7 +198,7 @@ def _train_and_log(
         if "epochs_run" not in before["metrics"]:
             tracking.log_metrics(
                 {
-                    "best_epoch": result.best_epoch,
+                    "best_epoch": result.best_epoch + 1,  # epochs are numbered from 1 wherever people read them
                     "epochs_run": result.epochs_run,
                     "train_seconds": result.seconds,
                     "stopped_early": float(result.stopped_early),
@@ -240,10 +240,11 @@ def _fit(
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         if world.lead and epoch >= done_steps:
-            tracking.log_metrics(row, step=epoch)
+            tracking.log_metrics(row, step=epoch + 1)  # epoch numbers from 1: console, MLflow steps, report
             log.info(
-                "epoch %3d  train loss %.4f  val loss %.4f  val AUROC %.4f  (%.0f img/s)",
-                epoch,
+                "epoch %3d/%d  train loss %.4f  val loss %.4f  val AUROC %.4f  (%.0f img/s)",
+                epoch + 1,
+                ft.epochs,
                 row["train_loss"],
                 row["val_loss"],
                 row["val_auroc"],
