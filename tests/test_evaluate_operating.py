@@ -154,3 +154,38 @@ def test_deployed_decision_metrics_are_at_the_first_rules_threshold() -> None:
     assert out.metrics["test_f1_at_threshold"] == pytest.approx(f1_score(yt, pred), abs=1e-12)
     assert out.metrics["test_accuracy_at_threshold"] == pytest.approx(np.mean(pred == yt), abs=1e-12)
     assert out.discrimination["confusion_matrix"] == confusion_matrix(yt, (pt >= 0.5).astype(int)).tolist()
+
+
+def test_confounded_subgroup_attributes_are_named() -> None:
+    """site and manufacturer split the test images identically: one note; sex crosses them: none for sex."""
+    rng = np.random.default_rng(12)
+    yv, yt = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    pv, pt = (np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, 200), 0.01, 0.99) for y in (yv, yt))
+    site = rng.choice(["site-A", "site-B", "site-C"], 200)
+    maker = np.array([{"site-A": "GE", "site-B": "Philips", "site-C": "SIEMENS"}[s] for s in site])
+    sex = rng.choice(["F", "M"], 200)
+    out = M.evaluation_summary(
+        yv,
+        _logits(pv),
+        yt,
+        _logits(pt),
+        np.arange(200),
+        n_boot=0,
+        calibration="none",
+        subgroups={"sex": sex, "site": site, "manufacturer": maker},
+    )
+    (text,) = [n for n in out.notes if M.CONFOUNDED in n]
+    assert text.startswith("subgroups site and manufacturer are confounded on test")
+    assert "site-A = GE, site-B = Philips, site-C = SIEMENS" in text
+    maker[0] = "Philips" if site[0] == "site-A" else "GE"  # one image breaks the one-to-one map
+    out = M.evaluation_summary(
+        yv,
+        _logits(pv),
+        yt,
+        _logits(pt),
+        np.arange(200),
+        n_boot=0,
+        calibration="none",
+        subgroups={"site": site, "manufacturer": maker},
+    )
+    assert not [n for n in out.notes if M.CONFOUNDED in n]

@@ -42,7 +42,7 @@ from pipeline.evaluate.plots import (
     save_png,
     training_curves_figure,
 )
-from pipeline.evaluate.summary import MISSED_TARGET, WARNING_PHRASES, evaluation_summary, metric_key
+from pipeline.evaluate.summary import CONFOUNDED, MISSED_TARGET, WARNING_PHRASES, evaluation_summary, metric_key
 from pipeline.evaluate.uncertainty import (
     bootstrap_ci,
     calibration_cis,
@@ -56,6 +56,7 @@ from pipeline.stats import auroc
 __all__ = [
     "CALIBRATORS",
     "CHOICES",
+    "CONFOUNDED",
     "MISSED_TARGET",
     "N_BINS",
     "SMD_WARN",

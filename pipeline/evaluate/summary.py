@@ -33,6 +33,7 @@ ECE_WORSE = "calibration made test ECE worse"
 NO_SIGNAL = "carries no ranking signal"
 FLATTENED = "calibration flattened the output"
 UNDERSIZED = "may overfit"
+CONFOUNDED = "are confounded on test"  # two subgroup attributes that split the test images identically
 # a note holding one of these phrases is a warning (the report shows it so); other notes are information
 WARNING_PHRASES = (MISSED_TARGET, ECE_WORSE, NO_SIGNAL, FLATTENED, UNDERSIZED)
 
@@ -162,6 +163,23 @@ def _operating_points(
                 )
     notes += _shared_thresholds(ops)
     return ops, flat, notes
+
+
+def _confounded(attrs: Mapping[str, Any]) -> list[str]:
+    """One note per pair of subgroup attributes whose values map one-to-one on test (every site has one
+    manufacturer and vice versa): their subgroup rows are the same images, not independent findings."""
+    values = {name: np.array(["missing" if v is None else str(v) for v in attrs[name]]) for name in attrs}
+    names, notes = list(values), []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pairs = sorted(set(zip(values[a].tolist(), values[b].tolist(), strict=True)))
+            if 1 < len(pairs) == len(set(values[a])) == len(set(values[b])):
+                shown = ", ".join(f"{x} = {y}" for x, y in pairs[:6]) + (", …" if len(pairs) > 6 else "")
+                notes.append(
+                    f"subgroups {a} and {b} {CONFOUNDED}: each {a} has exactly one {b} ({shown}), so their rows "
+                    "describe the same images; a difference between them cannot be attributed to either"
+                )
+    return notes
 
 
 def _deployed(op: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,6 +343,7 @@ def evaluation_summary(
         deployed = _deployed(ops[0])
         disc["deployed"] = deployed
         metrics.update({f"test_{k}_at_threshold": deployed[k] for k in ("accuracy", "balanced_accuracy", "f1")})
+    notes += _confounded(subgroups or {})
     groups_rows = subgroup_metrics(
         yt, pt, groups_test, subgroups or {}, threshold, n_boot=n_boot, seed=seed, scores=raw
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.evaluate import CONFOUNDED
 from pipeline.report.compare import comparison_blocks
 from pipeline.report.facts import Facts
 from pipeline.report.fmt import (
@@ -298,6 +299,7 @@ def subgroups_section(f: Facts) -> dict[str, Any]:
     blocks.append(
         note(text if not n_few else f"{n_few} group(s) flagged as too small. {text}", "warn" if n_few else "info")
     )
+    blocks += [note(str(t)) for t in f.evaluation.get("notes") or [] if CONFOUNDED in str(t)]
     return section("subgroups", "Subgroups", blocks)
 
 
