@@ -181,7 +181,7 @@ def test_medxfer_train_under_torchrun_logs_one_run(tmp_path):
     runs = tracking.search_runs(tracking.get_run(run_id)["experiment_id"])
     assert [r["run_id"] for r in runs] == [run_id] and runs[0]["status"] == "FINISHED"
     steps = [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")]
-    assert steps == [0, 1]
+    assert steps == [1, 2]  # epochs numbered from 1
     summary = json.loads(Path(tracking.download_artifacts(run_id, "training_summary.json", tmp_path)).read_text())
     assert summary["world_size"] == 2
     assert not list((tmp_path / "manifest" / "checkpoints").glob("*.pt"))

@@ -238,9 +238,9 @@ def test_train_resume_continues_the_same_mlflow_run_without_repeated_steps(resum
     root, path, reference = resume_setup
     logged = tracking.log_metrics
 
-    def log_then_die(metrics, step=None):  # epoch 1 reaches MLflow, but its checkpoint is never written
+    def log_then_die(metrics, step=None):  # epoch 2 reaches MLflow, but its checkpoint is never written
         logged(metrics, step=step)
-        if step == 1:
+        if step == 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr("pipeline.run.tracking.log_metrics", log_then_die)
@@ -260,11 +260,11 @@ def test_train_resume_continues_the_same_mlflow_run_without_repeated_steps(resum
     assert main(["-q", "train", str(path), "--resume", run_id]) == 0
     assert capsys.readouterr().out.strip() == run_id
     run = tracking.get_run(run_id)
-    assert run["status"] == "FINISHED" and run["tags"]["resumed_at_epoch"] == "1"
+    assert run["status"] == "FINISHED" and run["tags"]["resumed_at_epoch"] == "2"
     assert not checkpoint_path(root / "manifest", run_id).exists()  # removed once training is logged
     history, expected = _epoch_history(run_id), _epoch_history(reference)
     for key, (steps, values) in history.items():
-        assert steps == [0, 1, 2], key  # each step exactly once
+        assert steps == [1, 2, 3], key  # each epoch exactly once, numbered from 1
         if key != "epoch_seconds":
             assert values == expected[key][1], key
     for key, value in _state_dict(reference).items():

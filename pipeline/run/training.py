@@ -205,7 +205,7 @@ def _train_and_log(
                 }
             )
         if resume_id:
-            tracking.set_tags({"resumed_at_epoch": result.resumed_from})
+            tracking.set_tags({"resumed_at_epoch": result.resumed_from + 1})  # numbered from 1, like the steps
         tracking.log_json(
             {
                 "class_weights": result.class_weights,
