@@ -54,10 +54,14 @@ def _cmd_ingest(a: argparse.Namespace) -> int:
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from pipeline.config import load_config
+
+    overrides = _overrides(a.set)
+    if a.resume:
+        overrides.setdefault("finetune", {})["resume"] = a.resume
+    cfg = load_config(a.config, overrides)  # before torch and mlflow load: a bad config fails in a second
     from pipeline.run import train
 
-    overrides = {"finetune": {"resume": a.resume}} if a.resume else None
-    run_id = train(load_config(a.config, overrides))
+    run_id = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
         print(run_id)
     return 0
@@ -65,9 +69,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from pipeline.config import load_config
+
+    cfg = load_config(a.config)  # before torch and mlflow load
     from pipeline.run import evaluate
 
-    metrics = evaluate(load_config(a.config), a.run)
+    metrics = evaluate(cfg, a.run)
     for key in ("test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "test_ece", "temperature"):
         if key in metrics:
             print(f"{key}: {metrics[key]:.4f}")
@@ -83,11 +89,44 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 def _cmd_run(a: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.run import run
 
-    out = run(load_config(a.config), report=a.report)
-    print(f"run {out['run_id']}: report {out['report']}")
+    cfg = load_config(a.config, _overrides(a.set))  # before torch and mlflow load
+    from pipeline.run import run
+    from pipeline.run.demo import headline
+
+    out = run(cfg, report=a.report)
+    print(f"run {out['run_id']}: {headline(out['run_id'], out['metrics'])}")
+    print(f"  report: {out['report']}")
     return 0
+
+
+PATH_KEYS = ("data.source", "data.labels", "data.manifest", "data.key_file", "prepare.cache_dir", "model.weights_dir")
+
+
+def _overrides(pairs: Sequence[str] | None) -> dict:
+    """`--set SECTION.KEY=VALUE` pairs as a nested dict (values read as YAML); paths relative to the working folder.
+
+    Raises:
+        ConfigError: a pair without `=` or without a dotted key.
+    """
+    import yaml
+
+    from pipeline.errors import ConfigError
+
+    out: dict = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {pair!r}: expected SECTION.KEY=VALUE, e.g. --set finetune.lr=0.001")
+        value = yaml.safe_load(text) if text.strip() else None
+        if key.strip() in PATH_KEYS and isinstance(value, str) and "://" not in value:
+            value = os.path.abspath(os.path.expanduser(value))
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
 
 
 def _cmd_score(a: argparse.Namespace) -> int:
@@ -106,7 +145,36 @@ def _cmd_score(a: argparse.Namespace) -> int:
         key_file=a.key_file,
     )
     print(f"scored {out['n_ok']} units, {out['n_failed']} failures → {a.out} (summary: {out['metrics_file']})")
+    if out["n_failed"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(out["failed_by_reason"].items()))
+        print(f"  failures by reason: {reasons}; what each is about: {out['failures_file']}")
+    if out.get("external_validation") is not None:
+        print(_external_line(out["external_validation"]))
+    if out["n_ok"] == 0:
+        print(
+            f"medxfer score: error: no unit of {a.source} could be scored ({out['n_failed']} failures); "
+            f"Fix: see the reasons above and {out['failures_file']}, or score with a model that fits these images",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _external_line(ev: dict) -> str:
+    """One console line of external-validation metrics (as in <out>.metrics.json)."""
+    if ev.get("auroc") is None:
+        notes = "; ".join(ev.get("notes") or []) or "no labelled unit"
+        return f"  external validation on {ev.get('n', 0)} labelled units: {notes}"
+    low, high = ev.get("auroc_ci") or (None, None)
+    ci = f"95% CI {low:.3f}–{high:.3f}" if low is not None and high is not None else "no CI"
+    line = (
+        f"  external validation on {ev['n']} labelled units: AUROC {ev['auroc']:.3f} ({ci}), "
+        f"ECE {ev['ece']:.3f}, Brier {ev['brier']:.3f}"
+    )
+    op = ev.get("at_operating_point") or {}
+    if op.get("sensitivity") is not None and op.get("specificity") is not None:
+        line += f"; at its frozen threshold sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,25 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("demo", _cmd_demo, "generate a synthetic chest X-ray cohort and run the whole pipeline on it")
     sp.add_argument("--out", default="medxfer-demo", help="output folder (default ./medxfer-demo)")
     sp.add_argument("--n", type=int, default=240, help="patients in the cohort (default 240)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the generated cohort (default 0)")
 
     sp = add("synth", _cmd_synth, "write a synthetic DICOM cohort with a known answer, plus labels.csv")
     sp.add_argument("--out", required=True, help="output folder (archive/ and labels.csv go here)")
     sp.add_argument("--kind", default="cxr2d", help="cxr2d (chest X-ray, 2D) or ct3d (chest CT, 3D)")
-    sp.add_argument("--n", type=int, default=200, help="number of patients")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--positive-fraction", type=float, default=0.3)
+    sp.add_argument("--n", type=int, default=200, help="number of patients (default 200)")
+    sp.add_argument("--seed", type=int, default=0, help="seed: the same seed writes the same cohort (default 0)")
+    sp.add_argument(
+        "--positive-fraction", type=float, default=0.3, help="share of patients with the finding (default 0.3)"
+    )
 
     sp = add("ingest", _cmd_ingest, "turn a DICOM/NIfTI archive into a pseudonymised manifest")
     sp.add_argument("source", help="archive folder")
     sp.add_argument("--labels", help="labels.csv: patient_id,label[,sex,age,site,...]")
     sp.add_argument("--out", required=True, help="manifest folder, e.g. data_manifests/NAME")
     sp.add_argument("--key-file", help="pseudonym key (default $MEDXFER_KEY_FILE or ~/.medxfer/pseudonym.key)")
-    sp.add_argument("--val", type=float, default=0.15)
-    sp.add_argument("--test", type=float, default=0.15)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--val", type=float, default=0.15, help="share of patients in the validation split (default 0.15)")
+    sp.add_argument("--test", type=float, default=0.15, help="share of patients in the test split (default 0.15)")
+    sp.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="split seed; with the same key file the same patients land in the same split (default 0)",
+    )
     sp.add_argument("--strict", action="store_true", help="fail if any file is quarantined")
-    sp.add_argument("--workers", type=int, default=1)
+    sp.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
 
     sp = add(
         "train",
@@ -153,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --nproc-per-node N -m pipeline train CONFIG (finetune.batch_size is the global batch)",
     )
     sp.add_argument("config", help="experiment YAML (see configs/)")
+    _add_set(sp)
     sp.add_argument(
         "--resume",
         metavar="RUN_ID",
@@ -160,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = add("evaluate", _cmd_evaluate, "calibrate, measure on the test split, log and register the model")
-    sp.add_argument("config")
+    sp.add_argument("config", help="the experiment YAML the run was trained with")
     sp.add_argument("--run", required=True, help="MLflow run id printed by `train`")
 
     sp = add("report", _cmd_report, "write the HTML audit report of a run")
@@ -169,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
     sp = add("run", _cmd_run, "ingest, train, evaluate and report for one config")
-    sp.add_argument("config")
-    sp.add_argument("--report", help="report file (default reports/<experiment>.html)")
+    sp.add_argument("config", help="experiment YAML (see configs/), or a run's logged config.json")
+    _add_set(sp)
+    sp.add_argument("--report", help="report file (default medxfer-reports/<experiment>-<run>.html)")
 
     sp = add("score", _cmd_score, "score an archive with a registered model")
     sp.add_argument("source", help="archive folder")
@@ -194,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--key-file", help="pseudonym key (default $MEDXFER_KEY_FILE or ~/.medxfer/pseudonym.key)")
     return p
+
+
+def _add_set(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set finetune.lr=0.001 --set data.source=/archive; "
+        "paths are relative to the working folder",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -207,9 +208,9 @@ def _check_value(path: str, value: Any, hint: Any, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, problems)
     if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        problems.append(f"{path}: expected a number, got {value!r}")
+        problems.append(f"{path}: expected a finite number, got {value!r}")
         return value
     if hint in (int, str, bool) and not (isinstance(value, hint) and (hint is bool or not isinstance(value, bool))):
         problems.append(f"{path}: expected {hint.__name__}, got {value!r}")
@@ -280,6 +281,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys (experiment:, data:, prepare:, ...), "
+            f"got a {type(raw).__name__}; see configs/cxr-demo.yaml for the shape"
+        )
     raw = _merge(raw, overrides or {})
     cfg = from_dict(raw, str(path))
     base = path.resolve().parent

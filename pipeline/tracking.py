@@ -59,8 +59,14 @@ def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def connect(uri: str | None) -> str:
-    """Point MLflow at `uri` and fail fast (before any training) when it cannot be used."""
+def connect(uri: str | None, existing: bool = False) -> str:
+    """Point MLflow at `uri` and fail fast (before any training) when it cannot be used.
+
+    Args:
+        uri: the tracking URI (None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).
+        existing: the command only reads the store (score, report, compare): a sqlite file that
+            does not exist is an error naming it, and is not created as a side effect.
+    """
     uri = resolve_uri(uri)
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
@@ -77,6 +83,12 @@ def connect(uri: str | None) -> str:
         db = Path(uri.replace("sqlite:///", "", 1))
         if not db.parent.exists():
             raise TrackingError(f"tracking.uri {uri}: folder {db.parent} does not exist; create it or change the URI")
+        if existing and not db.is_file():
+            raise TrackingError(
+                f"there is no MLflow store at {db.resolve()} (tracking URI {uri}); nothing was created. "
+                "Fix: name the store that holds the run or model with --tracking-uri (the demo's is "
+                "--tracking-uri sqlite:///medxfer-demo/mlflow.db) or set MLFLOW_TRACKING_URI"
+            )
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -172,6 +184,28 @@ def load_model(model_uri: str) -> tuple[CalibratedNet, dict[str, Any]]:
             "models:/NAME/latest, runs:/RUN_ID/model or a local model folder"
         ) from exc
     return model, (info.metadata or {}).get("medxfer", {})
+
+
+def check_registered(model_uri: str) -> None:
+    """For ``models:/NAME/...``: fail with the store searched and the models it holds when NAME is not there.
+
+    Raises:
+        TrackingError: NAME is not a registered model of the current store.
+    """
+    if not model_uri.startswith("models:/"):
+        return
+    name = model_uri[len("models:/") :].split("/")[0].split("@")[0]
+    try:
+        names = sorted(m.name for m in MlflowClient().search_registered_models(max_results=1000))
+    except Exception as exc:
+        raise TrackingError(f"cannot list the registered models of {mlflow.get_tracking_uri()}: {exc}") from exc
+    if name not in names:
+        held = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "") if names else "none"
+        raise TrackingError(
+            f"no registered model {name!r} in the MLflow store {mlflow.get_tracking_uri()} "
+            f"(registered models there: {held}). Fix: pass the store that holds it with --tracking-uri "
+            "(or set MLFLOW_TRACKING_URI), or use one of the models listed"
+        )
 
 
 def get_run(run_id: str) -> dict[str, Any]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +26,21 @@ def demo_run(tmp_path_factory) -> dict:
     Uses the real pipeline end to end (synthetic DICOM → ingest → prepare → ImageNet backbone →
     linear probe → temperature scaling → MLflow sqlite store → registered model → HTML report).
     """
-    from pipeline.run import demo
+    from pipeline import tracking
+    from pipeline.cli import main
 
     root = tmp_path_factory.mktemp("demo")
-    result = demo(root, n=120, seed=1)
-    result["root"] = Path(root)
-    result["uri"] = f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
-    return result
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the CLI, as the README's Quick start runs it
+        assert main(["demo", "--out", str(root), "--n", "120", "--seed", "1"]) == 0
+    stdout = printed.getvalue()
+    sys.stdout.write(stdout)
+    uri = f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+    run_id = re.search(r"\(run ([0-9a-f]{32})\)", stdout).group(1)
+    tracking.connect(uri, existing=True)
+    metrics = tracking.get_run(run_id)["metrics"]
+    report = str(root / "report.html")
+    return {"root": Path(root), "run_id": run_id, "metrics": metrics, "report": report, "uri": uri, "stdout": stdout}
 
 
 # A fixed pseudonym key for tests whose small cohorts need both classes in every split: splits

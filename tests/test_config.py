@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.cli import main
 from pipeline.config import Config, from_dict, load_config
@@ -25,7 +26,7 @@ def test_defaults_validate_and_flatten():
         ({"prepare": {"presett": "xray"}}, r"prepare.presett: unknown key \(did you mean 'preset'\?\)"),
         ({"prepare": {"preset": "ct-lungs"}}, r"prepare.preset: 'ct-lungs' is not one of .*did you mean 'ct-lung'"),
         ({"finetune": {"strategy": "gradul"}}, r"did you mean 'gradual'"),
-        ({"finetune": {"lr": "fast"}}, r"finetune.lr: expected a number, got 'fast'"),
+        ({"finetune": {"lr": "fast"}}, r"finetune.lr: expected a finite number, got 'fast'"),
         ({"finetune": {"epochs": 0}}, r"finetune.epochs: must be ≥ 1"),
         ({"data": {"split": {"val": 0.6, "test": 0.5}}}, r"data.split: .*val \+ test < 1"),
         ({"prepare": {"dims": "3d", "size": [224, 224]}}, r"prepare.size: 3d needs \[D, H, W\]"),
@@ -105,3 +106,38 @@ def test_config_choices_match_the_stages_that_implement_them():
     assert choices(PrepareConfig, "reduce") == set(REDUCTIONS)
     assert choices(FinetuneConfig, "strategy") == set(STRATEGIES)
     assert choices(EvaluateConfig, "calibration") == set(CHOICES) == {*CALIBRATORS, "auto"}
+
+
+@pytest.mark.parametrize(("text", "shape"), [("- a\n- b\n", "list"), ("just a string\n", "str"), ("42\n", "int")])
+def test_a_yaml_whose_top_level_is_not_a_mapping_exits_2(tmp_path: Path, capsys, text, shape):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "the top level must be a mapping of keys" in err and f"got a {shape}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_rejected(value):
+    with pytest.raises(ConfigError, match=r"finetune\.lr: expected a finite number"):
+        from_dict({"finetune": {"lr": yaml.safe_load(value)}})
+
+
+def test_a_config_error_is_reported_before_torch_or_mlflow_is_imported(tmp_path: Path):
+    """A misspelled key must fail in about a second: no heavy import happens before validation."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("experiment: x\nfinetune: {lrr: 0.1}\n")
+    code = (
+        "import sys; from pipeline.cli import main\n"
+        f"for cmd in ('train', 'run', 'evaluate'):\n"
+        f"    args = [cmd, {str(bad)!r}] + (['--run', 'x'] if cmd == 'evaluate' else [])\n"
+        "    assert main(args) == 2, cmd\n"
+        "heavy = sorted(m for m in ('torch', 'mlflow', 'monai') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("finetune.lrr: unknown key (did you mean 'lr'?)") == 3

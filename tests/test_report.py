@@ -4,6 +4,7 @@ no identifiers, "not available" instead of crashes), rendered in headless Chromi
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 import shutil
@@ -338,7 +339,7 @@ def _parse(html: str) -> _Resources:
 def _section(html: str, sid: str) -> str:
     match = re.search(rf'<section id="{sid}">(.*?)</section>', html, flags=re.S)
     assert match, f"section {sid} missing"
-    return match.group(1)
+    return re.sub(r' data-label="[^"]*"', "", match.group(1))  # the narrow-screen labels (see test_at_420_px_…)
 
 
 def assert_self_contained(html: str) -> None:
@@ -383,6 +384,9 @@ def test_report_has_every_section_headline_and_figures(store, main_html):
         "on 30 test images from 30 patients"
     )
     assert headline in _section(main_html, "summary")
+    assert "class 1 is the positive class, the one AUROC, sensitivity and prevalence refer to" in _section(
+        main_html, "summary"
+    )
     assert main_html.count('src="data:image/png;base64,') == 5  # roc, pr, confusion, reliability, curves
     assert f"{m['test_ece']:.3f}" in _section(main_html, "calibration")
     assert "15 equal-width confidence bins" in _section(main_html, "calibration")
@@ -673,3 +677,42 @@ def test_confusion_matrix_is_at_the_operating_point_the_model_decides_with(store
     n = t["tp"] + t["fp"] + t["tn"] + t["fn"]
     assert f"{(t['tp'] + t['tn']) / n:.3f}" in perf
     assert "not how the model decides" in perf  # the 0.5 numbers, if shown, are labelled as such
+
+
+NARROW_CHECK = """<script>
+window.addEventListener("load", () => {
+  const width = document.documentElement.clientWidth;
+  const hidden = [...document.querySelectorAll("table th, table td")]
+    .filter(c => c.offsetParent !== null && c.getBoundingClientRect().right > width + 1)
+    .map(c => c.textContent.trim().slice(0, 40));
+  const out = parent.document.createElement("pre");
+  out.id = "narrow-check";
+  out.textContent = JSON.stringify({width: width, hidden: hidden});
+  parent.document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI installs Debian `chromium`)")
+def test_at_420_px_no_table_cell_lies_off_screen(store, main_html, tmp_path):
+    """A phone-width reader sees every column of every table (the subgroup flag column was off-screen)."""
+    page = tmp_path / "narrow.html"  # headless Chromium's window is at least 500 px wide: frame the report at 420
+    framed = main_html.replace("</body>", NARROW_CHECK + "</body>")
+    page.write_text(
+        f'<!DOCTYPE html><html><body style="margin:0"><iframe width="420" height="2000" style="border:0" '
+        f'srcdoc="{html.escape(framed, quote=True)}"></iframe></body></html>',
+        encoding="utf-8",
+    )
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=420,2000", "--virtual-time-budget=5000",
+         "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'<pre id="narrow-check">(.*?)</pre>', proc.stdout, re.DOTALL)
+    assert found, proc.stdout[-2000:]
+    result = json.loads(html.unescape(found.group(1)))
+    assert result["width"] == 420
+    assert result["hidden"] == []

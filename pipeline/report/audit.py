@@ -95,7 +95,7 @@ def collect_context(
     missing or unreadable piece becomes None plus a line in `problems`; it never raises, except
     for a store or run that cannot be read at all (TrackingError).
     """
-    uri = tracking.connect(tracking_uri)
+    uri = tracking.connect(tracking_uri, existing=True)
     run = tracking.get_run(run_id)
     problems: list[str] = []
     ctx: dict[str, Any] = {

@@ -454,14 +454,25 @@ _ConfigDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.
 
 
 def _reproduce(f: Facts) -> str:
-    uri = f.context.get("tracking_uri") or "sqlite:///mlflow.db"
+    """Commands that re-run this run on another machine: the same commit, the logged config, your own paths.
+
+    Paths of the machine the run came from are not repeated: the config's paths are replaced with
+    placeholders in capitals (ARCHIVE, LABELS_CSV, KEY_FILE) that the reader fills in; every other
+    setting comes from the logged config.json as it is.
+    """
     commit = f.tags.get("git_commit")
+    uri = f.context.get("tracking_uri") or "sqlite:///mlflow.db"
     lines = [
-        f"git checkout {commit}"
-        if commit and commit != "unknown"
-        else "# git commit unknown: use the same medxfer version",
-        f"export MLFLOW_TRACKING_URI={uri}",
-        f"mlflow artifacts download --run-id {f.run_id} --artifact-path config.json --dst-path repro",
-        "medxfer run repro/config.json",
+        "# 1. the same code, in a venv of its own (no activation needed)",
+        f"git checkout {commit}" if commit and commit != "unknown" else "# commit unknown: same medxfer version",
+        "python3.11 -m venv .venv && .venv/bin/pip install -e .",
+        f"# 2. this run's config as logged (store: {uri}; elsewhere, the address of that store)",
+        f"MLFLOW_TRACKING_URI={uri} .venv/bin/python -m mlflow artifacts download \\",
+        f"    --run-id {f.run_id} --artifact-path config.json --dst-path repro",
+        "# 3. run it on the same archive and labels with the same key file (the key fixes the split);",
+        "#    ARCHIVE, LABELS_CSV and KEY_FILE are placeholders for your paths",
+        ".venv/bin/medxfer run repro/config.json --set data.source=ARCHIVE --set data.labels=LABELS_CSV \\",
+        "    --set data.key_file=KEY_FILE --set data.manifest=repro/manifest --set prepare.cache_dir=repro/cache \\",
+        "    --set tracking.uri=sqlite:///repro/mlflow.db --report repro/report.html",
     ]
     return "\n".join(lines)

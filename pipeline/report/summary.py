@@ -41,7 +41,11 @@ def _task(f: Facts) -> str:
     what = " ".join(x for x in (modality, f"{dims.upper()}" if dims else None, "images") if x)
     text = f"{kind.capitalize()} classification of {what}" if classes else f"Classification of {what}"
     if classes:
-        text += f"; classes {', '.join(classes)}" + (f" (positive: {classes[-1]})" if len(classes) == 2 else "")
+        text += f"; classes {', '.join(classes)} (the values of labels.csv's label column)" + (
+            f"; class {classes[-1]} is the positive class, the one AUROC, sensitivity and prevalence refer to"
+            if len(classes) == 2
+            else ""
+        )
     return text
 
 

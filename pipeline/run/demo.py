@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +27,14 @@ def run(cfg: Config, report: str | Path | None = None, progress: bool = True) ->
     tracking.connect(cfg.tracking.uri)  # fail fast, before any work
     run_id = train(cfg, progress)
     metrics = evaluate(cfg, run_id, progress)
-    out = Path(report or Path("reports") / f"{cfg.experiment}.html")
+    out = Path(report or Path(REPORTS) / f"{cfg.experiment}-{run_id[:8]}.html")
     write_report(run_id, out, tracking_uri=cfg.tracking.uri, manifest_dir=cfg.data.manifest)
     with tracking.start_run(cfg.experiment, run_id=run_id):
         tracking.log_artifact(out, "report")
     return {"run_id": run_id, "metrics": metrics, "report": str(out)}
 
+
+REPORTS = "medxfer-reports"  # default report folder of `run`, in the working folder (not the repo's reports/)
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cxr-demo.yaml"
 
@@ -48,7 +53,6 @@ def demo_config(root: Path, cohort: SyntheticCohort) -> Config:
 
 def demo(out: str | Path = "medxfer-demo", n: int = 240, seed: int = 0) -> dict[str, Any]:
     """Generate a synthetic chest X-ray cohort under `out` and run the whole pipeline on it."""
-    from pipeline.report.fmt import calibration_name
     from pipeline.synthetic import make_cohort
 
     root = Path(out).resolve()
@@ -58,16 +62,63 @@ def demo(out: str | Path = "medxfer-demo", n: int = 240, seed: int = 0) -> dict[
     cfg = demo_config(root, cohort)
     save_config(cfg, root / "config.yaml")
     result = run(cfg, report=root / "report.html")
-    m = result["metrics"]
-    method = tracking.get_run(result["run_id"])["tags"].get("calibration_method", cfg.evaluate.calibration)
-    print(
-        f"\nmedxfer demo finished: test AUROC {m['test_auroc']:.3f} "
-        f"(95% CI {m.get('test_auroc_ci_low', float('nan')):.3f}–{m.get('test_auroc_ci_high', float('nan')):.3f}), "
-        f"ECE {m['test_ece']:.3f} with {calibration_name(method, m.get('temperature'))} "
-        f"({m['test_ece_uncalibrated']:.3f} uncalibrated)"
-    )
-    print(f"  report:       {result['report']}")
-    print(f"  MLflow store: {cfg.tracking.uri}  (run {result['run_id']})")
-    print(f"  open the UI:  mlflow ui --backend-store-uri {cfg.tracking.uri}")
-    print(f"  config:       {root / 'config.yaml'}  (re-run with: medxfer run {root / 'config.yaml'})")
+    print(f"\nmedxfer demo finished: {headline(result['run_id'], result['metrics'])}")
+    for label, line in closing_lines(root, cfg, result):
+        print(f"  {label + ':':<14}{line}")
     return result
+
+
+def headline(run_id: str, m: dict[str, Any]) -> str:
+    """The headline test numbers of an evaluated run, with their 95% CIs, as `run` and `demo` print them."""
+    from pipeline.report.fmt import calibration_name
+
+    def ci(key: str) -> str:
+        low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+        return f" (95% CI {low:.3f}–{high:.3f})" if low is not None and high is not None else ""
+
+    method = tracking.get_run(run_id)["tags"].get("calibration_method", "none")
+    parts = [f"test AUROC {m['test_auroc']:.3f}{ci('test_auroc')}"] if "test_auroc" in m else []
+    if "test_ece" in m:
+        parts.append(
+            f"ECE {m['test_ece']:.3f}{ci('test_ece')} with {calibration_name(method, m.get('temperature'))} "
+            f"({m['test_ece_uncalibrated']:.3f} uncalibrated)"
+        )
+    rates = [f"{name} {m[f'test_{name}']:.3f}{ci(f'test_{name}')}" for name in ("sensitivity", "specificity")
+             if f"test_{name}" in m]  # fmt: skip
+    if rates and "threshold" in m:
+        parts.append(f"{' and '.join(rates)} at the threshold frozen on validation ({m['threshold']:.3f})")
+    return ", ".join(parts) or "no test metrics were logged"
+
+
+def closing_lines(root: Path, cfg: Config, result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The demo's closing lines: where things are and commands that work as printed, venv or not.
+
+    Commands name this interpreter's own executables (no activated venv needed) and the demo's
+    store (`--tracking-uri`), with paths relative to the working folder when they lie below it.
+    """
+    uri = f"sqlite:///{_shown(root / 'mlflow.db')}"
+    python = shlex.quote(_shown(Path(sys.executable)))
+    medxfer = _shown(Path(sys.executable).parent / "medxfer")
+    medxfer = shlex.quote(medxfer) if Path(medxfer).is_file() else f"{python} -m pipeline"  # no script: source tree
+    cohort = root / "cohort"
+    score = (
+        f"{medxfer} score --model models:/{cfg.tracking.register_as}/latest --tracking-uri {shlex.quote(uri)} "
+        f"{shlex.quote(_shown(cohort / 'archive'))} --labels {shlex.quote(_shown(cohort / 'labels.csv'))} "
+        f"--out {shlex.quote(_shown(root / 'scores' / 'predictions.parquet'))}"
+    )
+    return [
+        ("report", _shown(Path(result["report"]))),
+        ("MLflow store", f"{uri}  (run {result['run_id']})"),
+        ("open the UI", f"{python} -m mlflow ui --backend-store-uri {shlex.quote(uri)}"),
+        ("score", score),
+        ("re-run", f"{medxfer} run {shlex.quote(_shown(root / 'config.yaml'))}"),
+    ]
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working folder when it lies below it, else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import time
@@ -85,8 +87,11 @@ def score(
     t0 = time.perf_counter()
     run_engine = _check_args(engine, batch_size, chunk_size, workers)
     out = Path(out).expanduser().resolve()
-    tracking_uri = _absolute_uri(tracking.connect(tracking_uri))
-    pkg = load_packaged(_absolute_model_uri(model_uri))
+    model_uri = _absolute_model_uri(model_uri)
+    from_store = model_uri.startswith(("models:/", "runs:/"))
+    tracking_uri = _absolute_uri(tracking.connect(tracking_uri, existing=from_store))
+    tracking.check_registered(model_uri)
+    pkg = load_packaged(model_uri)
     plan = make_plan(pkg, source, labels, Path(f"{out}.work"), key_file, workers, adapt_bn, chunk_size, progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adabn = (
@@ -119,6 +124,7 @@ def _finish(pkg: Packaged, plan: Plan, out: Path, engine: str, adabn: dict | Non
         summary["external_validation"] = external_metrics(table, plan.frame, pkg)
     metrics_file = Path(f"{out}.metrics.json")
     write_bytes(metrics_file, (json.dumps(jsonable(summary), indent=2) + "\n").encode())
+    failures_file = _write_failures(plan.failures, Path(f"{out}.quarantine.csv"))
     for warning in summary["domain_shift"].get("warnings", []):
         log.warning("score: %s", warning)
     return {
@@ -132,7 +138,33 @@ def _finish(pkg: Packaged, plan: Plan, out: Path, engine: str, adabn: dict | Non
         "domain_shift": summary["domain_shift"],
         "model_version": pkg.version,
         "engine": engine,
+        "failed_by_reason": summary["failed_by_reason"],
+        "failures_file": failures_file,
+        "external_validation": summary.get("external_validation"),
     }
+
+
+def _write_failures(failures: list[dict], path: Path) -> str | None:
+    """`<out>.quarantine.csv`: what each failure row is about, for the people who run the archive.
+
+    One row per failure: ``ref`` (the table's ``source_ref`` for a file that could not be read,
+    else the unit's ``image_id``), ``reason``, ``detail`` and, for files, ``path`` relative to the
+    archive. It stays beside the output and is not part of the predictions table, which carries
+    pseudonymised references only. Removed (None) when nothing failed.
+    """
+    if not failures:
+        path.unlink(missing_ok=True)
+        return None
+    rows = [
+        [f["source_ref"] or f["image_id"], f["reason"], f.get("file_detail", f["detail"]), f.get("path", "")]
+        for f in failures
+    ]
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["ref", "reason", "detail", "path"])
+    writer.writerows(rows)
+    write_bytes(path, text.getvalue().encode())
+    return str(path)
 
 
 def _check_args(engine: str, batch_size: int, chunk_size: int, workers: int) -> Engine:

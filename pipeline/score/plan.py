@@ -135,9 +135,18 @@ def _quarantine_rows(manifest_dir: Path, key: bytes, n_classes: int) -> list[dic
         return []
     q = pd.read_csv(path, dtype=str, keep_default_na=False)
     return [
-        result_row(n_classes, reason=r.reason, source_ref="src-" + digest(key, "source-ref", r.path)[:16])
+        {
+            **result_row(n_classes, reason=r.reason, source_ref=source_ref(key, r.path)),
+            "path": r.path,  # relative to the archive: <out>.quarantine.csv only, never the table
+            "file_detail": r.detail,
+        }
         for r in q.itertuples(index=False)
     ]
+
+
+def source_ref(key: bytes, rel_path: str) -> str:
+    """The pseudonymised reference of an archive file (keyed hash of its relative path): ``src-`` + 16 hex."""
+    return "src-" + digest(key, "source-ref", rel_path)[:16]
 
 
 def _plan_key(pkg: Packaged, units: list[dict], adapt_bn: bool, chunk_size: int) -> str:
