@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import sys
@@ -21,7 +22,7 @@ def _quiet_threads():
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> dict:
-    """`medxfer demo` on a small cohort, run once: {"root", "run_id", "metrics", "report", "uri"}.
+    """`medxfer demo` on a small cohort, run once: {"root", "run_id", "metrics", "report", "uri", "stdout", "log"}.
 
     Uses the real pipeline end to end (synthetic DICOM → ingest → prepare → ImageNet backbone →
     linear probe → temperature scaling → MLflow sqlite store → registered model → HTML report).
@@ -30,9 +31,16 @@ def demo_run(tmp_path_factory) -> dict:
     from pipeline.cli import main
 
     root = tmp_path_factory.mktemp("demo")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # the CLI, as the README's Quick start runs it
-        assert main(["demo", "--out", str(root), "--n", "120", "--seed", "1"]) == 0
+    printed, logged, logger = io.StringIO(), logging.StreamHandler(io.StringIO()), logging.getLogger("medxfer")
+    level = logger.level
+    logger.addHandler(logged)  # the console lines the CLI logs (stderr)
+    logger.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(printed):  # the CLI, as the README's Quick start runs it
+            assert main(["demo", "--out", str(root), "--n", "120", "--seed", "1"]) == 0
+    finally:
+        logger.removeHandler(logged)
+        logger.setLevel(level)
     stdout = printed.getvalue()
     sys.stdout.write(stdout)
     uri = f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
@@ -40,7 +48,15 @@ def demo_run(tmp_path_factory) -> dict:
     tracking.connect(uri, existing=True)
     metrics = tracking.get_run(run_id)["metrics"]
     report = str(root / "report.html")
-    return {"root": Path(root), "run_id": run_id, "metrics": metrics, "report": report, "uri": uri, "stdout": stdout}
+    return {
+        "root": Path(root),
+        "run_id": run_id,
+        "metrics": metrics,
+        "report": report,
+        "uri": uri,
+        "stdout": stdout,
+        "log": logged.stream.getvalue(),
+    }
 
 
 # A fixed pseudonym key for tests whose small cohorts need both classes in every split: splits

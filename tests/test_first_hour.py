@@ -54,6 +54,15 @@ def test_the_demo_prints_a_score_command_that_works_as_printed(demo_run):
     assert (here / "mlflow.db").exists() == had_store  # the printed command creates no store where it runs
 
 
+def test_the_demo_announces_each_of_its_five_steps_in_order(demo_run):
+    steps = re.findall(r"^(\d)/5 (.*)$", demo_run["log"], flags=re.M)
+    assert [int(i) for i, _ in steps] == [1, 2, 3, 4, 5], demo_run["log"]
+    words = ["generating", "ingesting", "training", "evaluating", "report"]
+    assert all(word in text for word, (_, text) in zip(words, steps, strict=True)), steps
+    after_evaluating = demo_run["log"].split("4/5 ")[1]
+    assert "registering it as cxr-demo" in after_evaluating.split("5/5 ")[0]  # packaging is not silent
+
+
 def test_the_demo_prints_commands_that_need_no_activated_venv(demo_run):
     ui = shlex.split(_printed(demo_run["stdout"], "open the UI"))
     assert Path(ui[0]).resolve() == Path(sys.executable).resolve() and ui[1:4] == ["-m", "mlflow", "ui"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -153,6 +154,7 @@ def reference_stats(
     batch_size: int = 32,
     device: torch.device | None = None,
     autocast: Callable[[torch.device], Any] | None = None,
+    desc: str | None = None,
 ) -> dict[str, Any]:
     """Training-set statistics to store as the model metadata key ``reference_stats``.
 
@@ -162,17 +164,22 @@ def reference_stats(
         batch_size: units per forward pass.
         device: where the model runs (default CPU; the model is moved there).
         autocast: context factory for the forward pass (see `Embedder`); None runs in float32.
+        desc: label of a console progress bar over the batches; None shows none.
 
     Returns:
         `DomainStats.summary` of the dataset.
     """
     embedder = Embedder(model, device or torch.device("cpu"), autocast)
     stats = DomainStats()
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        _, emb = embedder.forward(x)
-        flat = x.flatten(1).double()
-        stats.add(flat.mean(1).numpy(), flat.std(1).numpy(), emb)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    with Progress(transient=True, disable=desc is None) as bar:
+        task = bar.add_task(desc or "", total=len(loader))
+        for batch in loader:
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            _, emb = embedder.forward(x)
+            flat = x.flatten(1).double()
+            stats.add(flat.mean(1).numpy(), flat.std(1).numpy(), emb)
+            bar.advance(task)
     return stats.summary()
 
 

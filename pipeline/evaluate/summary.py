@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from rich.progress import Progress
 
 from pipeline.errors import DataError
 from pipeline.evaluate.calibrate import check_logits, choose_calibration, softmax
@@ -270,6 +271,7 @@ def evaluation_summary(
     calibration: str = "auto",
     n_bins: int = N_BINS,
     groups_val: Any = None,
+    progress: bool = False,
 ) -> EvaluationSummary:
     """Calibrate on validation, evaluate on test: the numbers an auditor needs, in one record.
 
@@ -286,6 +288,7 @@ def evaluation_summary(
     flattens the output, one fitted on too small a validation split and one that makes test ECE
     worse (CI of the change above 0) are reported in `notes` (`WARNING_PHRASES` mark the warnings).
     Multi-class tasks get macro AUROC and no operating points (the rules are still validated).
+    `progress` shows a console bar over the stages (calibration, then each set of bootstrap CIs).
 
     Returns:
         `records.EvaluationSummary`: flat MLflow metrics, the temperature (None unless
@@ -300,7 +303,41 @@ def evaluation_summary(
     rules = list(operating_points)
     for rule in rules:
         parse_rule(rule)  # a typo fails before any work, binary or not
+    with Progress(transient=True, disable=not progress) as bar:
+        stages = iter(STAGES)
+        task = bar.add_task(f"evaluate: {next(stages)}", total=len(STAGES))
+
+        def done() -> None:
+            bar.update(task, advance=1, description=f"evaluate: {next(stages, 'done')}")
+
+        return _summary(
+            yv, zv, yt, zt, groups_test, rules, n_boot, seed, subgroups, calibration, n_bins, groups_val, done
+        )
+
+
+# the stages of `evaluation_summary` its progress bar names, in order
+STAGES = ("fitting the calibration on val", "bootstrap CI of test AUROC", "bootstrap CIs of the calibration panel",
+          "bootstrap CIs at each frozen threshold", "subgroups")  # fmt: skip
+
+
+def _summary(
+    yv: np.ndarray,
+    zv: np.ndarray,
+    yt: np.ndarray,
+    zt: np.ndarray,
+    groups_test: Any,
+    rules: list[str],
+    n_boot: int,
+    seed: int,
+    subgroups: Mapping[str, Any] | None,
+    calibration: str,
+    n_bins: int,
+    groups_val: Any,
+    done: Callable[[], None],
+) -> EvaluationSummary:
+    """`evaluation_summary` after input checks; `done()` marks the end of each of `STAGES`."""
     calibrator, choice = choose_calibration(calibration, zv, yv, groups_val, seed=seed)
+    done()
     pv, pt, raw = calibrator.transform(zv), calibrator.transform(zt), softmax(zt)
     # ranking metrics from the uncalibrated scores (a calibration map may tie or flatten them);
     # decision metrics (accuracy, F1, confusion) from the calibrated probabilities the decisions use
@@ -313,6 +350,7 @@ def evaluation_summary(
         if value is None:
             raise DataError("y_test: the test AUROC is undefined (one class present).")
         point, auroc_ci = value, {}
+    done()
     metrics = {
         "test_auroc": point,
         **auroc_ci,
@@ -328,6 +366,7 @@ def evaluation_summary(
         metrics["temperature"] = float(temperature)
     ops: list[dict] = []
     calibration_metrics, notes = _calibration_metrics(yt, pt, raw, groups_test, n_bins, n_boot, seed)
+    done()
     metrics.update(calibration_metrics, calibration_undersized=float(choice.undersized))
     if choice.undersized:
         notes.append(f"calibration: {choice.reason}")
@@ -338,6 +377,7 @@ def evaluation_summary(
         notes += op_notes
     elif rules:
         notes.append(f"operating points {rules} skipped: defined for binary tasks only")
+    done()
     threshold = ops[0]["threshold"] if ops else None
     if ops:  # the decisions the packaged model makes are at the first rule's frozen threshold
         deployed = _deployed(ops[0])
@@ -347,6 +387,7 @@ def evaluation_summary(
     groups_rows = subgroup_metrics(
         yt, pt, groups_test, subgroups or {}, threshold, n_boot=n_boot, seed=seed, scores=raw
     )
+    done()
     metrics.update(
         {
             metric_key("test_auroc", f"{r['attribute']}.{r['value']}"): r["auroc"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,18 +22,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("medxfer")
 
 
-def run(cfg: Config, report: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """ingest → train → evaluate → report, for one config. Returns run id, metrics and report path."""
+def run(cfg: Config, report: str | Path | None = None, progress: bool = True, first_step: int = 1) -> dict[str, Any]:
+    """ingest → train → evaluate → report, for one config. Returns run id, metrics and report path.
+
+    Each of the four steps is announced on the console as "i/n", numbered from `first_step` (the
+    demo's cohort generation is its step 1).
+    """
     from pipeline.report import write_report
 
+    step = stepper(first_step, first_step + 3)
     tracking.connect(cfg.tracking.uri)  # fail fast, before any work
-    run_id = train(cfg, progress)
-    metrics = evaluate(cfg, run_id, progress)
+    run_id = train(cfg, progress, step=step)
+    metrics = evaluate(cfg, run_id, progress, step=step)
     out = Path(report or Path(REPORTS) / f"{cfg.experiment}-{run_id[:8]}.html")
+    step(f"writing the audit report {_shown(out)}")
     write_report(run_id, out, tracking_uri=cfg.tracking.uri, manifest_dir=cfg.data.manifest)
     with tracking.start_run(cfg.experiment, run_id=run_id):
         tracking.log_artifact(out, "report")
     return {"run_id": run_id, "metrics": metrics, "report": str(out)}
+
+
+def stepper(first: int, total: int) -> Callable[[str], None]:
+    """A console announcer of numbered steps: each call logs "i/total MESSAGE", i counting from `first`."""
+    counter = itertools.count(first)
+    return lambda message: log.info("%d/%d %s", next(counter), total, message)
 
 
 REPORTS = "medxfer-reports"  # default report folder of `run`, in the working folder (not the repo's reports/)
@@ -57,11 +71,11 @@ def demo(out: str | Path = "medxfer-demo", n: int = 240, seed: int = 0) -> dict[
 
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    log.info("1/5 generating a synthetic chest X-ray cohort of %d patients in %s", n, root / "cohort")
+    log.info("1/5 generating a synthetic chest X-ray cohort of %d patients in %s", n, _shown(root / "cohort"))
     cohort = make_cohort(root / "cohort", kind="cxr2d", n=n, seed=seed, progress=True)
     cfg = demo_config(root, cohort)
     save_config(cfg, root / "config.yaml")
-    result = run(cfg, report=root / "report.html")
+    result = run(cfg, report=root / "report.html", first_step=2)
     print(f"\nmedxfer demo finished: {headline(result['run_id'], result['metrics'])}")
     for label, line in closing_lines(root, cfg, result):
         print(f"  {label + ':':<14}{line}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,9 +48,20 @@ def _load_checkpoint(cfg: Config, run_id: str) -> tuple[torch.nn.Module, dict[st
     return model, ckpt
 
 
-def evaluate(cfg: Config, run_id: str, progress: bool = True) -> dict[str, float]:
-    """Calibrate on val, measure on test, log metrics, predictions, figures; log and register the model."""
+def evaluate(
+    cfg: Config, run_id: str, progress: bool = True, step: Callable[[str], None] | None = None
+) -> dict[str, float]:
+    """Calibrate on val, measure on test, log metrics, predictions, figures; log and register the model.
+
+    `step` (see `run.demo.stepper`) announces the evaluation on the console; `progress` shows bars
+    for the predictions, the bootstrap stages and the training-set statistics packaged with the model.
+    """
     tracking.connect(cfg.tracking.uri)
+    if step is not None:
+        step(
+            "evaluating: predicting val and test, calibrating on val, patient-bootstrap CIs on test "
+            f"({cfg.evaluate.bootstrap} resamples), then packaging and registering the model"
+        )
     cohort = load_cohort(cfg.data.manifest)
     model, ckpt = _load_checkpoint(cfg, run_id)
     spec = spec_from_dict(ckpt["prepare"])
@@ -64,7 +76,7 @@ def evaluate(cfg: Config, run_id: str, progress: bool = True) -> dict[str, float
     split_id, times = count_test_evaluation(cohort.manifest_dir, cohort.split("test")["image_id"].tolist(), run_id)
     with tracking.start_run(cfg.experiment, run_id=run_id):
         tracking.set_tags({"test_split_id": split_id, "test_evaluations": times})
-        return _evaluate_and_log(cfg, cohort, model, ckpt, logits, run_id, data["train"])
+        return _evaluate_and_log(cfg, cohort, model, ckpt, logits, run_id, data["train"], progress)
 
 
 def _predictions(frame: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -85,6 +97,7 @@ def _evaluate_and_log(
     logits: dict[str, np.ndarray],
     run_id: str,
     train_data: PreparedDataset | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     val, test = cohort.split("val"), cohort.split("test")
     attrs = {a: test[a].astype(str).to_numpy() for a in cfg.evaluate.subgroups if a in test.columns}
@@ -100,6 +113,7 @@ def _evaluate_and_log(
         subgroups=attrs,
         calibration=cfg.evaluate.calibration,
         groups_val=val["subject_id"].to_numpy(),
+        progress=progress,
     )
     metrics = dict(s.metrics)
     if "val_auroc" in metrics:  # the per-epoch history owns `val_auroc`; this is the evaluated (best-epoch) model's
@@ -141,8 +155,15 @@ def _evaluate_and_log(
     packaged = tracking.CalibratedNet(model, calibration)  # the evaluated calibration, whatever it is
     meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
     if train_data is not None:  # intensity and embedding statistics for score's domain-shift check
-        meta["reference_stats"] = jsonable(reference_stats(packaged, train_data, batch_size=cfg.finetune.batch_size))
+        stats = reference_stats(
+            packaged,
+            train_data,
+            batch_size=cfg.finetune.batch_size,
+            desc="training-set statistics" if progress else None,
+        )
+        meta["reference_stats"] = jsonable(stats)
     example = data_example(ckpt["prepare"])
+    log.info("packaging the model with its calibration and threshold; registering it as %s", cfg.tracking.register_as)
     info = tracking.log_model(packaged, example, meta, cfg.tracking.register_as)
     tracking.set_tags(
         {

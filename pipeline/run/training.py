@@ -7,6 +7,7 @@ import json
 import logging
 import platform
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("medxfer")
 
 
-def train(cfg: Config, progress: bool = True) -> str:
+def train(cfg: Config, progress: bool = True, step: Callable[[str], None] | None = None) -> str:
     """prepare + adapt + finetune; logs everything to MLflow and returns the run id.
 
     ``cfg.finetune.resume = RUN_ID`` (CLI ``train --resume RUN_ID``) continues an interrupted run:
@@ -47,6 +48,7 @@ def train(cfg: Config, progress: bool = True) -> str:
     after every epoch, removed when training ends), and a metric history that goes on without
     repeating a step. Under ``torchrun --nproc-per-node N`` each process trains its shard of every
     global batch (DDP); rank 0 alone ingests, logs to MLflow and writes files; all return the run id.
+    `step` (see `run.demo.stepper`) announces the ingest and the training on the console.
 
     Raises:
         ConfigError: bad finetune options, or a run that cannot be resumed (unknown, finished,
@@ -60,6 +62,11 @@ def train(cfg: Config, progress: bool = True) -> str:
         tracking.connect(cfg.tracking.uri)
         if cfg.finetune.resume:
             _check_resumable(cfg)
+    announce = step if step is not None and world.lead else (lambda message: None)
+    if cfg.data.source:
+        announce(f"ingesting {cfg.data.source} into the manifest {cfg.data.manifest}")
+    else:
+        announce(f"using the manifest in {cfg.data.manifest} (no data.source)")
     manifest_dir = ensure_manifest(cfg, progress) if world.lead else Path(cfg.data.manifest)
     barrier(world)
     cohort = load_cohort(manifest_dir)
@@ -67,6 +74,9 @@ def train(cfg: Config, progress: bool = True) -> str:
     model, summary = build_network(cfg, len(cohort.classes))
     spec = prepare_spec(cfg, summary)
     data = make_datasets(cfg, cohort, spec, augment=True)
+    f = cfg.finetune
+    epochs = "" if f.strategy == "linear-probe" and f.head == "logistic" else f", up to {f.epochs} epochs"
+    announce(f"training {cfg.model.backbone} ({f.strategy}{epochs}) on {len(data['train'])} training units")
     if world.lead:
         run_id = _train_and_log(cfg, cohort, model, summary, spec, data, world)
     else:
@@ -175,7 +185,7 @@ def _train_and_log(
                     f"finetune.resume: run {run_id} logged {done_steps} epochs but its training state "
                     f"{ckpt} is gone; start a new run without --resume"
                 )
-            log.warning("run %s has no training checkpoint yet: training restarts from epoch 0 in the same run", run_id)
+            log.warning("run %s has no training checkpoint yet: training restarts from epoch 1 in the same run", run_id)
         broadcast((run_id, resume), world)
         params = {
             **fresh.flat(),
