@@ -47,6 +47,7 @@ def _cmd_ingest(a: argparse.Namespace) -> int:
         strict=a.strict,
         workers=a.workers,
         progress=True,
+        subgroups=a.subgroup or (),
     )
     print(f"{r.n_units} image units, {r.n_quarantined} files quarantined → {r.manifest_dir}")
     return 0
@@ -220,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--strict", action="store_true", help="fail if any file is quarantined")
     sp.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
+    sp.add_argument(
+        "--subgroup",
+        action="append",
+        metavar="COLUMN",
+        help="a labels.csv column to carry to the manifest as a subgroup (repeatable); sex, age (as age_band) "
+        "and site are carried by default, every other column (free text, comments) is left out",
+    )
 
     sp = add(
         "train",

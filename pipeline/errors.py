@@ -28,6 +28,12 @@ class WeightsNotFoundError(ConfigError):
     """Pretrained weights could not be resolved from local files."""
 
 
+class BusyError(MedxferError):
+    """Another process is writing the same manifest folder or score output (exit 1; see `io.exclusive`)."""
+
+    exit_code = 1
+
+
 class TrackingError(MedxferError):
     """The MLflow tracking store cannot be reached or used."""
 

@@ -9,24 +9,42 @@ old file or the new one. The fsync policy lives here and nowhere else:
 
 Temp files are named ``.<name>.tmp-<pid>-<random>`` so that `is_temp` recognises leftovers of a
 killed writer.
+
+One writer per output folder: `exclusive` holds an ``fcntl.flock`` on a lock file and refuses at
+once (BusyError naming the holder's PID) when another process holds it. The kernel releases a
+flock when its holder exits, ``kill -9`` included, so a lock left by a killed run is simply taken
+by the next one; the PID written into the lock file is for the message only, and the file is never
+removed (a remover could let two writers lock two different files). On NFS, Linux maps flock to
+byte-range locks shared through the NFS lock manager.
+
+A full disk (ENOSPC, EDQUOT) is recognised by `is_disk_full` and explained by `disk_full_message`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import secrets
+import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.errors import BusyError, MedxferError
+
 if TYPE_CHECKING:
     from torch import nn
 
 TEMP_MARK = ".tmp-"
+LOCK_NAME = ".medxfer.lock"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def is_temp(path: str | Path) -> bool:
@@ -71,6 +89,104 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created, with its folder, if missing) for the block.
+
+    Args:
+        lock_file: The lock file, e.g. ``<manifest>/.medxfer.lock`` (`LOCK_NAME`).
+        what: What it protects, for the message, e.g. "manifest folder /data/m".
+
+    Raises:
+        BusyError: At once (no waiting) when another process holds the lock; the message names
+            the PID and host the holder wrote into the lock file.
+        MedxferError: When the filesystem supports no locks.
+    """
+    path = Path(lock_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise BusyError(_busy_message(fd, path, what)) from exc
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            raise MedxferError(
+                f"cannot lock {path} ({os.strerror(exc.errno)}): the filesystem of the {what} supports no file "
+                "locks, so two runs could overwrite each other there. Fix: write it to a local disk or to an NFS "
+                "mount with locking enabled"
+            ) from exc
+        holder = f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+        with contextlib.suppress(OSError):  # on a full disk the lock holds without its note
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder + "\n").encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no stale PID for the next reader
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _busy_message(fd: int, path: Path, what: str) -> str:
+    try:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        holder = ""
+    who = f"another medxfer process ({holder})" if holder else "another medxfer process (its PID is not written yet)"
+    return (
+        f"the {what} is in use by {who}; two runs writing it at once leave manifest rows pointing at deleted "
+        "files, so this run stops before writing anything. Fix: wait for that run to finish (or stop it), or "
+        f"write to another folder. A killed run releases its lock by itself: {path.name} needs no deleting"
+    )
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an OSError that says the disk or the user's quota is full (ENOSPC, EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Free bytes on the filesystem of `folder` (or of its nearest existing parent); None when unknown."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def megabytes(n: int) -> str:
+    """Bytes as "12.3 MB" (MB = 10^6 bytes, as df -H and file managers show)."""
+    return f"{n / 1e6:.1f} MB"
+
+
+def disk_full_message(what: str, folder: str | Path, exc: OSError, need: str = "", done: str = "") -> str:
+    """One paragraph for a full disk: what stopped, which folder, free (and needed) space, what was undone, the fix.
+
+    Args:
+        what: The command, e.g. "ingest".
+        folder: The output folder being written.
+        exc: The OSError (ENOSPC or EDQUOT).
+        need: How much space the run needs, when known, e.g. "its 40.2 MB of images need as much".
+        done: What was cleaned up and what is intact, e.g. "The 12 images this run wrote were removed."
+    """
+    free = free_bytes(folder)
+    space = f"{megabytes(free)} free there" if free is not None else "free space unknown"
+    if need:
+        space += f"; {need}"
+    cause = "the disk quota is used up" if exc.errno == errno.EDQUOT else "the disk is full"
+    return (
+        f"{what} stopped: {cause} where it writes {folder} ({space}). {done + ' ' if done else ''}"
+        "Fix: free space on that disk (or raise the quota), or write to a disk with room (another --out), "
+        "then run the same command again"
+    )
 
 
 def jsonable(obj: Any) -> Any:

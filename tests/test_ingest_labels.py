@@ -96,11 +96,14 @@ def test_identifying_and_reserved_columns_are_dropped(tmp_path):
         "patient_id,label,Patient_Name,birth_date,site,accession,study_uid,split,scanner,age\n"
         "P1,1,Doe^J,19500101,A,ACC1,1.2.3,train,X1,64\n",
     )
-    table = read_labels(path, KEY)
+    table = read_labels(path, KEY, subgroups=["scanner"])
     assert table.carried == ["age_band", "site", "scanner"]
     assert set(table.dropped) == {"patient_name", "birth_date", "accession", "study_uid"}  # split is consumed
     assert any("not carried" in w for w in table.warnings)
     assert table.split_given
+    undeclared = read_labels(path, KEY)  # only sex, age and site are carried unless declared
+    assert undeclared.carried == ["age_band", "site"]
+    assert undeclared.not_declared == ["scanner"]
 
 
 def test_patient_ids_are_stored_only_as_pseudonyms(tmp_path):

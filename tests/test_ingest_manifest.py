@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def archive(tmp_path, key_file):
 
 def test_manifest_schema_and_join(tmp_path, archive):
     src, labels = archive
-    result = ingest(src, labels, tmp_path / "out", progress=False)
+    result = ingest(src, labels, tmp_path / "out", progress=False, subgroups=["scanner"])
     frame = load_manifest(tmp_path / "out")
     assert list(frame.columns) == [*MANIFEST_COLUMNS, "sex", "age_band", "site", "scanner"]
     assert result.n_units == len(frame) == 6
@@ -178,9 +179,16 @@ def test_failed_strict_run_leaves_previous_manifest(tmp_path, archive):
         n: (tmp_path / "out" / n).read_bytes() for n in ("manifest.parquet", "quarantine.csv", "ingest_report.json")
     }
     (src / "b" / "empty.dcm").write_bytes(b"")
-    with pytest.raises(DataError, match=r"1 file\(s\) quarantined(?s:.*)empty-file +b/empty.dcm"):
+    with pytest.raises(DataError, match=r"1 file\(s\) quarantined(?s:.*)empty-file +(src-[0-9a-f]{16})") as err:
         ingest(src, labels, tmp_path / "out", strict=True, progress=False)
     assert {n: (tmp_path / "out" / n).read_bytes() for n in before} == before
+    assert "b/empty.dcm" not in str(err.value)
+    listing = pd.read_csv(tmp_path / "out" / "quarantine-strict.csv", dtype=str, keep_default_na=False)
+    ref = re.search(r"empty-file +(src-[0-9a-f]{16})", str(err.value)).group(1)
+    assert listing.set_index("ref").loc[ref, "path"] == "b/empty.dcm"
+    (src / "b" / "empty.dcm").unlink()
+    ingest(src, labels, tmp_path / "out", strict=True, progress=False)
+    assert not (tmp_path / "out" / "quarantine-strict.csv").exists()  # a successful run removes the listing
 
 
 def test_strict_fails_on_conflicting_labels(tmp_path, archive):
@@ -286,7 +294,7 @@ def test_training_ingest_is_strict_by_default(tmp_path, archive):
     cfg = Config()
     cfg.data.source, cfg.data.labels, cfg.data.manifest = str(src), str(labels), str(tmp_path / "out")
     assert cfg.data.strict is True
-    with pytest.raises(DataError, match=r"(?s)1 file\(s\) quarantined.*d/notes\.txt.*data\.strict: false"):
+    with pytest.raises(DataError, match=r"(?s)1 file\(s\) quarantined.*not-dicom +src-.*data\.strict: false"):
         ensure_manifest(cfg, progress=False)
     assert not (tmp_path / "out" / "manifest.parquet").exists()
     cfg.data.strict = False

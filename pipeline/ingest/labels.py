@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from pipeline.errors import DataError, did_you_mean
+from pipeline.errors import ConfigError, DataError, did_you_mean
+from pipeline.ingest.label_screen import screen_subgroups
 from pipeline.ingest.label_splits import SPLIT_COLUMN, check_split_column
 from pipeline.ingest.pseudonym import pseudonym
 from pipeline.ingest.splits import assign_splits, empty_split_warnings
@@ -18,6 +19,7 @@ from pipeline.records import MANIFEST_COLUMNS
 
 REQUIRED = ("patient_id", "label")
 SUBGROUPS_FIRST = ("sex", "age_band", "site")
+DEFAULT_SUBGROUPS = ("sex", "age", "site")  # carried when present; any other column only when declared
 _CONSUMED = {"patient_id", "label", "path", "age", "modality", SPLIT_COLUMN}
 _IDENTIFYING = (
     "name",
@@ -63,6 +65,7 @@ class LabelTable:
     problems: list[dict[str, object]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     n_conflicts: int = 0
+    not_declared: list[str] = field(default_factory=list)  # columns left out: no subgroup declares them
     split_given: bool = False  # the split column gives every labelled patient's split
 
 
@@ -90,20 +93,41 @@ def _is_identifying(column: str) -> bool:
     return column.endswith("uid") or any(w in column or w in squashed for w in _IDENTIFYING)
 
 
-def _columns(columns: list[str]) -> tuple[list[str], list[str]]:
-    """(subgroup columns carried to the manifest, in order; columns dropped as identifying or clashing)."""
-    carried, dropped = [], []
+def _subgroup_name(name: str) -> str:
+    """A declared subgroup as a labels column name: lower case; "age" means the age_band made from age."""
+    name = str(name).strip().lower()
+    return "age_band" if name == "age" else name
+
+
+def _columns(columns: list[str], subgroups: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:
+    """(subgroup columns carried to the manifest, in order; columns dropped as identifying or clashing;
+    columns not carried because no subgroup declares them).
+
+    Raises:
+        ConfigError: A declared subgroup names an identifying column (names, birth dates, IDs, UIDs).
+    """
+    declared = {_subgroup_name(s) for s in (*DEFAULT_SUBGROUPS, *subgroups)}
+    identifying = sorted(s for s in declared if _is_identifying(s))
+    if identifying:
+        raise ConfigError(
+            f"subgroup column(s) {identifying} name identifiers (names, birth dates, IDs, UIDs, contact details); "
+            "subgroups are copied to the manifest, MLflow and the report, so these are refused. Fix: remove them "
+            "from evaluate.subgroups (or from --subgroup of medxfer ingest)"
+        )
+    carried, dropped, undeclared = [], [], []
     for col in columns:
         if col in _CONSUMED:
             continue
         if _is_identifying(col) or col in MANIFEST_COLUMNS or col == "age_band":
             dropped.append(col)
-        else:
+        elif col in declared:
             carried.append(col)
-    if "age" in columns:
+        else:
+            undeclared.append(col)
+    if "age" in columns and "age_band" in declared:
         carried.append("age_band")
     first = [c for c in SUBGROUPS_FIRST if c in carried]
-    return first + [c for c in carried if c not in first], dropped
+    return first + [c for c in carried if c not in first], dropped, undeclared
 
 
 def _read_frame(path: Path) -> pd.DataFrame:
@@ -136,26 +160,32 @@ def _norm_path(value: str) -> str:
     return str(PurePosixPath(text)) if text else ""
 
 
-def read_labels(path: str | Path, key: bytes) -> LabelTable:
+def read_labels(path: str | Path, key: bytes, subgroups: Sequence[str] = ()) -> LabelTable:
     """Read labels.csv, hash patient_id with the pseudonym key and list every problem by line.
 
     Line numbers count the header as line 1. Exact duplicate rows are reported and used once;
     conflicting duplicates (same patient_id, or same path, different values) are reported and
-    the patient stays unlabeled. Identifying columns (names, birth dates, UIDs, ...) are dropped.
+    the patient stays unlabeled. Only the label, the split and subgroup columns are carried:
+    sex, age (as age_band) and site when present, plus the columns named in `subgroups`; every
+    other column (free text such as comments) is left out, identifying ones (names, birth
+    dates, UIDs, ...) always. Carried columns are screened by `screen_subgroups`.
     An optional ``split`` column (train, val or test per patient) is checked by
     `check_split_column`; when it gives every labelled patient a split, ``split_given`` is set and
     each row's ``split`` is the split to use; it is never carried to the manifest.
 
     Raises:
         DataError: If the file is missing, unreadable or lacks patient_id/label (the message
-            names the file, the columns found and the columns expected), or its split column is
-            invalid (every problem by line number).
+            names the file, the columns found and the columns expected), its split column is
+            invalid (every problem by line number), or a carried column holds identifier-like
+            values (see `screen_subgroups`).
+        ConfigError: If `subgroups` names an identifying column.
     """
     frame = _read_frame(Path(path))
     columns = list(frame.columns)
-    carried, dropped = _columns(columns)
+    carried, dropped, undeclared = _columns(columns, subgroups)
     records = frame.to_dict("records")
-    table = LabelTable(columns=columns, carried=carried, dropped=dropped, n_rows=len(frame))
+    screen_subgroups(Path(path), records, [c for c in carried if c != "age_band"], subgroups)
+    table = LabelTable(columns=columns, carried=carried, dropped=dropped, n_rows=len(frame), not_declared=undeclared)
     if SPLIT_COLUMN in columns:
         table.split_given = check_split_column(Path(path), records)
         if not table.split_given:
@@ -180,6 +210,14 @@ def read_labels(path: str | Path, key: bytes) -> LabelTable:
     table.warnings += label_warnings([r.label for r in rows.values()])
     if dropped:
         table.warnings.append(f"labels columns not carried to the manifest (identifying or reserved names): {dropped}")
+    if undeclared:
+        table.warnings.append(
+            f"labels columns not carried to the manifest (not declared as subgroups): {undeclared}; declare a "
+            "categorical one in evaluate.subgroups (medxfer ingest: --subgroup COLUMN) to carry it"
+        )
+    missing = sorted({_subgroup_name(s) for s in subgroups} - {*carried, *MANIFEST_COLUMNS})
+    if missing:
+        table.warnings.append(f"declared subgroup column(s) {missing} are not in the labels file")
     return table
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,17 @@ from pipeline.ingest.nifti import (
     nifti_study,
     nifti_subject,
 )
-from pipeline.ingest.outputs import build_report, previous_splits, remove_stale_images, strict_message, write_outputs
+from pipeline.ingest.outputs import (
+    STRICT_QUARANTINE,
+    build_report,
+    previous_splits,
+    remove_stale_images,
+    strict_message,
+    write_outputs,
+)
 from pipeline.ingest.pseudonym import load_or_create_key, pseudonym, resolve_key_file
 from pipeline.ingest.splits import KEYED_HASH, LABELS_CSV, check_fractions, history_warnings
-from pipeline.io import write_bytes
+from pipeline.io import LOCK_NAME, disk_full_message, exclusive, is_disk_full, megabytes, write_bytes
 from pipeline.records import MANIFEST_COLUMNS, IngestResult, QuarantineEntry
 
 logger = logging.getLogger(__name__)
@@ -56,13 +63,16 @@ def ingest(
     strict: bool = False,
     workers: int = 1,
     progress: bool = True,
+    subgroups: Sequence[str] = (),
 ) -> IngestResult:
     """Turn an archive of DICOM series and NIfTI volumes into a pseudonymised manifest directory.
 
     Writes under `out` (each file atomically, the manifest only once everything succeeded):
     ``manifest.parquet``, ``images/<image_id>.nii``, ``quarantine.csv`` and ``ingest_report.json``
     (see data_manifests/README.md). Re-running reuses unchanged units (cache keyed by file
-    size, mtime and path) and keeps image_ids stable.
+    size, mtime and path) and keeps image_ids stable. One ingest at a time per folder: the
+    folder's lock (``.medxfer.lock``, see `pipeline.io.exclusive`) refuses a second one at once.
+    On a full disk the images this run wrote are removed and the previous manifest is kept.
 
     Args:
         source: Archive root folder (searched recursively; hidden files are skipped).
@@ -76,41 +86,95 @@ def ingest(
         workers: Processes for scanning and decoding (1 = in-process). Pools use "spawn", so a
             script calling this with workers > 1 needs an ``if __name__ == "__main__":`` guard.
         progress: Show progress bars (stderr).
+        subgroups: labels.csv columns to carry as subgroups besides sex, age (as age_band) and
+            site; every other column is left out (see `read_labels`).
 
     Returns:
         IngestResult with the manifest directory, counts and the report dict.
 
     Raises:
-        ConfigError: Bad fractions, workers, or a key file inside `out`.
-        DataError: Missing source/labels, a malformed labels file, or (strict) quarantined files.
+        ConfigError: Bad fractions, workers, a key file inside `out`, or an identifying subgroup.
+        DataError: Missing source/labels, a malformed labels file, identifier-like subgroup values,
+            (strict) quarantined files, or a full disk.
+        BusyError: Another process is writing `out`.
     """
     src, out_dir, labels_path = _check_args(source, labels, out, val, test, workers)
-    key, key_notes = load_or_create_key(resolve_key_file(key_file, out_dir))
-    table = read_labels(labels_path, key) if labels_path else None
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    cache = load_cache(out_dir, key)
-    relpaths = _walk(src, {out_dir, *([labels_path] if labels_path else [])})
-    with _Runner(workers, progress) as run:
-        files = _scan(src, relpaths, key, cache, run)
-        plans, quarantine = _plan_all(files, table, key)
-        built = _build(src, out_dir, plans, files, cache, run)
-    units, quarantine = _collect(plans, built, quarantine)
-    previous, why_not = previous_splits(out_dir, key, val=val, test=test, seed=seed)
-    split_notes = join_labels(units, table, key, val=val, test=test, seed=seed, previous=None if why_not else previous)
-    source = LABELS_CSV if table is not None and table.split_given else KEYED_HASH
-    current = {u["subject_id"]: u["split"] for u in units}
-    split_notes = history_warnings(previous, why_not, current, source) + split_notes
-    frame = _frame(units, table)
-    save_cache(out_dir, key, files, built)
-    if strict and (quarantine or (table is not None and table.n_conflicts)):
-        raise DataError(strict_message(src, quarantine, table))
-    params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": labels_path is not None}
-    report = build_report(relpaths, files, units, quarantine, frame, table, key, params, source)
-    report["warnings"] = key_notes + split_notes + report["warnings"]
-    write_outputs(out_dir, frame, quarantine, report)
-    remove_stale_images(out_dir, set(frame["image_id"]))
-    logger.info("ingest: %d image units, %d files quarantined", len(frame), len(quarantine))
-    return IngestResult(str(out_dir), len(frame), len(quarantine), report)
+    with exclusive(out_dir / LOCK_NAME, f"manifest folder {out_dir}"):
+        key, key_notes = load_or_create_key(resolve_key_file(key_file, out_dir))
+        table = read_labels(labels_path, key, subgroups) if labels_path else None
+        images = out_dir / "images"
+        before = {p.name for p in images.iterdir()} if images.is_dir() else set()
+        run = _Run(src, out_dir, labels_path, key, table, workers, progress)
+        try:
+            return run.ingest(val, test, seed, strict, key_notes)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            removed, freed = remove_stale_images(out_dir, before)
+            done = (
+                f"The {removed} image file(s) ({megabytes(freed)}) this run had written were removed; the previous "
+                "manifest (if any) is unchanged."
+            )
+            raise DataError(disk_full_message("ingest", out_dir, exc, run.need, done)) from exc
+
+
+class _Run:
+    """One ingest under the manifest folder's lock; `need` says how much its new images take, once known."""
+
+    def __init__(
+        self,
+        src: Path,
+        out_dir: Path,
+        labels_path: Path | None,
+        key: bytes,
+        table: LabelTable | None,
+        workers: int,
+        progress: bool,
+    ) -> None:
+        self.src, self.out_dir, self.labels_path, self.key, self.table = src, out_dir, labels_path, key, table
+        self.workers, self.progress, self.need = workers, progress, ""
+
+    def ingest(self, val: float, test: float, seed: int, strict: bool, key_notes: list[str]) -> IngestResult:
+        """Scan, decode, join labels and write the manifest folder (the body of `ingest`)."""
+        src, out_dir, key, table = self.src, self.out_dir, self.key, self.table
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        cache = load_cache(out_dir, key)
+        relpaths = _walk(src, {out_dir, *([self.labels_path] if self.labels_path else [])})
+        with _Runner(self.workers, self.progress) as run:
+            files = _scan(src, relpaths, key, cache, run)
+            plans, quarantine = _plan_all(files, table, key)
+            self.need = _need(plans, files, cache, out_dir)
+            built = _build(src, out_dir, plans, files, cache, run)
+        units, quarantine = _collect(plans, built, quarantine)
+        previous, why_not = previous_splits(out_dir, key, val=val, test=test, seed=seed)
+        split_notes = join_labels(
+            units, table, key, val=val, test=test, seed=seed, previous=None if why_not else previous
+        )
+        source = LABELS_CSV if table is not None and table.split_given else KEYED_HASH
+        current = {u["subject_id"]: u["split"] for u in units}
+        split_notes = history_warnings(previous, why_not, current, source) + split_notes
+        frame = _frame(units, table)
+        save_cache(out_dir, key, files, built)
+        if strict and (quarantine or (table is not None and table.n_conflicts)):
+            raise DataError(strict_message(out_dir, quarantine, table, key, relpaths))
+        params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": table is not None}
+        report = build_report(relpaths, files, units, quarantine, frame, table, key, params, source)
+        report["warnings"] = key_notes + split_notes + report["warnings"]
+        write_outputs(out_dir, frame, quarantine, report)
+        (out_dir / STRICT_QUARANTINE).unlink(missing_ok=True)  # that failure's listing is out of date now
+        remove_stale_images(out_dir, {f"{i}.nii" for i in frame["image_id"]})
+        logger.info("ingest: %d image units, %d files quarantined", len(frame), len(quarantine))
+        return IngestResult(str(out_dir), len(frame), len(quarantine), report)
+
+
+def _need(plans: list[UnitPlan], files: dict[str, dict[str, Any]], cache: dict, out_dir: Path) -> str:
+    """The space the units to decode take, estimated from their source files (compressed DICOM takes more)."""
+    total = 0
+    for plan in plans:
+        old = cache["units"].get(plan.image_id)
+        if not (old and (out_dir / "images" / f"{plan.image_id}.nii").is_file()):
+            total += sum(max(0, files[rel]["size"]) for rel in plan.files)
+    return f"its {megabytes(total)} of source files to decode need about as much (compressed DICOM more)"
 
 
 def _check_args(

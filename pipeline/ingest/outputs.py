@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 from pipeline.ingest.labels import LabelTable
-from pipeline.ingest.pseudonym import key_id
+from pipeline.ingest.pseudonym import key_id, source_ref
 from pipeline.ingest.splits import KEYED_HASH
 from pipeline.io import is_temp, write_bytes
 from pipeline.records import MANIFEST_COLUMNS, SPLITS, QuarantineEntry
@@ -50,6 +51,7 @@ def build_report(
             columns=table.columns,
             carried=table.carried,
             dropped=table.dropped,
+            not_declared=table.not_declared,
             problems=table.problems,
             problem_counts=dict(Counter(p["problem"] for p in table.problems)),
             unlabeled_units=len(unlabeled),
@@ -116,28 +118,68 @@ def write_outputs(out_dir: Path, frame: pd.DataFrame, quarantine: list[Quarantin
     write_bytes(out_dir / "ingest_report.json", (json.dumps(report, indent=2) + "\n").encode())
 
 
-def remove_stale_images(out_dir: Path, keep: set[str]) -> None:
-    """Delete images/ files of units no longer in the manifest, and temp files of a killed writer."""
+def remove_stale_images(out_dir: Path, keep: set[str]) -> tuple[int, int]:
+    """Delete images/ files (``img-*.nii``) not named in `keep`, and temp files of a killed writer.
+
+    Returns:
+        (files removed, their bytes).
+    """
+    removed, freed = 0, 0
+    if not (out_dir / "images").is_dir():
+        return removed, freed
     for path in (out_dir / "images").iterdir():
-        stale = path.name.endswith(".nii") and path.name[:-4] not in keep and path.name.startswith("img-")
+        stale = path.name.endswith(".nii") and path.name not in keep and path.name.startswith("img-")
         if stale or is_temp(path):
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                path.unlink()
+                removed, freed = removed + 1, freed + size
+    return removed, freed
 
 
-def strict_message(src: Path, quarantine: list[QuarantineEntry], table: LabelTable | None) -> str:
-    """The error of a strict ingest: every quarantined file and conflicting labels row (first 50), and the fix."""
-    lines = [f"  {q.reason:<20} {q.path}: {q.detail}" for q in quarantine[:50]]
-    if len(quarantine) > 50:
-        lines.append(f"  ... and {len(quarantine) - 50} more")
+STRICT_QUARANTINE = "quarantine-strict.csv"
+_SHOWN = 50  # quarantined files listed in the strict error; the rest are counted
+
+
+def strict_message(
+    out_dir: Path, quarantine: list[QuarantineEntry], table: LabelTable | None, key: bytes, relpaths: list[str]
+) -> str:
+    """The error of a strict ingest: every quarantined file (first 50) and conflicting labels row, and the fix.
+
+    Files are named by their pseudonymised reference (`source_ref`), never by path: archive folders
+    often carry patient names and IDs. Writes `STRICT_QUARANTINE` (ref, path, reason, detail of
+    every quarantined file) into `out_dir` for the people who run the archive; the message points there.
+    """
+    refs = {rel: source_ref(key, rel) for rel in relpaths}
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["ref", "path", "reason", "detail"])
+    writer.writerows([refs.get(q.path) or source_ref(key, q.path), q.path, q.reason, q.detail] for q in quarantine)
+    listing = out_dir / STRICT_QUARANTINE
+    write_bytes(listing, text.getvalue().encode())
+    lines = [
+        f"  {q.reason:<20} {refs.get(q.path) or source_ref(key, q.path)}: {_without_paths(q.detail, refs)}"
+        for q in quarantine[:_SHOWN]
+    ]
+    if len(quarantine) > _SHOWN:
+        lines.append(f"  ... and {len(quarantine) - _SHOWN} more")
     conflicts = [p for p in (table.problems if table else []) if p["problem"] == "conflict"]
     lines += [f"  labels line {p['line']}: {p['detail']}" for p in conflicts]
     return (
-        f"strict ingest of {src} stopped: {len(quarantine)} file(s) quarantined and {len(conflicts)} "
-        "conflicting labels row(s); the previous manifest (if any) is unchanged.\n"
+        f"strict ingest stopped: {len(quarantine)} file(s) quarantined and {len(conflicts)} conflicting labels "
+        "row(s); the previous manifest (if any) is unchanged. Files are named by pseudonymised reference (archive "
+        f"paths can hold patient names and IDs); {listing} gives each reference's path, reason and detail.\n"
         + "\n".join(lines)
         + "\nFix: repair or remove these files and rows, or quarantine them and go on: ingest without --strict, "
         "or set data.strict: false in the config of train/run"
     )
+
+
+def _without_paths(detail: str, refs: dict[str, str]) -> str:
+    """`detail` with every archive path in it replaced by its reference (longest paths first)."""
+    for rel in sorted((r for r in refs if r in detail), key=len, reverse=True):
+        detail = detail.replace(rel, refs[rel])
+    return detail
 
 
 def previous_splits(out_dir: Path, key: bytes, *, val: float, test: float, seed: int) -> tuple[dict[str, str], str]:

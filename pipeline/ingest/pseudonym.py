@@ -99,6 +99,15 @@ def pseudonym(key: bytes, kind: str, value: str) -> str:
     return PREFIXES[kind] + digest(key, kind, value)[:16]
 
 
+def source_ref(key: bytes, rel_path: str) -> str:
+    """The pseudonymised reference of an archive file (keyed hash of its relative path): ``src-`` + 16 hex.
+
+    Archive paths can carry patient names and IDs, so messages and shared tables name files by
+    this reference; the local quarantine files map it back to the path.
+    """
+    return "src-" + digest(key, "source-ref", rel_path)[:16]
+
+
 def unit_interval(key: bytes, domain: str, value: str) -> float:
     """A number uniform in [0, 1) derived from the keyed hash of `domain:value`."""
     return int(digest(key, domain, value)[:16], 16) / 2**64

@@ -75,6 +75,7 @@ def ensure_manifest(cfg: Config, progress: bool = True) -> Path:
             workers=cfg.data.workers,
             strict=cfg.data.strict,
             progress=progress,
+            subgroups=cfg.evaluate.subgroups,
         )
     elif not (out / "manifest.parquet").exists():
         raise ConfigError(

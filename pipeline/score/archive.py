@@ -23,8 +23,8 @@ from rich.progress import (
 from rich.text import Text
 
 from pipeline import tracking
-from pipeline.errors import ConfigError
-from pipeline.io import jsonable, write_bytes
+from pipeline.errors import ConfigError, DataError
+from pipeline.io import LOCK_NAME, disk_full_message, exclusive, is_disk_full, jsonable, megabytes, write_bytes
 from pipeline.records import Packaged
 from pipeline.score.adabn import archive_bn_state
 from pipeline.score.engines import Engine, EngineOptions, get_engine
@@ -63,6 +63,9 @@ def score(
     ``source_ref`` (keyed hash of a quarantined file's relative path), ``model_uri``,
     ``model_version``. ``<out>.metrics.json`` records counts, AdaBN, the domain-shift check and,
     with `labels`, external-validation metrics (AUROC with patient-bootstrap CI, ECE, Brier).
+    One score at a time per output: ``<out>.work/.medxfer.lock`` (see `pipeline.io.exclusive`)
+    refuses a second one at once. On a full disk nothing partial is left: the archive's images
+    written by this run are removed, committed chunks are kept for the resume.
 
     Args:
         model_uri: ``models:/NAME/VERSION|latest``, ``models:/NAME@alias``, ``runs:/ID/model`` or a path.
@@ -83,35 +86,56 @@ def score(
 
     Raises:
         ConfigError: an unknown engine or a bad number. TrackingError, DataError: see `load_packaged`.
+        DataError: the disk of `out` is full. BusyError: another process is scoring into `out`.
     """
     t0 = time.perf_counter()
     run_engine = _check_args(engine, batch_size, chunk_size, workers)
     out = Path(out).expanduser().resolve()
+    work = Path(f"{out}.work")
     model_uri = _absolute_model_uri(model_uri)
     from_store = model_uri.startswith(("models:/", "runs:/"))
     tracking_uri = _absolute_uri(tracking.connect(tracking_uri, existing=from_store))
     tracking.check_registered(model_uri)
-    pkg = load_packaged(model_uri)
-    plan = make_plan(pkg, source, labels, Path(f"{out}.work"), key_file, workers, adapt_bn, chunk_size, progress)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    adabn = (
-        archive_bn_state(pkg, plan.units, plan.folder, batch_size, workers, device) if adapt_bn and plan.units else None
-    )
-    writer = ChunkWriter(plan.units, chunk_size, plan.folder, plan.pending, len(pkg.classes))
-    if plan.pending:
-        options = EngineOptions(
-            workers=workers,
-            device=device,
-            tracking_uri=tracking_uri,
-            address=address,
-            bn_state=adabn["state"] if adabn else None,
-        )
-        with _bar(progress) as bar:
-            task = bar.add_task("score", total=sum(writer.sizes.values()))
-            sink = writer.sink(lambda n: bar.advance(task, n))
-            run_engine(pkg, plan.units, writer.batches(batch_size), sink, options)
-    result = _finish(pkg, plan, out, engine, adabn, labels is not None)
+    pkg = load_packaged(model_uri)  # a bad model fails before anything is created beside `out`
+    with exclusive(work / LOCK_NAME, f"score output {out}"):
+        try:
+            plan = make_plan(pkg, source, labels, work, key_file, workers, adapt_bn, chunk_size, progress)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            adabn = (
+                archive_bn_state(pkg, plan.units, plan.folder, batch_size, workers, device)
+                if adapt_bn and plan.units
+                else None
+            )
+            writer = ChunkWriter(plan.units, chunk_size, plan.folder, plan.pending, len(pkg.classes))
+            if plan.pending:
+                options = EngineOptions(
+                    workers=workers,
+                    device=device,
+                    tracking_uri=tracking_uri,
+                    address=address,
+                    bn_state=adabn["state"] if adabn else None,
+                )
+                with _bar(progress) as bar:
+                    task = bar.add_task("score", total=sum(writer.sizes.values()))
+                    sink = writer.sink(lambda n: bar.advance(task, n))
+                    run_engine(pkg, plan.units, writer.batches(batch_size), sink, options)
+            result = _finish(pkg, plan, out, engine, adabn, labels is not None)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise DataError(disk_full_message("score", out.parent, exc, done=_kept(work, out))) from exc
     return {**result, "seconds": time.perf_counter() - t0}
+
+
+def _kept(work: Path, out: Path) -> str:
+    """What a full disk left behind: the committed chunks (resumable) and the previous output."""
+    chunks = sorted((work / "chunks").glob("part-*.parquet")) if (work / "chunks").is_dir() else []
+    size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) if work.is_dir() else 0
+    return (
+        f"No partial file is left: {len(chunks)} scored chunk(s) already committed stay in {work} "
+        f"({megabytes(size)} with the ingested images), so the same command resumes from them; delete that "
+        f"folder to free the space instead. The previous {out.name} (if any) is unchanged."
+    )
 
 
 def _finish(pkg: Packaged, plan: Plan, out: Path, engine: str, adabn: dict | None, labelled: bool) -> dict:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.evaluate import DomainStats
 from pipeline.ingest import ingest, load_manifest
-from pipeline.ingest.pseudonym import digest, load_or_create_key, resolve_key_file
+from pipeline.ingest.pseudonym import load_or_create_key, resolve_key_file, source_ref
 from pipeline.io import write_bytes
 from pipeline.records import Packaged
 from pipeline.score.scorer import Sink
@@ -142,11 +142,6 @@ def _quarantine_rows(manifest_dir: Path, key: bytes, n_classes: int) -> list[dic
         }
         for r in q.itertuples(index=False)
     ]
-
-
-def source_ref(key: bytes, rel_path: str) -> str:
-    """The pseudonymised reference of an archive file (keyed hash of its relative path): ``src-`` + 16 hex."""
-    return "src-" + digest(key, "source-ref", rel_path)[:16]
 
 
 def _plan_key(pkg: Packaged, units: list[dict], adapt_bn: bool, chunk_size: int) -> str:
