@@ -304,6 +304,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"medxfer {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full disk in a command without its own clean-up (train, report, ...)
+        from pipeline.io import disk_full_message, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        where = os.path.dirname(os.path.abspath(exc.filename)) if exc.filename else "its output folder"
+        done = "Manifests, checkpoints and reports already written are intact (each goes to a temp file, then renamed)."
+        message = disk_full_message(args.command, where, exc, done=done)
+        print(f"medxfer {args.command}: error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"medxfer {args.command}: interrupted; files already written are intact", file=sys.stderr)
         return 130

@@ -167,7 +167,9 @@ def megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def disk_full_message(what: str, folder: str | Path, exc: OSError, need: str = "", done: str = "") -> str:
+def disk_full_message(
+    what: str, folder: str | Path, exc: OSError, need: str = "", done: str = "", free_then: int | None = None
+) -> str:
     """One paragraph for a full disk: what stopped, which folder, free (and needed) space, what was undone, the fix.
 
     Args:
@@ -176,9 +178,12 @@ def disk_full_message(what: str, folder: str | Path, exc: OSError, need: str = "
         exc: The OSError (ENOSPC or EDQUOT).
         need: How much space the run needs, when known, e.g. "its 40.2 MB of images need as much".
         done: What was cleaned up and what is intact, e.g. "The 12 images this run wrote were removed."
+        free_then: Free bytes when the write failed (measured before any clean-up), when known.
     """
-    free = free_bytes(folder)
-    space = f"{megabytes(free)} free there" if free is not None else "free space unknown"
+    free = free_bytes(folder) if Path(folder).is_absolute() else None
+    space = "free space unknown" if free is None else f"{megabytes(free)} free there now"
+    if free_then is not None and free is not None and free != free_then:
+        space = f"{megabytes(free_then)} free when it stopped, {megabytes(free)} after the clean-up"
     if need:
         space += f"; {need}"
     cause = "the disk quota is used up" if exc.errno == errno.EDQUOT else "the disk is full"

@@ -251,9 +251,10 @@ def test_ingest_on_a_full_disk_explains_removes_its_images_and_keeps_the_previou
     line = _error_line(err, "ingest")
     assert code == 1 and "Traceback" not in err
     assert f"ingest stopped: the disk is full where it writes {out} (" in line
-    assert re.search(r"\(\d+\.\d MB free there; its \d+\.\d MB of source files to decode need about as much", line)
+    space = r"\(\d+\.\d MB free when it stopped, \d+\.\d MB after the clean-up; its 1\.\d MB of source files to decode"
+    assert re.search(space, line), line
     assert re.search(r"The [1-9]\d* image file\(s\) \(\d+\.\d MB\) this run had written were removed", line)
-    assert "the previous manifest (if any) is unchanged" in line and "Fix: free space on that disk" in line
+    assert "; the previous manifest is unchanged." in line and "Fix: free space on that disk" in line
     assert {n: (out / n).read_bytes() for n in before} == before
     assert {p.name for p in (out / "images").iterdir()} == images_before  # no orphan, no temp file
     _consistent(out)
@@ -274,6 +275,13 @@ def test_score_on_a_full_disk_explains_and_leaves_no_images_behind(small_disk, c
     images = Path(f"{out}.work") / "manifest" / "images"
     assert [p.name for p in images.iterdir()] == []  # this run's images removed, temp files too
     assert shutil.disk_usage(disk).used < 64 * 1024  # the disk is not left full
+
+
+def test_any_command_on_a_full_disk_gets_a_message_not_a_traceback(small_disk, capsys):
+    disk = small_disk(256)
+    assert main(["synth", "--out", str(disk / "cohort"), "--n", "8"]) == 1
+    line = _error_line(capsys.readouterr().err, "synth")
+    assert "synth stopped: the disk is full where it writes " in line and "Fix: free space" in line
 
 
 # ------------------------------------------------------------------------------- labels and messages

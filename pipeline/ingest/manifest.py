@@ -43,7 +43,7 @@ from pipeline.ingest.outputs import (
 )
 from pipeline.ingest.pseudonym import load_or_create_key, pseudonym, resolve_key_file
 from pipeline.ingest.splits import KEYED_HASH, LABELS_CSV, check_fractions, history_warnings
-from pipeline.io import LOCK_NAME, disk_full_message, exclusive, is_disk_full, megabytes, write_bytes
+from pipeline.io import LOCK_NAME, disk_full_message, exclusive, free_bytes, is_disk_full, megabytes, write_bytes
 from pipeline.records import MANIFEST_COLUMNS, IngestResult, QuarantineEntry
 
 logger = logging.getLogger(__name__)
@@ -104,18 +104,18 @@ def ingest(
         table = read_labels(labels_path, key, subgroups) if labels_path else None
         images = out_dir / "images"
         before = {p.name for p in images.iterdir()} if images.is_dir() else set()
+        previous = (out_dir / "manifest.parquet").is_file()
         run = _Run(src, out_dir, labels_path, key, table, workers, progress)
         try:
             return run.ingest(val, test, seed, strict, key_notes)
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
+            free_then = free_bytes(out_dir)
             removed, freed = remove_stale_images(out_dir, before)
-            done = (
-                f"The {removed} image file(s) ({megabytes(freed)}) this run had written were removed; the previous "
-                "manifest (if any) is unchanged."
-            )
-            raise DataError(disk_full_message("ingest", out_dir, exc, run.need, done)) from exc
+            kept = "the previous manifest is unchanged" if previous else "no manifest was written"
+            done = f"The {removed} image file(s) ({megabytes(freed)}) this run had written were removed; {kept}."
+            raise DataError(disk_full_message("ingest", out_dir, exc, run.need, done, free_then)) from exc
 
 
 class _Run:
@@ -174,7 +174,7 @@ def _need(plans: list[UnitPlan], files: dict[str, dict[str, Any]], cache: dict, 
         old = cache["units"].get(plan.image_id)
         if not (old and (out_dir / "images" / f"{plan.image_id}.nii").is_file()):
             total += sum(max(0, files[rel]["size"]) for rel in plan.files)
-    return f"its {megabytes(total)} of source files to decode need about as much (compressed DICOM more)"
+    return f"its {megabytes(total)} of source files to decode need about as much space (compressed DICOM more)"
 
 
 def _check_args(

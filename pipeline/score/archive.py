@@ -134,7 +134,8 @@ def _kept(work: Path, out: Path) -> str:
     return (
         f"No partial file is left: {len(chunks)} scored chunk(s) already committed stay in {work} "
         f"({megabytes(size)} with the ingested images), so the same command resumes from them; delete that "
-        f"folder to free the space instead. The previous {out.name} (if any) is unchanged."
+        f"folder to free the space instead. "
+        + (f"The previous {out.name} is unchanged." if out.exists() else f"No {out.name} was written.")
     )
 
 
