@@ -311,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if args.debug:
             traceback.print_exc()
-        where = os.path.dirname(os.path.abspath(exc.filename)) if exc.filename else "its output folder"
+        target = exc.filename or getattr(args, "out", None)  # the file being written, else the command's --out
+        where = os.path.abspath(target) if target else "its output folder"
         done = "Manifests, checkpoints and reports already written are intact (each goes to a temp file, then renamed)."
         message = disk_full_message(args.command, where, exc, done=done)
         print(f"medxfer {args.command}: error: {message}", file=sys.stderr)
