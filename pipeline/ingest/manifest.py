@@ -100,14 +100,14 @@ def ingest(
     """
     src, out_dir, labels_path = _check_args(source, labels, out, val, test, workers)
     with exclusive(out_dir / LOCK_NAME, f"manifest folder {out_dir}"):
-        key, key_notes = load_or_create_key(resolve_key_file(key_file, out_dir))
-        table = read_labels(labels_path, key, subgroups) if labels_path else None
         images = out_dir / "images"
         before = {p.name for p in images.iterdir()} if images.is_dir() else set()
         previous = (out_dir / "manifest.parquet").is_file()
-        run = _Run(src, out_dir, labels_path, key, table, workers, progress)
+        need: list[str] = []
         try:
-            return run.ingest(val, test, seed, strict, key_notes)
+            return _ingest(
+                src, out_dir, labels_path, key_file, val, test, seed, strict, workers, progress, subgroups, need
+            )
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -115,56 +115,52 @@ def ingest(
             removed, freed = remove_stale_images(out_dir, before)
             kept = "the previous manifest is unchanged" if previous else "no manifest was written"
             done = f"The {removed} image file(s) ({megabytes(freed)}) this run had written were removed; {kept}."
-            raise DataError(disk_full_message("ingest", out_dir, exc, run.need, done, free_then)) from exc
+            raise DataError(disk_full_message("ingest", out_dir, exc, "".join(need), done, free_then)) from exc
 
 
-class _Run:
-    """One ingest under the manifest folder's lock; `need` says how much its new images take, once known."""
-
-    def __init__(
-        self,
-        src: Path,
-        out_dir: Path,
-        labels_path: Path | None,
-        key: bytes,
-        table: LabelTable | None,
-        workers: int,
-        progress: bool,
-    ) -> None:
-        self.src, self.out_dir, self.labels_path, self.key, self.table = src, out_dir, labels_path, key, table
-        self.workers, self.progress, self.need = workers, progress, ""
-
-    def ingest(self, val: float, test: float, seed: int, strict: bool, key_notes: list[str]) -> IngestResult:
-        """Scan, decode, join labels and write the manifest folder (the body of `ingest`)."""
-        src, out_dir, key, table = self.src, self.out_dir, self.key, self.table
-        (out_dir / "images").mkdir(parents=True, exist_ok=True)
-        cache = load_cache(out_dir, key)
-        relpaths = _walk(src, {out_dir, *([self.labels_path] if self.labels_path else [])})
-        with _Runner(self.workers, self.progress) as run:
-            files = _scan(src, relpaths, key, cache, run)
-            plans, quarantine = _plan_all(files, table, key)
-            self.need = _need(plans, files, cache, out_dir)
-            built = _build(src, out_dir, plans, files, cache, run)
-        units, quarantine = _collect(plans, built, quarantine)
-        previous, why_not = previous_splits(out_dir, key, val=val, test=test, seed=seed)
-        split_notes = join_labels(
-            units, table, key, val=val, test=test, seed=seed, previous=None if why_not else previous
-        )
-        source = LABELS_CSV if table is not None and table.split_given else KEYED_HASH
-        current = {u["subject_id"]: u["split"] for u in units}
-        split_notes = history_warnings(previous, why_not, current, source) + split_notes
-        frame = _frame(units, table)
-        save_cache(out_dir, key, files, built)
-        if strict and (quarantine or (table is not None and table.n_conflicts)):
-            raise DataError(strict_message(out_dir, quarantine, table, key, relpaths))
-        params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": table is not None}
-        report = build_report(relpaths, files, units, quarantine, frame, table, key, params, source)
-        report["warnings"] = key_notes + split_notes + report["warnings"]
-        write_outputs(out_dir, frame, quarantine, report)
-        (out_dir / STRICT_QUARANTINE).unlink(missing_ok=True)  # that failure's listing is out of date now
-        remove_stale_images(out_dir, {f"{i}.nii" for i in frame["image_id"]})
-        logger.info("ingest: %d image units, %d files quarantined", len(frame), len(quarantine))
-        return IngestResult(str(out_dir), len(frame), len(quarantine), report)
+def _ingest(
+    src: Path,
+    out_dir: Path,
+    labels_path: Path | None,
+    key_file: str | Path | None,
+    val: float,
+    test: float,
+    seed: int,
+    strict: bool,
+    workers: int,
+    progress: bool,
+    subgroups: Sequence[str],
+    need: list[str],
+) -> IngestResult:
+    """The body of `ingest`, under the folder's lock; appends to `need` the space the units to decode take."""
+    key, key_notes = load_or_create_key(resolve_key_file(key_file, out_dir))
+    table = read_labels(labels_path, key, subgroups) if labels_path else None
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    cache = load_cache(out_dir, key)
+    relpaths = _walk(src, {out_dir, *([labels_path] if labels_path else [])})
+    with _Runner(workers, progress) as run:
+        files = _scan(src, relpaths, key, cache, run)
+        plans, quarantine = _plan_all(files, table, key)
+        need.append(_need(plans, files, cache, out_dir))
+        built = _build(src, out_dir, plans, files, cache, run)
+    units, quarantine = _collect(plans, built, quarantine)
+    previous, why_not = previous_splits(out_dir, key, val=val, test=test, seed=seed)
+    split_notes = join_labels(units, table, key, val=val, test=test, seed=seed, previous=None if why_not else previous)
+    source = LABELS_CSV if table is not None and table.split_given else KEYED_HASH
+    current = {u["subject_id"]: u["split"] for u in units}
+    split_notes = history_warnings(previous, why_not, current, source) + split_notes
+    frame = _frame(units, table)
+    save_cache(out_dir, key, files, built)
+    if strict and (quarantine or (table is not None and table.n_conflicts)):
+        raise DataError(strict_message(out_dir, quarantine, table, key, relpaths))
+    params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": labels_path is not None}
+    report = build_report(relpaths, files, units, quarantine, frame, table, key, params, source)
+    report["warnings"] = key_notes + split_notes + report["warnings"]
+    write_outputs(out_dir, frame, quarantine, report)
+    (out_dir / STRICT_QUARANTINE).unlink(missing_ok=True)  # that failure's listing is out of date now
+    remove_stale_images(out_dir, {f"{i}.nii" for i in frame["image_id"]})
+    logger.info("ingest: %d image units, %d files quarantined", len(frame), len(quarantine))
+    return IngestResult(str(out_dir), len(frame), len(quarantine), report)
 
 
 def _need(plans: list[UnitPlan], files: dict[str, dict[str, Any]], cache: dict, out_dir: Path) -> str:
