@@ -239,14 +239,17 @@ def _error_line(err: str, command: str) -> str:
     return lines[0]
 
 
-def test_ingest_on_a_full_disk_explains_removes_its_images_and_keeps_the_previous_manifest(small_disk, cohorts, capsys):
+@pytest.mark.parametrize("workers", [1, 2])  # 2: the error comes back from a spawned worker
+def test_ingest_on_a_full_disk_explains_removes_its_images_and_keeps_the_previous_manifest(
+    small_disk, cohorts, capsys, workers
+):
     small, cxr, key = cohorts["small"], cohorts["cxr"], cohorts["key"]
     out = small_disk(1024) / "manifest"  # the small archive fits (5 images); the 9 of the other do not
     ingest(small.archive_dir, small.labels_csv, out, key_file=key, progress=False)
     before = {n: (out / n).read_bytes() for n in ("manifest.parquet", "ingest_report.json", "quarantine.csv")}
     images_before = {p.name for p in (out / "images").iterdir()}
     code = main(["ingest", str(cxr.archive_dir), "--labels", str(cxr.labels_csv), "--out", str(out),
-                 "--key-file", str(key)])  # fmt: skip
+                 "--key-file", str(key), "--workers", str(workers)])  # fmt: skip
     err = capsys.readouterr().err
     line = _error_line(err, "ingest")
     assert code == 1 and "Traceback" not in err
