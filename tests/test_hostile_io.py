@@ -217,11 +217,12 @@ def small_disk(tmp_path):
         pytest.skip("a full disk is tested on a small tmpfs, and mounting one needs root: run the suite as root")
     mounted: list[Path] = []
 
-    def mount(kib: int) -> Path:
+    def mount(kib: int, inodes: int | None = None) -> Path:
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
+        options = f"size={kib}k" + (f",nr_inodes={inodes}" if inodes else "")
         done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)], capture_output=True, text=True
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
         )
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a full disk is tested where mount works")
@@ -278,6 +279,39 @@ def test_score_on_a_full_disk_explains_and_leaves_no_images_behind(small_disk, c
     images = Path(f"{out}.work") / "manifest" / "images"
     assert [p.name for p in images.iterdir()] == []  # this run's images removed, temp files too
     assert shutil.disk_usage(disk).used < 64 * 1024  # the disk is not left full
+
+
+def _inodes_used(disk: Path) -> int:
+    st = os.statvfs(disk)
+    return st.f_files - st.f_ffree
+
+
+@pytest.mark.slow  # the registered model takes ~25 s to build and log
+def test_score_that_fills_the_disk_while_committing_chunks_keeps_nothing_partial_and_resumes(
+    small_disk, cohorts, model, capsys
+):
+    """A disk that runs out of inodes (ENOSPC too) right after the archive is ingested, so the first chunk fails."""
+    cxr, key = cohorts["cxr"], cohorts["key"]
+    args = ["score", str(cxr.archive_dir), "--model", model["model"], "--tracking-uri", model["uri"],
+            "--key-file", str(key)]  # fmt: skip
+    probe = small_disk(8192)  # the same score with room: how many inodes its chunks and outputs take
+    assert main([*args, "--out", str(probe / "pred.parquet")]) == 0
+    work = probe / "pred.parquet.work"
+    after_chunks = sum(1 for _ in (work / "chunks").rglob("*")) + len(list(probe.glob("pred.parquet*"))) - 1
+    disk = small_disk(8192, inodes=_inodes_used(probe) - after_chunks + 1)  # room for chunks/, not for a part
+    out = disk / "pred.parquet"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    line = _error_line(err, "score")
+    assert "Traceback" not in err and f"score stopped: the disk is full where it writes {disk} (" in line
+    assert f"No partial file is left: 0 scored chunk(s) already committed stay in {out}.work (" in line
+    assert "No pred.parquet was written." in line and "Fix: free space" in line
+    assert not out.exists() and not [p for p in disk.rglob("*") if is_temp(p)]
+    assert load_manifest(Path(f"{out}.work") / "manifest").shape[0] == cxr.n_files  # the ingest is kept...
+    subprocess.run(["mount", "-o", "remount,nr_inodes=10000", str(disk)], check=True)
+    assert main([*args, "--out", str(out)]) == 0  # ...so once there is room the same command goes on
+    assert pd.read_parquet(out).equals(pd.read_parquet(probe / "pred.parquet"))
 
 
 def test_any_command_on_a_full_disk_gets_a_message_not_a_traceback(small_disk, capsys):
