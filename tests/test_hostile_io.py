@@ -380,11 +380,15 @@ def _tiny_archive(root: Path, n: int = 12) -> tuple[Path, Path]:
     [
         ("comment", [FAKE_NAME, "ok", "Roe, Jane"], "person names"),
         ("reader", ["ROE^JANE", "DOE^JOHN"], "person names"),
-        ("scan_date", ["2021-03-04", "04/03/2021", "20210304"], "dates on lines 2, 3, 4"),
+        (
+            "scan_date",
+            ["2021-03-04", "04/03/2021", "20210304", "4 Mar 2021", "March 4, 2021"],
+            "dates on lines 2, 3, 4, 5, 6",
+        ),
         ("contact", ["jane.roe@example.org", "x"], "ID numbers, phone numbers or e-mail addresses"),
         ("ref", ["A1234567", "x"], "ID numbers"),
         ("ward", [f"W{i:02d}" for i in range(12)], "12 distinct values for 12 patients"),
-        ("note", ["patient anxious about the procedure today"], "free text"),
+        ("note", ["patient was anxious about the procedure and asked for sedation"], "free text"),
     ],
 )
 def test_identifier_like_subgroups_are_refused_naming_the_column_not_the_values(
@@ -414,6 +418,23 @@ def test_categorical_subgroups_are_carried_and_undeclared_columns_are_not(tmp_pa
     frame = load_manifest(tmp_path / "out")
     assert list(frame.columns[-2:]) == ["site", "scanner"] and set(frame["scanner"]) <= {"X1", "Y2", "Z3"}
     assert not [p for p, data in _all_bytes(tmp_path / "out", tmp_path / "none").items() if b"Roe" in data]
+
+
+@pytest.mark.parametrize(
+    ("column", "values"),
+    [
+        ("race", ["White", "Black or African American", "Native Hawaiian or Other Pacific Islander", "Asian"]),
+        ("site", ["site-A", "Hospital North", "St Thomas'", "2"]),
+        ("scanner", ["GE MEDICAL SYSTEMS", "Ingenuity CT", "1Ingenuity128", "SIEMENS"]),
+        ("age_group", ["60-69", "90+", "<18"]),
+        ("year", ["2019", "2020", "2021"]),  # a year alone is not a date element that identifies
+    ],
+)
+def test_ordinary_categories_pass_the_screen(tmp_path, key_file, column, values):
+    src, labels = _tiny_archive(tmp_path)
+    _labels_with(labels, labels, **{column: values})
+    ingest(src, labels, tmp_path / "out", key_file=key_file, subgroups=[column], progress=False)
+    assert set(load_manifest(tmp_path / "out")[column]) <= set(values)
 
 
 def test_a_default_subgroup_with_identifiers_is_refused_too(tmp_path, key_file):

@@ -13,10 +13,13 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 
+_MONTH = r"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
 _DATE = re.compile(
     r"(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|(19|20)\d{6}"
-    r"|\d{1,2}[ -]?[A-Za-z]{3,9}\.?[ -]?\d{2,4}|[A-Za-z]{3,9}\.? \d{1,2},? \d{4})"
-    r"([ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?)?"
+    rf"|\d{{1,2}}[ -]?{_MONTH}[ -]?\d{{2,4}}|{_MONTH} \d{{1,2}},? \d{{4}}"
+    rf"|{_MONTH}[ -]?\d{{4}}|\d{{4}}[-/]\d{{1,2}}|\d{{1,2}}[-/]\d{{4}})"  # month and year: a date element too
+    r"([ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?)?",
+    re.IGNORECASE,
 )
 _NAME = re.compile(
     r"\b(Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Sir|Dame|Nurse|Sister)\b\.?\s+[A-Z]"  # a title before a name
@@ -24,7 +27,7 @@ _NAME = re.compile(
     r"|^[A-Z][a-z'-]+, ?[A-Z][a-z'-]+$"  # Surname, Given
 )
 _CONTACT = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+|\d{6,}|\+?\d[\d ()-]{8,}\d")  # e-mail, IDs, phone numbers
-_FREE_TEXT_CHARS, _FREE_TEXT_WORDS = 40, 5
+_FREE_TEXT_CHARS, _FREE_TEXT_WORDS = 80, 7  # longer than any category name (OMB race: 6 words)
 _MIN_DISTINCT, _UNIQUE_SHARE = 10, 0.5
 _KINDS = {
     "date": "dates",
@@ -42,7 +45,7 @@ def _kind(value: str) -> str | None:
         return "name"
     if _CONTACT.search(value):
         return "contact"
-    if len(value) > _FREE_TEXT_CHARS or len(value.split()) >= _FREE_TEXT_WORDS:
+    if len(value) > _FREE_TEXT_CHARS or len(value.split()) > _FREE_TEXT_WORDS:
         return "free-text"
     return None
 
