@@ -140,9 +140,10 @@ def _busy_message(fd: int, path: Path, what: str) -> str:
         holder = ""
     who = f"another medxfer process ({holder})" if holder else "another medxfer process (its PID is not written yet)"
     return (
-        f"the {what} is in use by {who}; two runs writing it at once leave manifest rows pointing at deleted "
-        "files, so this run stops before writing anything. Fix: wait for that run to finish (or stop it), or "
-        f"write to another folder. A killed run releases its lock by itself: {path.name} needs no deleting"
+        f"the {what} is in use by {who}; two runs writing it at once overwrite each other's files (manifest "
+        "rows end up pointing at deleted images), so this run stops before writing anything. Fix: wait for that "
+        "run to finish (or stop it), or write to another folder. A killed run releases its lock by itself: "
+        f"{path.name} needs no deleting"
     )
 
 
