@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is medxfer's (train: the run id)
     try:
         return args.func(args)
     except MedxferError as exc:
@@ -299,6 +300,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medxfer {args.command}: interrupted; files already written are intact", file=sys.stderr)
         return 130
+    except Exception as exc:  # a tracking server that went away outside a run (downloads, registry lookups)
+        tracking = sys.modules.get("pipeline.tracking")
+        lost = tracking.server_lost(exc) if tracking is not None else None
+        if lost is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"medxfer {args.command}: error: the MLflow server {tracking.current_uri()} stopped answering "
+            f"({lost}); nothing local was removed. Fix: restart the server, then run the "
+            "same command again",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -119,7 +119,9 @@ def test_scoring_that_scores_nothing_exits_1_with_the_reasons_and_the_list(demo_
     refs = {r["ref"]: r for r in listed}
     failed_file = table[table["source_ref"] != ""].iloc[0]
     assert refs[failed_file["source_ref"]]["path"] == "notes.txt"  # the pseudonymised reference resolves
-    assert set(table.loc[table["reason"] == "dims-mismatch", "image_id"]) <= set(refs)
+    misfits = table.loc[table["reason"] == "dims-mismatch", "image_id"]
+    assert set(misfits) <= set(refs)
+    assert all(Path(refs[i]["path"]).is_file() and refs[i]["path"].endswith(".nii") for i in misfits)  # openable
     assert "notes.txt" not in table.to_csv()  # the table itself carries no path
 
 

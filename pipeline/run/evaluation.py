@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -74,9 +75,17 @@ def evaluate(
         for name in ("val", "test")
     }
     split_id, times = count_test_evaluation(cohort.manifest_dir, cohort.split("test")["image_id"].tolist(), run_id)
-    with tracking.start_run(cfg.experiment, run_id=run_id):
+    with tracking.start_run(cfg.experiment, run_id=run_id, on_lost=_evaluate_again_hint(cfg)):
         tracking.set_tags({"test_split_id": split_id, "test_evaluations": times})
         return _evaluate_and_log(cfg, cohort, model, ckpt, logits, run_id, data["train"], progress)
+
+
+def _evaluate_again_hint(cfg: Config) -> Callable[[str], str]:
+    config = shlex.quote(cfg.source_file) if cfg.source_file else "CONFIG"
+    return lambda run_id: (
+        "Training is logged and nothing is lost; this evaluation is incomplete. Fix: restart the server, "
+        f"then evaluate again: medxfer evaluate {config} --run {run_id}"
+    )
 
 
 def _predictions(frame: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
