@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a tracking server that went away outside a run (downloads, registry lookups)
         tracking = sys.modules.get("pipeline.tracking")
         lost = tracking.server_lost(exc) if tracking is not None else None
-        if lost is None:
+        if tracking is None or lost is None:
             raise
         if args.debug:
             traceback.print_exc()
