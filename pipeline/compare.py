@@ -40,7 +40,7 @@ DELONG = "DeLong clustered by patient (Obuchowski 1997)"
 # (key, label, uses the ranking scores): the rows of every comparison table, in order
 QUANTITIES = (
     ("auroc", "AUROC", True),
-    ("auroc_bootstrap", "AUROC", True),
+    ("auroc_bootstrap", "AUROC (bootstrap)", True),
     ("brier", "Brier", False),
     ("ece", "ECE", False),
     ("nll", "NLL", False),
