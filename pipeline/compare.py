@@ -16,6 +16,7 @@ no pseudonym leaves this module (only counts and run ids reach the JSON, the pag
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pipeline.records import Comparison
 PREDICTIONS = "predictions/test.parquet"
 COLUMNS = ("image_id", "subject_id", "y_true", "prob")  # binary tasks: `prob` is the calibrated P(class 1)
 RANKING = "prob_uncalibrated"  # the scores the logged test_auroc ranks (runs evaluated since medxfer 0.2)
+log = logging.getLogger("medxfer")
 REPORTS = "medxfer-reports"  # default output root, in the working folder (as `medxfer run`'s reports)
 KIND = "comparison"  # the `kind` tag of the MLflow run a comparison is logged to
 DELONG = "DeLong clustered by patient (Obuchowski 1997)"
@@ -80,6 +82,12 @@ def compare_runs(
     if n_boot < 0:
         raise ConfigError(f"--bootstrap {n_boot}: expected 0 (DeLong only) or more resamples, e.g. 1000")
     tracking.connect(tracking_uri, existing=True)
+    log.info(
+        "comparing run %s with the reference %s on their shared test units: clustered DeLong%s",
+        ", ".join(ids[1:]),
+        ids[0],
+        f" and a paired bootstrap of {n_boot} patient resamples" if n_boot else "",
+    )
     with tempfile.TemporaryDirectory(prefix="medxfer-compare-") as tmp:
         tables = [load_run(rid, Path(tmp) / str(i)) for i, rid in enumerate(ids)]
     return compare_tables(tables, n_boot=n_boot, seed=seed)
