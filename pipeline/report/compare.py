@@ -244,7 +244,8 @@ METHOD = (
     "Their 95% CIs are percentile intervals of a paired bootstrap that resamples patients with replacement "
     "(all of a patient's images together) and scores both runs on the same resamples; p is twice the smaller "
     "share of resampled differences on either side of 0. Every quantity uses the same resamples and seed. "
-    "ECE is biased upwards on small samples, so a ΔECE CI is wider than its point suggests.",
+    "ECE is biased upwards on small samples (every bin's gap is an absolute value), for both runs alike; "
+    "read ΔECE with its CI.",
 )
 
 
