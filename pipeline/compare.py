@@ -29,7 +29,7 @@ import pandas as pd
 from pipeline import tracking
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import at_threshold, auroc, brier, delong_test, ece, nll, paired_bootstrap
-from pipeline.io import write_text
+from pipeline.io import jsonable, write_text
 from pipeline.records import Comparison
 
 PREDICTIONS = "predictions/test.parquet"
@@ -377,20 +377,9 @@ def write_comparison(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
 
     root = Path(out_dir)
     paths = {"json": root / "comparison.json", "html": root / "comparison.html"}
-    write_text(paths["json"], json.dumps(_finite(comp.to_dict()), indent=2, sort_keys=True) + "\n")
+    write_text(paths["json"], json.dumps(jsonable(comp.to_dict()), indent=2, sort_keys=True) + "\n")
     write_text(paths["html"], comparison_page(comp.to_dict()))
     return paths
-
-
-def _finite(obj: Any) -> Any:
-    """JSON without NaN/inf (strict parsers reject them): non-finite floats become null."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def log_comparison(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
@@ -466,7 +455,7 @@ def console_table(comp: Comparison) -> str:
         lines.append(f"  sensitivity and specificity at each run's frozen threshold ({thresholds})")
         if pair.get("negative_transfer"):
             lines.append(
-                "  NEGATIVE TRANSFER: the ImageNet-initialised run ranks worse than from scratch (CI excludes 0)"
+                "  NEGATIVE TRANSFER: the pretrained run ranks worse than the from-scratch reference (CI excludes 0)"
             )
     return "\n".join(lines)
 

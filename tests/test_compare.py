@@ -106,7 +106,10 @@ def test_negative_transfer_is_flagged_in_the_comparison_and_the_report() -> None
     html = render_report(ctx)
     transfer = html[html.index('<section id="transfer">') :]
     transfer = transfer[: transfer.index("</section>")]
-    assert '<div class="note warn">Negative transfer: the ImageNet-initialised run ranks worse' in transfer
+    assert (
+        '<div class="note warn">Negative transfer: the pretrained run (model.weights = imagenet) ranks worse'
+        in transfer
+    )
     assert f"ΔAUROC {pair['auroc']['diff']:+.3f}, 95% CI {pair['auroc']['ci_low']:+.3f}" in transfer
     warnings = html[html.index('<section id="warnings">') :]
     assert "Negative transfer" in warnings

@@ -80,14 +80,19 @@ def _first_pair(comparison: Any) -> dict[str, Any]:
 
 
 def negative_transfer(comparison: Any) -> str | None:
-    """The negative-transfer sentence when the ImageNet run's ΔAUROC CI lies below 0, else None."""
+    """The negative-transfer sentence when the pretrained run's ΔAUROC CI lies below 0, else None."""
     pair = _first_pair(comparison)
     found = pair.get("auroc")
     r: dict[str, Any] = found if isinstance(found, dict) else {}
     if pair.get("negative_transfer") is not True or as_float(r.get("diff")) is None:
         return None
+    runs = comparison.get("runs") if isinstance(comparison.get("runs"), list) else []
+    weights = next(
+        (x.get("weights") for x in runs if isinstance(x, dict) and x.get("run_id") == pair.get("run_id")), None
+    )
     return (
-        f"{NEGATIVE}: the ImageNet-initialised run ranks worse than the from-scratch run on the same test "
+        f"{NEGATIVE}: the pretrained run (model.weights = {weights or 'not recorded'}) ranks worse than the "
+        "from-scratch run on the same test "
         f"patients (ΔAUROC {_signed(r.get('diff'))}, 95% CI {_signed(r.get('ci_low'))} to "
         f"{_signed(r.get('ci_high'))}, {p_text(r.get('p'))}, DeLong clustered by patient): "
         "pretraining hurt here; check preprocessing, channel folding and the fine-tuning strategy."
