@@ -87,6 +87,27 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from pipeline.errors import ConfigError
+
+    ids = [r.strip() for r in a.runs]
+    if len(ids) < 2 or not all(ids):  # before mlflow loads: a usage error fails at once
+        raise ConfigError(
+            f"compare needs at least 2 run ids, got {len([i for i in ids if i])}. "
+            "Fix: medxfer compare RUN_A RUN_B [RUN_C ...] (the first is the reference)"
+        )
+    if a.bootstrap < 0:
+        raise ConfigError(f"--bootstrap {a.bootstrap}: expected 0 (DeLong only) or more resamples, e.g. 1000")
+    from pipeline.compare import compare_runs, console_table, ensure_out, log_comparison
+
+    out = ensure_out(a.out, ids)
+    comp = compare_runs(ids, a.tracking_uri, n_boot=a.bootstrap, seed=a.seed)
+    files = log_comparison(comp, out)
+    print(console_table(comp))
+    print(f"  comparison: {files['html']} (JSON: {files['json']}); MLflow run {comp.mlflow_run_id}")
+    return 0
+
+
 def _cmd_run(a: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
@@ -243,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run", required=True, help="MLflow run id")
     sp.add_argument("--out", required=True, help="report file, e.g. reports/NAME.html")
     sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+    sp = add(
+        "compare",
+        _cmd_compare,
+        "paired, patient-clustered comparison of evaluated runs on the same test units: ΔAUROC (clustered "
+        "DeLong and paired bootstrap), ΔBrier, ΔECE, ΔNLL, sensitivity/specificity at each run's frozen threshold",
+    )
+    sp.add_argument(
+        "runs", nargs="+", metavar="RUN_ID", help="two or more evaluated MLflow runs; the first is the reference"
+    )
+    sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    sp.add_argument(
+        "--out", help="folder for comparison.json and comparison.html (default medxfer-reports/compare-<run ids>)"
+    )
+    sp.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap resamples of patients (default 1000)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
 
     sp = add("run", _cmd_run, "ingest, train, evaluate and report for one config")
     sp.add_argument("config", help="experiment YAML (see configs/), or a run's logged config.json")
