@@ -268,7 +268,14 @@ def rle_bomb(path: Path, rows: int = 65535, cols: int = 65535) -> Path:
     return path
 
 
-def deflated(path: Path, ds: Dataset, *, extra_zero_bytes: int = 0, declared: tuple[int, int] | None = None) -> Path:
+def deflated(
+    path: Path,
+    ds: Dataset,
+    *,
+    extra_zero_bytes: int = 0,
+    trailer_zero_bytes: int = 0,
+    declared: tuple[int, int] | None = None,
+) -> Path:
     """`ds` written with Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99), streamed.
 
     Args:
@@ -276,6 +283,8 @@ def deflated(path: Path, ds: Dataset, *, extra_zero_bytes: int = 0, declared: tu
         ds: A dataset with native PixelData.
         extra_zero_bytes: Zero bytes appended to the PixelData value (its length grows with them): a
             deflate bomb that inflates far past what Rows × Columns declare, in ~1 KB per MiB.
+        trailer_zero_bytes: Size of a Data Set Trailing Padding element (FFFC,FFFC) after the pixel
+            data: a bomb whose header and pixel data are consistent.
         declared: (Rows, Columns) to write instead of the real ones.
     """
     pixels = bytes(ds.PixelData)
@@ -298,11 +307,22 @@ def deflated(path: Path, ds: Dataset, *, extra_zero_bytes: int = 0, declared: tu
     element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length + length % 2)
     z = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
     chunks = [out.getvalue(), z.compress(body.getvalue() + element + pixels), z.flush(zlib.Z_FULL_FLUSH)]
-    mib, rest = divmod(extra_zero_bytes + length % 2, 1 << 20)
-    if mib:  # after a full flush the same input deflates to the same bytes: deflate one MiB, repeat it
-        chunks += [z.compress(bytes(1 << 20)) + z.flush(zlib.Z_FULL_FLUSH)] * mib
-    chunks += [z.compress(bytes(rest)), z.flush()]
+    chunks += _zeros(z, extra_zero_bytes + length % 2)
+    if trailer_zero_bytes:
+        chunks += [z.compress(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, trailer_zero_bytes))]
+        chunks += _zeros(z, trailer_zero_bytes)
+    chunks.append(z.flush())
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         fh.writelines(chunks)
     return path
+
+
+def _zeros(z: zlib._Compress, n: int) -> list[bytes]:
+    """`n` zero bytes through compressor `z`, ~1 KB per MiB: after a full flush the same input
+    deflates to the same bytes, so one MiB is deflated once and its output repeated."""
+    mib, rest = divmod(n, 1 << 20)
+    chunks = [z.flush(zlib.Z_FULL_FLUSH)]
+    if mib:
+        chunks += [z.compress(bytes(1 << 20)) + z.flush(zlib.Z_FULL_FLUSH)] * mib
+    return [*chunks, z.compress(bytes(rest))]

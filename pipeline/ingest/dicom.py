@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ def read_dataset(path: Path, header_only: bool = False, **kwargs: Any) -> Datase
             raise
         except InvalidDicomError:
             ds = _read_forced(path, **kwargs)
-        except EOFError as exc:
+        except (EOFError, struct.error) as exc:  # struct.error: cut inside an element's header
             raise UnitError("truncated", f"the file ends inside a data element ({type(exc).__name__})") from exc
         except OSError as exc:
             raise UnitError("unsupported", f"the file cannot be read ({type(exc).__name__})") from exc
@@ -165,12 +166,16 @@ def _check_image(ds: Dataset) -> None:
         raise UnitError("no-pixel-data", "a DICOMDIR index, not an image")
     modality = str(ds.get("Modality", "") or "").upper()
     if not any(k in ds for k in _PIXEL_KEYWORDS):
-        sop = getattr(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID"), "name", "") or "object"
-        if "Image Storage" in sop or all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
+        classes = [ds.get("SOPClassUID"), ds.file_meta.get("MediaStorageSOPClassUID")]
+        names = [str(getattr(uid, "name", "")) for uid in classes if uid]
+        image = next((n for n in names if "Image Storage" in n), "")
+        if image or all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
             raise UnitError(
                 "truncated",
-                f"{sop} with image pixel attributes but no pixel data: the file ends before its pixel data",
+                f"{image or 'an object with Image Pixel attributes'} without pixel data: "
+                "the file ends before its pixel data",
             )
+        sop = names[0] if names else "object"
         raise UnitError(
             "no-pixel-data",
             f"{modality or 'unknown modality'} {sop} has no pixel data "
