@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from dicom_factory import (
     cr_image,
@@ -25,7 +26,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from pipeline.cli import main
 from pipeline.config import from_dict
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import ingest, load_manifest, read_volume
 from pipeline.ingest.dicom import read_header
 from pipeline.ingest.dicom_deflate import file_meta
@@ -255,3 +256,21 @@ def test_console_lists_every_exclusion_without_ids_or_tracebacks(tmp_path):
     q = _quarantine(tmp_path / "out")
     for copy in ("copy-2.dcm", "cr.dcm"):  # the first copy by path is kept
         assert q[f"MRN0002_Panza/{copy}"] == ("duplicate-of", "MRN0002_Panza/copy-1.dcm")
+
+
+def test_same_uid_copies_are_duplicates_and_different_files_collide(tmp_path):
+    """A byte-identical copy is duplicate-of the kept file (strict lets it pass); a different file
+    with the same SOPInstanceUID is a uid-collision (strict stops)."""
+    src = tmp_path / "src"
+    cr_image(src / "a.dcm", seed=1)
+    (src / "b-copy.dcm").write_bytes((src / "a.dcm").read_bytes())
+    result = ingest(src, None, tmp_path / "out", progress=False, strict=True)
+    assert (result.n_units, _quarantine(tmp_path / "out")) == (1, {"b-copy.dcm": ("duplicate-of", "a.dcm")})
+    other = pydicom.dcmread(src / "a.dcm")
+    other.PixelData = bytes(len(other.PixelData))  # same UIDs, other pixels
+    other.save_as(src / "c-other.dcm")
+    with pytest.raises(DataError, match=r"1 file\(s\) quarantined(?s:.*)uid-collision +c-other.dcm"):
+        ingest(src, None, tmp_path / "out", progress=False, strict=True)
+    ingest(src, None, tmp_path / "out", progress=False)
+    reason, detail = _quarantine(tmp_path / "out")["c-other.dcm"]
+    assert (reason, detail) == ("uid-collision", "same SOPInstanceUID as a.dcm (kept), different content")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from pipeline.ingest.nifti import (
 from pipeline.ingest.outputs import build_report, previous_splits, remove_stale_images, strict_message, write_outputs
 from pipeline.ingest.pseudonym import load_or_create_key, pseudonym, resolve_key_file
 from pipeline.ingest.splits import KEYED_HASH, LABELS_CSV, check_fractions, history_warnings
-from pipeline.ingest.summary import summary_lines
+from pipeline.ingest.summary import DUPLICATE, summary_lines
 from pipeline.io import write_bytes
 from pipeline.records import MANIFEST_COLUMNS, MAX_VOXELS, IngestResult, QuarantineEntry
 
@@ -99,7 +100,7 @@ def ingest(
     relpaths = walk.relpaths
     with _Runner(workers, progress) as run:
         files = _scan(src, relpaths, key, cache, run, max_voxels)
-        plans, quarantine = _plan_all(files, table, key, max_voxels)
+        plans, quarantine = _plan_all(src, files, table, key, max_voxels)
         built = _build(src, out_dir, plans, files, cache, run)
     units, quarantine = _collect(plans, built, quarantine + walk.outside)
     quarantine = _account(relpaths + [q.path for q in walk.outside], units, quarantine)
@@ -110,8 +111,9 @@ def ingest(
     split_notes = history_warnings(previous, why_not, current, source) + split_notes
     frame = _frame(units, table)
     save_cache(out_dir, key, files, built)
-    if strict and (quarantine or (table is not None and table.n_conflicts)):
-        raise DataError(strict_message(src, quarantine, table))
+    blocking = [q for q in quarantine if q.reason != DUPLICATE]  # an exact copy loses nothing
+    if strict and (blocking or (table is not None and table.n_conflicts)):
+        raise DataError(strict_message(src, blocking, table))
     params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": labels_path is not None}
     seen = relpaths + [q.path for q in walk.outside]
     report = build_report(seen, files, units, quarantine, frame, table, key, params, source)
@@ -301,10 +303,10 @@ def _scan(
 
 
 def _plan_all(
-    files: dict[str, dict[str, Any]], table: LabelTable | None, key: bytes, max_voxels: int
+    src: Path, files: dict[str, dict[str, Any]], table: LabelTable | None, key: bytes, max_voxels: int
 ) -> tuple[list[UnitPlan], list[QuarantineEntry]]:
     quarantine = [QuarantineEntry(rel, e["reason"], e["detail"]) for rel, e in files.items() if e["kind"] == "bad"]
-    headers = _drop_duplicates([DicomHeader(**e["header"]) for e in files.values() if e["kind"] == "dicom"], files)
+    headers = _drop_duplicates(src, [DicomHeader(**e["header"]) for e in files.values() if e["kind"] == "dicom"])
     quarantine += headers.dropped
     plans, dropped = plan_units(headers.kept, key)
     plans += [_nifti_plan(rel, table, key) for rel, e in files.items() if e["kind"] == "nifti"]
@@ -318,11 +320,11 @@ class _Deduplicated:
     dropped: list[QuarantineEntry]
 
 
-def _drop_duplicates(headers: list[DicomHeader], files: dict[str, dict[str, Any]]) -> _Deduplicated:
-    """One file per SOPInstanceUID: the first by path is kept; the others are quarantined as duplicate-of it.
+def _drop_duplicates(src: Path, headers: list[DicomHeader]) -> _Deduplicated:
+    """One file per SOPInstanceUID: the first by path is kept, the others are quarantined.
 
-    The detail is the kept file's path (relative to SOURCE), plus a note when the two differ in size
-    (the same UID on two different files: a UID collision, not a copy).
+    A byte-identical copy is `duplicate-of` (detail: the kept file's path relative to SOURCE); a
+    different file with the same UID is `uid-collision` (which of the two is right cannot be told).
     """
     by_sop: dict[str, list[DicomHeader]] = defaultdict(list)
     for h in sorted(headers, key=lambda h: h.relpath):
@@ -331,11 +333,19 @@ def _drop_duplicates(headers: list[DicomHeader], files: dict[str, dict[str, Any]
     for first, *copies in by_sop.values():
         kept.append(first)
         for h in copies:
-            detail = first.relpath
-            if files[h.relpath]["size"] != files[first.relpath]["size"]:
-                detail += " (same SOPInstanceUID, different file size: not an identical copy)"
-            dropped.append(QuarantineEntry(h.relpath, "duplicate-of", detail))
+            if _same_bytes(src / h.relpath, src / first.relpath):
+                dropped.append(QuarantineEntry(h.relpath, DUPLICATE, first.relpath))
+            else:
+                detail = f"same SOPInstanceUID as {first.relpath} (kept), different content"
+                dropped.append(QuarantineEntry(h.relpath, "uid-collision", detail))
     return _Deduplicated(kept, dropped)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def _within_limit(
