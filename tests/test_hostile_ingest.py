@@ -3,12 +3,14 @@ with the right reason, every file is accounted for, and the console lists every 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pydicom
@@ -21,6 +23,7 @@ from dicom_factory import (
     encapsulated,
     rle_bomb,
     save,
+    write_nifti,
 )
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
@@ -274,3 +277,17 @@ def test_same_uid_copies_are_duplicates_and_different_files_collide(tmp_path):
     ingest(src, None, tmp_path / "out", progress=False)
     reason, detail = _quarantine(tmp_path / "out")["c-other.dcm"]
     assert (reason, detail) == ("uid-collision", "same SOPInstanceUID as a.dcm (kept), different content")
+
+
+def test_a_nifti_declaring_too_many_voxels_is_never_loaded(tmp_path):
+    """A 100-byte .nii.gz header declaring 4000 × 4000 × 400 voxels (no data) is too-large, not read."""
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    img.header.set_data_shape((4000, 4000, 400))
+    (tmp_path / "src").mkdir()
+    header = img.header.binaryblock + b"\x00" * 4  # the header and its extension flag, no voxels
+    (tmp_path / "src" / "bomb.nii.gz").write_bytes(gzip.compress(header))
+    write_nifti(tmp_path / "src" / "small.nii", np.ones((4, 4, 4), np.int16), np.eye(4))
+    result = ingest(tmp_path / "src", None, tmp_path / "out", progress=False, max_voxels=100)
+    q = _quarantine(tmp_path / "out")
+    assert (result.n_units, q["bomb.nii.gz"][0]) == (1, "too-large")
+    assert "6,400,000,000 voxels, over the limit of 100" in q["bomb.nii.gz"][1]
