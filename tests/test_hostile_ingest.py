@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from crashing_task import twice_or_die
 from dicom_factory import (
     cr_image,
     ct_series,
@@ -33,6 +34,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import ingest, load_manifest, read_volume
 from pipeline.ingest.dicom import read_header
 from pipeline.ingest.dicom_deflate import file_meta
+from pipeline.ingest.manifest import _Runner
 from pipeline.ingest.nifti import UnitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,3 +293,11 @@ def test_a_nifti_declaring_too_many_voxels_is_never_loaded(tmp_path):
     q = _quarantine(tmp_path / "out")
     assert (result.n_units, q["bomb.nii.gz"][0]) == (1, "too-large")
     assert "6,400,000,000 voxels, over the limit of 100" in q["bomb.nii.gz"][1]
+
+
+def test_a_dead_worker_costs_only_its_own_task():
+    """With a pool, the task that kills its worker gets the crash result; every other task its own result."""
+    with _Runner(2, progress=False) as run:
+        results = run.map(twice_or_die, [(i, 3) for i in range(6)], "tasks", [1] * 6, lambda value, fatal: "died")
+        assert results == [0, 2, 4, "died", 8, 10]
+        assert run.map(twice_or_die, [(i, -1) for i in range(3)], "again", [1] * 3) == [0, 2, 4]  # a fresh pool

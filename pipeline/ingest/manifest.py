@@ -11,6 +11,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,21 +229,60 @@ class _Runner:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
 
-    def map(self, fn: Callable[..., Any], tasks: list[tuple], description: str, sizes: list[int]) -> list[Any]:
+    def map(
+        self,
+        fn: Callable[..., Any],
+        tasks: list[tuple],
+        description: str,
+        sizes: list[int],
+        crashed: Callable[..., Any] | None = None,
+    ) -> list[Any]:
+        """`fn(*task)` for every task, in task order.
+
+        With a pool, a worker that dies (killed for memory, a codec's segfault or abort) breaks it:
+        the unfinished tasks then run one at a time in a fresh one-process pool, so the task that
+        kills it again is known, and its result is `crashed(*task)` (without `crashed`, it raises).
+        """
         task = self.bar.add_task(description, total=sum(sizes))
         results: list[Any] = [None] * len(tasks)
         if self.pool is None and self.workers > 1 and len(tasks) > 1:  # started on first real use
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = self._new_pool(self.workers)
         if self.pool is None:
             for i, args in enumerate(tasks):
                 results[i] = fn(*args)
                 self.bar.advance(task, sizes[i])
             return results
         futures = {self.pool.submit(fn, *args): i for i, args in enumerate(tasks)}
-        for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
-            self.bar.advance(task, sizes[futures[fut]])
+        done: set[int] = set()
+        try:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                done.add(futures[fut])
+                self.bar.advance(task, sizes[futures[fut]])
+        except BrokenProcessPool:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+            for i in (i for i in range(len(tasks)) if i not in done):
+                results[i] = self._isolated(fn, tasks[i], crashed)
+                self.bar.advance(task, sizes[i])
         return results
+
+    @staticmethod
+    def _new_pool(workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _isolated(self, fn: Callable[..., Any], args: tuple, crashed: Callable[..., Any] | None) -> Any:
+        """Run one task in the one-process recovery pool (started on demand); a crash gives `crashed(*args)`."""
+        if self.pool is None:
+            self.pool = self._new_pool(1)
+        try:
+            return self.pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+            if crashed is None:
+                raise
+            return crashed(*args)
 
 
 # --------------------------------------------------------------------------------------------- scan
@@ -274,6 +314,16 @@ def _scan_file(source: str, rel: str, key: bytes, max_voxels: int) -> dict[str, 
     return entry
 
 
+_CRASH = "the worker process died reading it (killed for memory, or a library crashed)"
+
+
+def _scan_crashed(source: str, relpaths: list[str], key: bytes, max_voxels: int) -> list[dict[str, Any]] | None:
+    """A scan batch whose worker died: None for a batch (read again file by file), else the file's entry."""
+    if len(relpaths) > 1:
+        return None
+    return [{"size": -1, "mtime_ns": -1, "kind": "bad", "header": None, "reason": "decode-error", "detail": _CRASH}]
+
+
 def _scan(
     src: Path, relpaths: list[str], key: bytes, cache: dict, run: _Runner, max_voxels: int
 ) -> dict[str, dict[str, Any]]:
@@ -296,9 +346,16 @@ def _scan(
             todo.append(rel)
     batches = [todo[i : i + _SCAN_BATCH] for i in range(0, len(todo), _SCAN_BATCH)]
     tasks = [(str(src), b, key, max_voxels) for b in batches]
-    results = run.map(_scan_batch, tasks, "scanning files", [len(b) for b in batches])
+    results = run.map(_scan_batch, tasks, "scanning files", [len(b) for b in batches], _scan_crashed)
+    lost = [rel for b, r in zip(batches, results, strict=True) if r is None for rel in b]  # a worker died
+    if lost:
+        again = run.map(
+            _scan_batch, [(str(src), [r], key, max_voxels) for r in lost], "re-reading", [1] * len(lost), _scan_crashed
+        )
+        batches, results = [*batches, *([r] for r in lost)], [*results, *again]
     for batch, entries in zip(batches, results, strict=True):
-        files.update(zip(batch, entries, strict=True))
+        if entries is not None:
+            files.update(zip(batch, entries, strict=True))
     return dict(sorted(files.items()))
 
 
@@ -419,6 +476,11 @@ def _build_unit(source: str, images: str, plan: UnitPlan) -> dict[str, Any]:
     return {"shape": list(array.shape), "spacing_mm": spacing, "content_sha256": content_sha256(array, affine)}
 
 
+def _build_crashed(source: str, images: str, plan: UnitPlan) -> dict[str, Any]:
+    """The result of a unit whose decoding worker died."""
+    return {"error": ["decode-error", _CRASH.replace("reading", "decoding"), plan.frames[0][0]]}
+
+
 def _signature(plan: UnitPlan, files: dict[str, dict[str, Any]]) -> str:
     stats = [[rel, files[rel]["size"], files[rel]["mtime_ns"]] for rel in plan.files]
     blob = json.dumps([CACHE_VERSION, plan.source_format, plan.frames, plan.affine, stats])
@@ -438,7 +500,7 @@ def _build(
         else:
             todo.append((plan, sig))
     tasks = [(str(src), str(out_dir / "images"), plan) for plan, _ in todo]
-    results = run.map(_build_unit, tasks, "decoding image units", [len(p.frames) for p, _ in todo])
+    results = run.map(_build_unit, tasks, "decoding image units", [len(p.frames) for p, _ in todo], _build_crashed)
     for (plan, sig), result in zip(todo, results, strict=True):
         built[plan.image_id] = {**result, "sig": sig, "reused": False}
     return built
