@@ -50,7 +50,8 @@ def _cmd_ingest(a: argparse.Namespace) -> int:
         max_voxels=a.max_voxels,
         progress=True,
     )
-    print(f"{r.n_units} image units, {r.n_quarantined} files quarantined → {r.manifest_dir}")
+    units = f"{r.n_units} image unit{'s' if r.n_units != 1 else ''}"
+    print(f"{units}, {r.n_quarantined} file(s) in quarantine.csv → {r.manifest_dir}")
     return 0
 
 
