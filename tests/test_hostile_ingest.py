@@ -26,7 +26,7 @@ from dicom_factory import (
     save,
     write_nifti,
 )
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from pipeline.cli import main
 from pipeline.config import from_dict
@@ -74,7 +74,8 @@ def hostile_archive(src: Path, outside: Path) -> tuple[dict[str, str], dict[str,
         "bombs/deflate-2gib-trailer.dcm": "size-mismatch",
         "bombs/deflate-declares-65535x65535.dcm": "too-large",
         "bombs/short-pixels.dcm": "size-mismatch",
-        "bombs/billion-frames.dcm": "size-mismatch",
+        "bombs/billion-frames.dcm": "too-large",
+        "bombs/frames-without-fragments.dcm": "size-mismatch",
         "cut/before-pixels.dcm": "truncated",
         "cut/inside-pixels.dcm": "truncated",
         "zz-copies/cr-1.dcm": "duplicate-of",
@@ -91,8 +92,11 @@ def hostile_archive(src: Path, outside: Path) -> tuple[dict[str, str], dict[str,
     save(short, src / "bombs" / "short-pixels.dcm")
     frames = ct_slice(shape=(1, 1))
     frames.compress(RLELossless)
-    frames.NumberOfFrames = 1_000_000_000  # one RLE fragment for a billion frames
+    frames.NumberOfFrames = 1_000_000_000  # 1e9 voxels, within the limit, but a billion frames to plan
     save(frames, src / "bombs" / "billion-frames.dcm")
+    frames.NumberOfFrames = 50_000  # under the frame limit; one RLE fragment cannot hold them
+    frames.SOPInstanceUID = generate_uid()
+    save(frames, src / "bombs" / "frames-without-fragments.dcm")
     whole = save(ct_slice(shape=(16, 16)), src / "cut" / "whole.dcm")
     (src / "cut" / "before-pixels.dcm").write_bytes(_cut_before_pixels(whole))
     (src / "cut" / "inside-pixels.dcm").write_bytes(whole.read_bytes()[:-100])

@@ -46,6 +46,7 @@ _NOT_IMAGES = {
 }
 _NATIVE = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
 _UNDEFINED = 0xFFFFFFFF
+MAX_FRAMES = 100_000  # frames in one file (an enhanced 4D MR has ~10,000)
 PADDING_LIMIT = 1 << 20  # bytes of native pixel data beyond what the header declares that are accepted (dropped)
 _RECOGNISABLE = ("SOPClassUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "Rows")
 # the files of one series share these identifiers: hash each distinct one once per process
@@ -346,15 +347,17 @@ def check_size(ds: Dataset, max_voxels: int) -> None:
     """Raise UnitError unless the pixel data fits `max_voxels` and is as long as the header says.
 
     too-large: Rows × Columns × frames × samples over `max_voxels` (nothing is decoded; a few bytes
-    of RLE can declare 65535 × 65535 pixels). size-mismatch: native (uncompressed or deflated) pixel
-    data shorter than Rows × Columns × frames × samples × BitsAllocated / 8, or longer by more than
-    PADDING_LIMIT (pydicom drops excess padding, but would read it all first), or encapsulated data
-    too short to hold one fragment per frame.
+    of RLE can declare 65535 × 65535 pixels), or more than MAX_FRAMES frames. size-mismatch: native
+    (uncompressed or deflated) pixel data shorter than Rows × Columns × frames × samples ×
+    BitsAllocated / 8, or longer by more than PADDING_LIMIT (pydicom drops excess padding, but would
+    read it all first), or encapsulated data too short to hold one fragment per frame.
     """
     rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
     frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
     if frames < 1:
         raise UnitError("decode-error", f"NumberOfFrames is {frames}")
+    if frames > MAX_FRAMES:  # each frame costs ~100 bytes of bookkeeping before any voxel is read
+        raise UnitError("too-large", f"NumberOfFrames {frames:,} is over {MAX_FRAMES:,} frames in one file")
     voxels = rows * cols * frames * samples
     if voxels > max_voxels:
         raise UnitError(
