@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -120,7 +120,7 @@ def read_dataset(path: Path, header_only: bool = False, **kwargs: Any) -> Datase
             raise
         except InvalidDicomError:
             ds = _read_forced(path, **kwargs)
-        except (EOFError, struct.error) as exc:  # struct.error: cut inside an element's header
+        except (EOFError, struct.error, BytesLengthException) as exc:  # cut inside an element's header
             raise UnitError("truncated", f"the file ends inside a data element ({type(exc).__name__})") from exc
         except OSError as exc:
             raise UnitError("unsupported", f"the file cannot be read ({type(exc).__name__})") from exc
