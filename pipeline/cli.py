@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from pipeline import __version__
 from pipeline.errors import MedxferError
+from pipeline.records import MAX_VOXELS
 
 EPILOG = "Exit codes: 0 success, 1 data error, 2 bad usage or config. Add --debug for a traceback."
 
@@ -46,9 +47,11 @@ def _cmd_ingest(a: argparse.Namespace) -> int:
         seed=a.seed,
         strict=a.strict,
         workers=a.workers,
+        max_voxels=a.max_voxels,
         progress=True,
     )
-    print(f"{r.n_units} image units, {r.n_quarantined} files quarantined → {r.manifest_dir}")
+    units = f"{r.n_units} image unit{'s' if r.n_units != 1 else ''}"
+    print(f"{units}, {r.n_quarantined} file(s) in quarantine.csv → {r.manifest_dir}")
     return 0
 
 
@@ -241,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--strict", action="store_true", help="fail if any file is quarantined")
     sp.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
+    sp.add_argument(
+        "--max-voxels",
+        type=int,
+        default=MAX_VOXELS,
+        help="quarantine (too-large, unread) any file or image unit declaring more voxels, rows × columns × "
+        f"frames (default {MAX_VOXELS:,}, above any clinical image; data.max_voxels in a config)",
+    )
 
     sp = add(
         "train",

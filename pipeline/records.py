@@ -50,6 +50,12 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
+# Default of `ingest --max-voxels` / `data.max_voxels`: the most voxels (rows × columns × frames × samples)
+# one file or one image unit may declare before it is quarantined as too-large, unread. Above any
+# clinical image (a 2000-slice 512 × 512 CT is 5.2e8, a 70-slice 3328 × 4096 tomosynthesis 9.5e8);
+# such a unit decodes to about 6 GB of float32.
+MAX_VOXELS = 1_500_000_000
+
 
 @dataclass(frozen=True)
 class QuarantineEntry:
