@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from pipeline import __version__
 from pipeline.errors import MedxferError
+from pipeline.records import MAX_VOXELS
 
 EPILOG = "Exit codes: 0 success, 1 data error, 2 bad usage or config. Add --debug for a traceback."
 
@@ -46,10 +47,12 @@ def _cmd_ingest(a: argparse.Namespace) -> int:
         seed=a.seed,
         strict=a.strict,
         workers=a.workers,
+        max_voxels=a.max_voxels,
         progress=True,
         subgroups=a.subgroup or (),
     )
-    print(f"{r.n_units} image units, {r.n_quarantined} files quarantined → {r.manifest_dir}")
+    units = f"{r.n_units} image unit{'s' if r.n_units != 1 else ''}"
+    print(f"{units}, {r.n_quarantined} file(s) in quarantine.csv → {r.manifest_dir}")
     return 0
 
 
@@ -85,6 +88,27 @@ def _cmd_report(a: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
     print(write_report(a.run, a.out, tracking_uri=a.tracking_uri))
+    return 0
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from pipeline.errors import ConfigError
+
+    ids = [r.strip() for r in a.runs]
+    if len(ids) < 2 or not all(ids):  # before mlflow loads: a usage error fails at once
+        raise ConfigError(
+            f"compare needs at least 2 run ids, got {len([i for i in ids if i])}. "
+            "Fix: medxfer compare RUN_A RUN_B [RUN_C ...] (the first is the reference)"
+        )
+    if a.bootstrap < 0:
+        raise ConfigError(f"--bootstrap {a.bootstrap}: expected 0 (DeLong only) or more resamples, e.g. 1000")
+    from pipeline.compare import compare_runs, console_table, ensure_out, log_comparison
+
+    out = ensure_out(a.out, ids)
+    comp = compare_runs(ids, a.tracking_uri, n_boot=a.bootstrap, seed=a.seed)
+    files = log_comparison(comp, out)
+    print(console_table(comp))
+    print(f"  comparison: {files['html']} (JSON: {files['json']}); MLflow run {comp.mlflow_run_id}")
     return 0
 
 
@@ -222,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strict", action="store_true", help="fail if any file is quarantined")
     sp.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
     sp.add_argument(
+        "--max-voxels",
+        type=int,
+        default=MAX_VOXELS,
+        help="quarantine (too-large, unread) any file or image unit declaring more voxels, rows × columns × "
+        f"frames (default {MAX_VOXELS:,}, above any clinical image; data.max_voxels in a config)",
+    )
+    sp.add_argument(
         "--subgroup",
         action="append",
         metavar="COLUMN",
@@ -251,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run", required=True, help="MLflow run id")
     sp.add_argument("--out", required=True, help="report file, e.g. reports/NAME.html")
     sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+    sp = add(
+        "compare",
+        _cmd_compare,
+        "paired, patient-clustered comparison of evaluated runs on the same test units: ΔAUROC (clustered "
+        "DeLong and paired bootstrap), ΔBrier, ΔECE, ΔNLL, sensitivity/specificity at each run's frozen threshold",
+    )
+    sp.add_argument(
+        "runs", nargs="+", metavar="RUN_ID", help="two or more evaluated MLflow runs; the first is the reference"
+    )
+    sp.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    sp.add_argument(
+        "--out", help="folder for comparison.json and comparison.html (default medxfer-reports/compare-<run ids>)"
+    )
+    sp.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap resamples of patients (default 1000)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
 
     sp = add("run", _cmd_run, "ingest, train, evaluate and report for one config")
     sp.add_argument("config", help="experiment YAML (see configs/), or a run's logged config.json")
@@ -297,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is medxfer's (train: the run id)
     try:
         return args.func(args)
     except MedxferError as exc:
@@ -320,6 +368,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medxfer {args.command}: interrupted; files already written are intact", file=sys.stderr)
         return 130
+    except Exception as exc:  # a tracking server that went away outside a run (downloads, registry lookups)
+        tracking = sys.modules.get("pipeline.tracking")
+        lost = tracking.server_lost(exc) if tracking is not None else None
+        if tracking is None or lost is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"medxfer {args.command}: error: the MLflow server {tracking.current_uri()} stopped answering "
+            f"({lost}); nothing local was removed. Fix: restart the server, then run the "
+            "same command again",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.io import write_text
+from pipeline.records import MAX_VOXELS
 
 
 @dataclass
@@ -37,6 +38,7 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     key_file: str | None = None
     workers: int = 1
+    max_voxels: int = MAX_VOXELS  # a file or image unit declaring more voxels is quarantined (too-large), unread
     strict: bool = True  # train/run: a quarantined file or conflicting label stops before training; false goes on
 
 
@@ -239,6 +241,8 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
     split = cfg.data.split
     if not (0 <= split.val < 1 and 0 <= split.test < 1 and split.val + split.test < 1):
         problems.append(f"data.split: val={split.val}, test={split.test}; each in [0, 1) with val + test < 1")
+    if cfg.data.max_voxels < 1:
+        problems.append(f"data.max_voxels: must be ≥ 1, got {cfg.data.max_voxels}")
     if cfg.prepare.dims == "2d" and len(cfg.prepare.size) != 2:
         problems.append(f"prepare.size: 2d needs [H, W], got {cfg.prepare.size}")
     if cfg.prepare.reduce != "none" and cfg.prepare.dims != "2d":

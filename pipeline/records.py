@@ -50,6 +50,12 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
+# Default of `ingest --max-voxels` / `data.max_voxels`: the most voxels (rows × columns × frames × samples)
+# one file or one image unit may declare before it is quarantined as too-large, unread. Above any
+# clinical image (a 2000-slice 512 × 512 CT is 5.2e8, a 70-slice 3328 × 4096 tomosynthesis 9.5e8);
+# such a unit decodes to about 6 GB of float32.
+MAX_VOXELS = 1_500_000_000
+
 
 @dataclass(frozen=True)
 class QuarantineEntry:
@@ -291,3 +297,49 @@ class Packaged:
     def prob_columns(self) -> list[str]:
         """Probability columns of the output table: ``prob`` (binary: P(class 1)) or ``prob_<class>``."""
         return ["prob"] if len(self.classes) == 2 else [f"prob_{c}" for c in self.classes]
+
+
+@dataclass
+class Comparison:
+    """A paired, patient-clustered comparison of evaluated runs on the same test units (`pipeline.compare`).
+
+    `runs[0]` is the reference; `pairs[i]` compares `runs[i + 1]` with it, every difference being
+    that run − the reference. All runs scored exactly the same test images (matched by `image_id`)
+    with the same labels, from the same manifest.
+
+    Attributes:
+        reference: the reference run's id (`runs[0]["run_id"]`).
+        runs: one dict per run: run_id, run_name, experiment_id, weights, backbone, strategy,
+            manifest_hash, test_split_id, logged_test_auroc, auroc (of `auroc_scores`: the
+            "uncalibrated" softmax, as the logged test_auroc, or "calibrated" for runs that predate
+            that column), brier, ece, nll (calibrated probabilities), and threshold_rule, threshold,
+            sensitivity, specificity at the run's own frozen threshold (its first operating point,
+            where its model decides).
+        pairs: one dict per other run: run_id, reference, negative_transfer (a pretrained run, e.g.
+            ImageNet-initialised, whose clustered-DeLong ΔAUROC CI lies below 0 against a
+            from-scratch reference), and per quantity a dict with value_a (this run), value_b
+            (reference), diff, ci_low, ci_high, p, method: "auroc" (patient-clustered DeLong,
+            Obuchowski 1997: also se and z), "auroc_bootstrap", "brier", "ece", "nll",
+            "sensitivity", "specificity" (paired bootstrap of patients, with n_boot = resamples
+            used; None when n_boot is 0 or, for the rates, a run has no frozen threshold).
+        n_images, n_patients, n_positive, n_negative: the shared test units (positive = class 1).
+        n_boot, seed: the paired bootstrap's resamples and seed (the same resamples for every quantity).
+        notes: what the reader should know (e.g. the AUROC of a run computed from calibrated scores).
+        mlflow_run_id: the MLflow run the comparison was logged to, once logged.
+    """
+
+    reference: str
+    runs: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    n_images: int
+    n_patients: int
+    n_positive: int
+    n_negative: int
+    n_boot: int
+    seed: int
+    notes: list[str] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (comparison.json): plain data, no pseudonyms."""
+        return asdict(self)

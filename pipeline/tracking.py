@@ -7,7 +7,9 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,15 @@ from pipeline.errors import TrackingError
 from pipeline.stats import apply_calibration
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+PROBE_TIMEOUT_S = 5.0
+# A server that stops answering fails a request in about a minute, not MLflow's default ~15 (120 s x 7
+# retries with backoff); the environment's own values win. Each attempt waits at most the timeout.
+SERVER_BUDGET = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+log = logging.getLogger("medxfer")
 
 
 class CalibratedNet(nn.Module):
@@ -79,6 +90,9 @@ def connect(uri: str | None, existing: bool = False) -> str:
                 f"(`mlflow server --host {host} --port {port}`) or set tracking.uri to a sqlite file, "
                 "e.g. sqlite:///mlflow.db"
             ) from exc
+        _probe(uri)
+        for name, value in SERVER_BUDGET.items():
+            os.environ.setdefault(name, value)
     elif parsed.scheme == "sqlite":
         db = Path(uri.replace("sqlite:///", "", 1))
         if not db.parent.exists():
@@ -93,15 +107,73 @@ def connect(uri: str | None, existing: bool = False) -> str:
     return uri
 
 
+def current_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def _probe(uri: str) -> None:
+    """Fail in seconds when a server accepts connections but does not answer HTTP (stuck, wrong service)."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy, an older server without /health): MLflow's own errors say more
+    except (TimeoutError, urllib.error.URLError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if not isinstance(reason, TimeoutError):
+            return  # TLS or proxy trouble: the server answered something; MLflow reports it
+        raise TrackingError(
+            f"MLflow server {uri} accepts connections but did not answer within {PROBE_TIMEOUT_S:.0f} s; "
+            "nothing was started. Fix: check that the server is an MLflow server and not stuck "
+            "(restart it), or set tracking.uri to a sqlite file, e.g. sqlite:///mlflow.db"
+        ) from exc
+
+
+def server_lost(exc: BaseException) -> str | None:
+    """The reason, when `exc` is MLflow or requests giving up on an unreachable or silent server."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.RequestException):
+        return type(exc).__name__
+    if isinstance(exc, mlflow.exceptions.MlflowException) and str(exc).startswith("API request to"):
+        cause = exc.__cause__ or exc.__context__
+        return type(cause).__name__ if cause is not None else "no answer"
+    return None
+
+
 @contextmanager
 def start_run(
-    experiment: str, run_name: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None
+    experiment: str,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_lost: Callable[[str], str] | None = None,
 ) -> Iterator[str]:
-    """Start (or resume, with `run_id`) a run in `experiment`; yields the run id."""
+    """Start (or resume, with `run_id`) a run in `experiment`; yields the run id.
+
+    The run ends FINISHED, or FAILED when the body raises. When the tracking server stops answering
+    inside the body, the error becomes a TrackingError that says so, followed by `on_lost(run_id)`
+    (what was kept locally and how to go on); ending the run is then tried once and may leave it
+    RUNNING on the server, which `--resume` accepts.
+    """
     if run_id is None:
         _ensure_experiment(experiment)
-    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags) as run:
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
+    try:
         yield run.info.run_id
+    except BaseException as exc:
+        try:
+            mlflow.end_run("FAILED")
+        except Exception as end_exc:  # the server is gone: the run stays RUNNING there
+            log.debug("could not mark run %s FAILED: %s", run.info.run_id, end_exc)
+        lost = server_lost(exc)
+        if lost is None:
+            raise
+        hint = f" {on_lost(run.info.run_id)}" if on_lost else ""
+        raise TrackingError(
+            f"the MLflow server {mlflow.get_tracking_uri()} stopped answering during run {run.info.run_id} "
+            f"({lost}).{hint}"
+        ) from exc
+    mlflow.end_run()
 
 
 def _ensure_experiment(name: str) -> None:

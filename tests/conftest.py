@@ -71,3 +71,53 @@ def fixed_key(path: str | Path) -> Path:
     path.write_text(TEST_KEY_HEX + "\n")
     os.chmod(path, 0o600)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, port: int, wait_s: float = 90):
+    """A real `mlflow server` (sqlite backend under `root`, local artifacts) on 127.0.0.1:`port`; returns the process.
+
+    The same `root` and `port` restart the same server. Fails the test when it does not come up.
+    It runs in a session of its own: `stop_mlflow_server` ends it with its worker processes.
+    """
+    import socket
+    import subprocess
+    import time
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += [
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("mlflow server exited at start")
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"mlflow server did not start within {wait_s:.0f} s")
+
+
+def stop_mlflow_server(proc, kill: bool = False) -> None:
+    """End a `start_mlflow_server` process and its workers (SIGKILL with `kill`: a crash, nothing flushed)."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+    proc.wait(timeout=30)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import struct
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     RLELossless,
     generate_uid,
@@ -233,3 +239,90 @@ def world_to_voxel(affine: np.ndarray, lps: np.ndarray) -> tuple[int, ...]:
     """The voxel of a RAS-affine image that holds the LPS point `lps`."""
     ras = np.array([-lps[0], -lps[1], lps[2], 1.0])
     return tuple(int(v) for v in np.rint(np.linalg.solve(affine, ras)[:3]))
+
+
+# ------------------------------------------------------------------------------------ hostile files
+
+
+def ct_slice(patient_id: str = "MRN0001", shape: tuple[int, int] = (4, 4), z: float = 0.0, seed: int = 3) -> Dataset:
+    """One small axial CT slice (int16 values 0..999) with geometry, ready for `save`."""
+    ds = base_dataset(patient_id=patient_id)
+    ds.ImageOrientationPatient, ds.ImagePositionPatient, ds.PixelSpacing = list(AXIAL), [0.0, 0.0, z], [1.0, 1.0]
+    ds.RescaleSlope, ds.RescaleIntercept = 1.0, 0.0
+    set_pixels(ds, np.random.default_rng(seed).integers(0, 1000, size=shape).astype(np.int16))
+    return ds
+
+
+def rle_bomb(path: Path, rows: int = 65535, cols: int = 65535) -> Path:
+    """A few hundred bytes of RLE Lossless data (a 4×4 slice) under a header declaring rows × cols pixels.
+
+    pydicom's RLE decoder allocates rows × cols × 2 bytes before finding out the data is too short.
+    """
+    ds = ct_slice()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.compress(RLELossless)
+    ds.Rows, ds.Columns = rows, cols
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def deflated(
+    path: Path,
+    ds: Dataset,
+    *,
+    extra_zero_bytes: int = 0,
+    trailer_zero_bytes: int = 0,
+    declared: tuple[int, int] | None = None,
+) -> Path:
+    """`ds` written with Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99), streamed.
+
+    Args:
+        path: The file to write.
+        ds: A dataset with native PixelData.
+        extra_zero_bytes: Zero bytes appended to the PixelData value (its length grows with them): a
+            deflate bomb that inflates far past what Rows × Columns declare, in ~1 KB per MiB.
+        trailer_zero_bytes: Size of a Data Set Trailing Padding element (FFFC,FFFC) after the pixel
+            data: a bomb whose header and pixel data are consistent.
+        declared: (Rows, Columns) to write instead of the real ones.
+    """
+    pixels = bytes(ds.PixelData)
+    head = copy.deepcopy(ds)
+    del head.PixelData
+    if declared:
+        head.Rows, head.Columns = declared
+    head.SOPInstanceUID = ds.get("SOPInstanceUID") or generate_uid()
+    meta = FileMetaDataset(ds.file_meta)
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.MediaStorageSOPInstanceUID = head.SOPInstanceUID
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, head)
+    length = len(pixels) + extra_zero_bytes
+    element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length + length % 2)
+    z = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunks = [out.getvalue(), z.compress(body.getvalue() + element + pixels), z.flush(zlib.Z_FULL_FLUSH)]
+    chunks += _zeros(z, extra_zero_bytes + length % 2)
+    if trailer_zero_bytes:
+        chunks += [z.compress(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, trailer_zero_bytes))]
+        chunks += _zeros(z, trailer_zero_bytes)
+    chunks.append(z.flush())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.writelines(chunks)
+    return path
+
+
+def _zeros(z: zlib._Compress, n: int) -> list[bytes]:
+    """`n` zero bytes through compressor `z`, ~1 KB per MiB: after a full flush the same input
+    deflates to the same bytes, so one MiB is deflated once and its output repeated."""
+    mib, rest = divmod(n, 1 << 20)
+    chunks = [z.flush(zlib.Z_FULL_FLUSH)]
+    if mib:
+        chunks += [z.compress(bytes(1 << 20)) + z.flush(zlib.Z_FULL_FLUSH)] * mib
+    return [*chunks, z.compress(bytes(rest))]

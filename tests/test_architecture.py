@@ -23,7 +23,15 @@ STAGES = {
     "pipeline.synthetic",
     "pipeline.tracking",
 }
-COMPOSERS = {"pipeline.run", "pipeline.score", "pipeline.report", "pipeline.study", "pipeline.cli", "pipeline.__main__"}
+COMPOSERS = {
+    "pipeline.run",
+    "pipeline.score",
+    "pipeline.report",
+    "pipeline.study",
+    "pipeline.compare",
+    "pipeline.cli",
+    "pipeline.__main__",
+}
 ENTRY_POINTS = {"pipeline.cli", "pipeline.__main__"}  # nothing imports these but __main__
 
 

@@ -140,7 +140,7 @@ def test_medxfer_run_each_dims_on_ct3d(ct3d, tmp_path, capsys, name, finetune, i
         assert main(["-q", "run", str(tmp_path / "config.yaml"), "--report", str(tmp_path / "report.html")]) == 0
     finally:
         torch.set_num_threads(threads)
-    run_id = re.search(r"^run (\w+): report ", capsys.readouterr().out, re.M).group(1)
+    run_id = re.search(r"^run (\w+): ", capsys.readouterr().out, re.M).group(1)
     tracking.connect(uri)
     run = tracking.get_run(run_id)
     params, metrics = run["params"], run["metrics"]

@@ -119,7 +119,9 @@ def test_scoring_that_scores_nothing_exits_1_with_the_reasons_and_the_list(demo_
     refs = {r["ref"]: r for r in listed}
     failed_file = table[table["source_ref"] != ""].iloc[0]
     assert refs[failed_file["source_ref"]]["path"] == "notes.txt"  # the pseudonymised reference resolves
-    assert set(table.loc[table["reason"] == "dims-mismatch", "image_id"]) <= set(refs)
+    misfits = table.loc[table["reason"] == "dims-mismatch", "image_id"]
+    assert set(misfits) <= set(refs)
+    assert all(Path(refs[i]["path"]).is_file() and refs[i]["path"].endswith(".nii") for i in misfits)  # openable
     assert "notes.txt" not in table.to_csv()  # the table itself carries no path
 
 
@@ -180,3 +182,18 @@ def test_every_option_of_every_command_has_help_text():
         if not isinstance(action, argparse._HelpAction) and not action.help
     ]
     assert not missing, missing
+
+
+@pytest.mark.parametrize(("method", "shown"), [("none", None), ("temperature", "0.090 uncalibrated")])
+def test_the_headline_names_the_uncalibrated_ece_only_when_a_calibration_changed_it(tmp_path, method, shown):
+    from pipeline import tracking
+    from pipeline.run.demo import headline
+
+    tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking.start_run("headline") as run_id:
+        tracking.set_tags({"calibration_method": method})
+    m = {"test_auroc": 0.9, "test_auroc_ci_low": 0.8, "test_auroc_ci_high": 0.95, "test_ece": 0.05}
+    m |= {"test_ece_uncalibrated": 0.09 if shown else 0.05, "temperature": 1.5}
+    line = headline(run_id, m)
+    assert line.startswith("test AUROC 0.900 (95% CI 0.800–0.950), ECE 0.050 with ")
+    assert ("uncalibrated" in line) == bool(shown) and (shown is None or shown in line)

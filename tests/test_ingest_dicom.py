@@ -228,8 +228,8 @@ def test_duplicate_copy_is_quarantined_and_series_kept(tmp_path):
     _, frame = _run(tmp_path / "src", tmp_path / "out")
     assert list(frame["n_files"]) == [3]
     reason, detail = _quarantine(tmp_path / "out")["zz-copy.dcm"]
-    assert reason == "inconsistent-series"
-    assert "duplicate copy" in detail
+    assert reason == "duplicate-of"
+    assert detail == paths[1].name  # the kept copy, relative to SOURCE
 
 
 @pytest.mark.parametrize(
@@ -270,7 +270,7 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path):
     set_pixels(rgb, np.zeros((4, 4), np.uint8), photometric="RGB")
     rgb.SamplesPerPixel = 3
     save(rgb, src / "junk" / "rgb.dcm")
-    (src / "junk" / "dangling.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    (src / "junk" / "dangling.dcm").symlink_to(src / "junk" / "nowhere.dcm")  # broken, inside SOURCE
     result, frame = _run(src, tmp_path / "out")
     q = _quarantine(tmp_path / "out")
     reasons = {Path(p).name: r for p, (r, _) in q.items()}

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,56 +9,20 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, start_mlflow_server, stop_mlflow_server
 from torch import nn
 
 from pipeline import tracking
 from pipeline.errors import TrackingError
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend, local artifacts) on a free loopback port."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("mlflow server exited at start")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start within 90 s")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=20)
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
+    stop_mlflow_server(proc)
 
 
 class Tiny(nn.Module):
@@ -108,7 +69,7 @@ def test_run_metrics_model_and_registry(store, tmp_path, request):
 
 
 def test_unreachable_server_fails_fast():
-    port = _free_port()
+    port = free_port()
     start = time.time()
     with pytest.raises(TrackingError, match=rf"127.0.0.1:{port} is unreachable.*mlflow server"):
         tracking.connect(f"http://127.0.0.1:{port}")

@@ -10,7 +10,7 @@ from pipeline.ingest.pseudonym import digest, key_id
 from pipeline.io import write_bytes
 
 CACHE_FILE = ".ingest_cache.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: scan verdicts include too-large, size-mismatch and bounded deflate; rescan older caches
 
 
 def load_cache(out_dir: Path, key: bytes) -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import logging
+import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -26,8 +30,10 @@ from pydicom.uid import (
     MediaStorageDirectoryStorage,
 )
 
+from pipeline.ingest.dicom_deflate import file_meta, is_deflated, read_deflated
 from pipeline.ingest.nifti import UnitError
 from pipeline.ingest.pseudonym import digest, pseudonym
+from pipeline.records import MAX_VOXELS
 
 GPL_HINT = "the GPLv3 decoder pylibjpeg-libjpeg installs as an optional extra: pip install 'medxfer[gpl-codecs]'"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -38,6 +44,10 @@ _NOT_IMAGES = {
     "REG": "a registration",
     "RWV": "a real-world value map",
 }
+_NATIVE = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
+_UNDEFINED = 0xFFFFFFFF
+MAX_FRAMES = 100_000  # frames in one file (an enhanced 4D MR has ~10,000)
+PADDING_LIMIT = 1 << 20  # bytes of native pixel data beyond what the header declares that are accepted (dropped)
 _RECOGNISABLE = ("SOPClassUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "Rows")
 # the files of one series share these identifiers: hash each distinct one once per process
 _digest = functools.lru_cache(maxsize=4096)(digest)
@@ -73,15 +83,44 @@ class DicomHeader:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def read_dataset(path: Path, **kwargs: Any) -> Dataset:
-    """dcmread with every failure mapped to a quarantine reason (truncated, not-dicom)."""
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Keep pydicom's (and nibabel's) warnings and log records off the console.
+
+    A failed decoder plugin logs its traceback on the "pydicom" logger, and odd values warn; every
+    such failure already becomes a quarantine reason, so neither is shown (the logger's own
+    NullHandler stays; records just do not reach the console handler).
+    """
+    log = logging.getLogger("pydicom")
+    propagate = log.propagate
+    log.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.propagate = propagate
+
+
+def read_dataset(path: Path, header_only: bool = False, **kwargs: Any) -> Dataset:
+    """dcmread with every failure mapped to a quarantine reason (truncated, not-dicom, too-large, size-mismatch).
+
+    Deflated files are inflated by `read_deflated`, never past what their header declares;
+    `header_only` stops those at the pixel data (other files are read with `kwargs`, e.g. defer_size).
+    """
+    meta = file_meta(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds: Dataset = pydicom.dcmread(path, **kwargs)
+            if meta is not None and is_deflated(meta):
+                ds: Dataset = read_deflated(path, meta, header_only)
+            else:
+                ds = pydicom.dcmread(path, **kwargs)
+        except UnitError:
+            raise
         except InvalidDicomError:
             ds = _read_forced(path, **kwargs)
-        except EOFError as exc:
+        except (EOFError, struct.error, BytesLengthException) as exc:  # cut inside an element's header
             raise UnitError("truncated", f"the file ends inside a data element ({type(exc).__name__})") from exc
         except OSError as exc:
             raise UnitError("unsupported", f"the file cannot be read ({type(exc).__name__})") from exc
@@ -128,7 +167,16 @@ def _check_image(ds: Dataset) -> None:
         raise UnitError("no-pixel-data", "a DICOMDIR index, not an image")
     modality = str(ds.get("Modality", "") or "").upper()
     if not any(k in ds for k in _PIXEL_KEYWORDS):
-        sop = getattr(ds.get("SOPClassUID"), "name", "") or "object"
+        classes = [ds.get("SOPClassUID"), ds.file_meta.get("MediaStorageSOPClassUID")]
+        names = [str(getattr(uid, "name", "")) for uid in classes if uid]
+        image = next((n for n in names if "Image Storage" in n), "")
+        if image or all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
+            raise UnitError(
+                "truncated",
+                f"{image or 'an object with Image Pixel attributes'} without pixel data: "
+                "the file ends before its pixel data",
+            )
+        sop = names[0] if names else "object"
         raise UnitError(
             "no-pixel-data",
             f"{modality or 'unknown modality'} {sop} has no pixel data "
@@ -256,31 +304,33 @@ def _frame_positions(
     return [(np.asarray(ipp) + o * normal).tolist() for o in offsets]
 
 
-def read_header(path: Path, relpath: str, key: bytes) -> DicomHeader:
+def read_header(path: Path, relpath: str, key: bytes, max_voxels: int = MAX_VOXELS) -> DicomHeader:
     """Read one file's header, check it is a decodable greyscale image, and pseudonymise its identifiers.
 
     Args:
         path: The file.
         relpath: Its posix path relative to SOURCE (kept in the header, named in quarantine.csv).
         key: Pseudonym key of the identifiers' keyed hashes.
+        max_voxels: Largest Rows × Columns × frames × samples accepted (checked before anything is decoded).
 
     Returns:
         The header; `pixel` says where the pixel bytes lie when they can be read without pydicom.
 
     Raises:
         UnitError: With a quarantine reason (empty-file, truncated, not-dicom, no-pixel-data,
-            no-decoder, unsupported, decode-error).
+            no-decoder, unsupported, decode-error, too-large, size-mismatch).
     """
     size = path.stat().st_size
     if size == 0:
         raise UnitError("empty-file", "the file is empty (0 bytes)")
-    ds = read_dataset(path, defer_size="64 KB")
+    ds = read_dataset(path, header_only=True, defer_size="64 KB")
     if len(ds) == 0:
         raise UnitError("truncated", "no data elements after the file meta information (file cut short?)")
     if _pixels_cut_short(ds, size):
         raise UnitError("truncated", f"the file ends inside the pixel data ({size} bytes on disk)")
     try:
         _check_image(ds)
+        check_size(ds, max_voxels)
         header = _header_from(ds, relpath, key)
         try:
             header.pixel = _native_pixels(ds, header)
@@ -293,9 +343,54 @@ def read_header(path: Path, relpath: str, key: bytes) -> DicomHeader:
         raise UnitError("decode-error", f"invalid header value ({type(exc).__name__}: {str(exc)[:120]})") from exc
 
 
+def check_size(ds: Dataset, max_voxels: int) -> None:
+    """Raise UnitError unless the pixel data fits `max_voxels` and is as long as the header says.
+
+    too-large: Rows × Columns × frames × samples over `max_voxels` (nothing is decoded; a few bytes
+    of RLE can declare 65535 × 65535 pixels), or more than MAX_FRAMES frames. size-mismatch: native
+    (uncompressed or deflated) pixel data shorter than Rows × Columns × frames × samples ×
+    BitsAllocated / 8, or longer by more than PADDING_LIMIT (pydicom drops excess padding, but would
+    read it all first), or encapsulated data too short to hold one fragment per frame.
+    """
+    rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+    frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
+    if frames < 1:
+        raise UnitError("decode-error", f"NumberOfFrames is {frames}")
+    if frames > MAX_FRAMES:  # each frame costs ~100 bytes of bookkeeping before any voxel is read
+        raise UnitError("too-large", f"NumberOfFrames {frames:,} is over {MAX_FRAMES:,} frames in one file")
+    voxels = rows * cols * frames * samples
+    if voxels > max_voxels:
+        raise UnitError(
+            "too-large",
+            f"Rows × Columns × frames × samples = {rows} × {cols} × {frames} × {samples} = {voxels:,} voxels, "
+            f"over the limit of {max_voxels:,}. Fix: if the image is real, raise --max-voxels (data.max_voxels)",
+        )
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
+        return
+    elem = ds.get_item(keyword, keep_deferred=True)
+    length = elem.length if isinstance(elem, RawDataElement) else len(elem.value or b"")
+    native = ds.file_meta.TransferSyntaxUID in _NATIVE or keyword != "PixelData"
+    expected = -(-voxels * bits // 8)
+    if native and (length == _UNDEFINED or not expected <= length <= expected + PADDING_LIMIT):
+        held = "of undefined length" if length == _UNDEFINED else f"{length:,} bytes"
+        raise UnitError(
+            "size-mismatch",
+            f"{keyword} holds {held}; Rows × Columns × frames × samples × BitsAllocated / 8 = "
+            f"{rows} × {cols} × {frames} × {samples} × {bits} / 8 = {expected:,} bytes"
+            + (f" (up to {PADDING_LIMIT:,} bytes of padding are accepted)" if length > expected else ""),
+        )
+    value = elem.value if length == _UNDEFINED else None
+    if not native and isinstance(value, bytes) and frames * 8 > len(value):
+        raise UnitError(
+            "size-mismatch",
+            f"{frames:,} frames cannot fit in {len(value):,} bytes of encapsulated pixel data (8 bytes per fragment)",
+        )
+
+
 def _pixels_cut_short(ds: Dataset, size: int) -> bool:
     """Native pixel data that runs past the end of the file (seen without reading the pixels)."""
-    raw = ds.get_item("PixelData") if "PixelData" in ds else None
+    raw = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
     if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
         return False
     return ds.file_meta.TransferSyntaxUID != DeflatedExplicitVRLittleEndian and raw.value_tell + raw.length > size
@@ -307,7 +402,7 @@ def _native_pixels(ds: Dataset, h: DicomHeader) -> dict[str, Any] | None:
     Such files are decoded by reading their pixel bytes directly (`decode_native`), exactly as
     pydicom's native decoder would; everything else goes through a full `dcmread` at decode time.
     """
-    raw = ds.get_item("PixelData") if "PixelData" in ds else None
+    raw = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
     tsyntax = ds.file_meta.TransferSyntaxUID
     if (
         not isinstance(raw, RawDataElement)

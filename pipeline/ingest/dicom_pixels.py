@@ -88,6 +88,8 @@ def decode_file(path: Path, relpath: str) -> np.ndarray:
     except UnitError as exc:
         exc.relpath = relpath
         raise
+    except MemoryError as exc:
+        raise UnitError("too-large", f"out of memory decoding the pixel data ({_first_line(exc)})", relpath) from exc
     except Exception as exc:
         raise _decode_failure(exc, relpath) from exc
     raw = raw.reshape(-1, int(ds.Rows), int(ds.Columns))
@@ -126,6 +128,11 @@ def _frame_transform(ds: Dataset, index: int) -> Dataset:
     if "RescaleSlope" in source and "RescaleIntercept" in source:
         out.RescaleSlope, out.RescaleIntercept = source.RescaleSlope, source.RescaleIntercept
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _decode_failure(exc: Exception, relpath: str) -> UnitError:

@@ -63,20 +63,7 @@ def _overlap(members: list[DicomHeader]) -> int:
 def _split_duplicates(
     gkey: str, members: list[DicomHeader], quarantine: list[QuarantineEntry]
 ) -> list[tuple[str, list[DicomHeader]]]:
-    """Slices sharing a position: drop copies of one instance, else split by acquisition, else quarantine."""
-    if not _overlap(members):
-        return [(gkey, members)]
-    kept: dict[str, DicomHeader] = {}
-    for h in members:
-        if h.sop_key in kept:
-            quarantine.append(
-                QuarantineEntry(
-                    h.relpath, "inconsistent-series", f"duplicate copy of the instance in {kept[h.sop_key].relpath}"
-                )
-            )
-        else:
-            kept[h.sop_key] = h
-    members = list(kept.values())
+    """Slices sharing a position: split by acquisition, else quarantine (copies of an instance are gone already)."""
     if not _overlap(members):
         return [(gkey, members)]
     by_acq: dict[str, list[DicomHeader]] = defaultdict(list)
@@ -104,12 +91,13 @@ def plan_units(headers: list[DicomHeader], key: bytes) -> tuple[list[UnitPlan], 
     radiographs, multi-frame files) is a unit of its own.
 
     Args:
-        headers: The header of every DICOM file that passed `read_header`.
+        headers: The header of every DICOM file that passed `read_header`, one per SOPInstanceUID
+            (ingest quarantines further copies as duplicate-of first).
         key: Pseudonym key; image_ids are keyed hashes of the series and, when it splits, the split.
 
     Returns:
-        The units, and quarantine entries for the files left out: duplicate copies of an instance,
-        series holding several stacks at the same positions, multi-frame files repeating a position.
+        The units, and quarantine entries for the files left out: series holding several stacks at
+        the same positions, multi-frame files repeating a position.
     """
     series: dict[str, list[DicomHeader]] = defaultdict(list)
     for h in sorted(headers, key=lambda h: h.relpath):

@@ -262,6 +262,7 @@ def _duplicate(
     table.problems.append(
         {
             "line": line,
+            "first_line": first_line,
             "problem": "conflict",
             "detail": f"same {what} as line {first_line} but different {', '.join(differ)}; "
             "the images of this row stay unlabeled until one row is removed",

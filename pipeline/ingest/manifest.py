@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import pandas as pd
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest.cache import CACHE_VERSION, load_cache, path_key, save_cache
-from pipeline.ingest.dicom import DicomHeader, read_header
+from pipeline.ingest.dicom import DicomHeader, quiet_libraries, read_header
 from pipeline.ingest.dicom_pixels import decode_plan
 from pipeline.ingest.dicom_series import UnitPlan, plan_units
 from pipeline.ingest.labels import LabelTable, join_labels, read_labels
@@ -43,8 +47,9 @@ from pipeline.ingest.outputs import (
 )
 from pipeline.ingest.pseudonym import load_or_create_key, pseudonym, resolve_key_file
 from pipeline.ingest.splits import KEYED_HASH, LABELS_CSV, check_fractions, history_warnings
+from pipeline.ingest.summary import DUPLICATE, summary_lines
 from pipeline.io import LOCK_NAME, disk_full_message, exclusive, free_bytes, is_disk_full, megabytes, write_bytes
-from pipeline.records import MANIFEST_COLUMNS, IngestResult, QuarantineEntry
+from pipeline.records import MANIFEST_COLUMNS, MAX_VOXELS, IngestResult, QuarantineEntry
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ def ingest(
     seed: int = 0,
     strict: bool = False,
     workers: int = 1,
+    max_voxels: int = MAX_VOXELS,
     progress: bool = True,
     subgroups: Sequence[str] = (),
 ) -> IngestResult:
@@ -85,6 +91,8 @@ def ingest(
         strict: Raise DataError (listing every problem) if any file is quarantined or labels conflict.
         workers: Processes for scanning and decoding (1 = in-process). Pools use "spawn", so a
             script calling this with workers > 1 needs an ``if __name__ == "__main__":`` guard.
+        max_voxels: A file or image unit declaring more voxels (rows × columns × frames × samples)
+            is quarantined as too-large before anything is decoded.
         progress: Show progress bars (stderr).
         subgroups: labels.csv columns to carry as subgroups besides sex, age (as age_band) and
             site; every other column is left out (see `read_labels`).
@@ -93,12 +101,12 @@ def ingest(
         IngestResult with the manifest directory, counts and the report dict.
 
     Raises:
-        ConfigError: Bad fractions, workers, a key file inside `out`, or an identifying subgroup.
+        ConfigError: Bad fractions, workers, max_voxels, a key file inside `out`, or an identifying subgroup.
         DataError: Missing source/labels, a malformed labels file, identifier-like subgroup values,
             (strict) quarantined files, or a full disk.
         BusyError: Another process is writing `out`.
     """
-    src, out_dir, labels_path = _check_args(source, labels, out, val, test, workers)
+    src, out_dir, labels_path = _check_args(source, labels, out, val, test, workers, max_voxels)
     with exclusive(out_dir / LOCK_NAME, f"manifest folder {out_dir}"):
         images = out_dir / "images"
         before = {p.name for p in images.iterdir()} if images.is_dir() else set()
@@ -106,8 +114,9 @@ def ingest(
         need: list[str] = []
         try:
             return _ingest(
-                src, out_dir, labels_path, key_file, val, test, seed, strict, workers, progress, subgroups, need
-            )
+                src, out_dir, labels_path, key_file, val, test, seed, strict, workers, max_voxels, progress,
+                subgroups, need,
+            )  # fmt: skip
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -128,6 +137,7 @@ def _ingest(
     seed: int,
     strict: bool,
     workers: int,
+    max_voxels: int,
     progress: bool,
     subgroups: Sequence[str],
     need: list[str],
@@ -137,13 +147,15 @@ def _ingest(
     table = read_labels(labels_path, key, subgroups) if labels_path else None
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     cache = load_cache(out_dir, key)
-    relpaths = _walk(src, {out_dir, *([labels_path] if labels_path else [])})
+    walk = _walk(src, {out_dir, *([labels_path] if labels_path else [])})
+    relpaths = walk.relpaths
     with _Runner(workers, progress) as run:
-        files = _scan(src, relpaths, key, cache, run)
-        plans, quarantine = _plan_all(files, table, key)
+        files = _scan(src, relpaths, key, cache, run, max_voxels)
+        plans, quarantine = _plan_all(src, files, table, key, max_voxels)
         need.append(_need(plans, files, cache, out_dir))
         built = _build(src, out_dir, plans, files, cache, run)
-    units, quarantine = _collect(plans, built, quarantine)
+    units, quarantine = _collect(plans, built, quarantine + walk.outside)
+    quarantine = _account(relpaths + [q.path for q in walk.outside], units, quarantine)
     previous, why_not = previous_splits(out_dir, key, val=val, test=test, seed=seed)
     split_notes = join_labels(units, table, key, val=val, test=test, seed=seed, previous=None if why_not else previous)
     source = LABELS_CSV if table is not None and table.split_given else KEYED_HASH
@@ -151,15 +163,21 @@ def _ingest(
     split_notes = history_warnings(previous, why_not, current, source) + split_notes
     frame = _frame(units, table)
     save_cache(out_dir, key, files, built)
-    if strict and (quarantine or (table is not None and table.n_conflicts)):
-        raise DataError(strict_message(out_dir, quarantine, table, key, relpaths))
+    blocking = [q for q in quarantine if q.reason != DUPLICATE]  # an exact copy loses nothing
+    if strict and (blocking or (table is not None and table.n_conflicts)):
+        raise DataError(strict_message(out_dir, blocking, table, key, relpaths + [q.path for q in walk.outside]))
     params = {"val": val, "test": test, "seed": seed, "strict": strict, "labels": labels_path is not None}
-    report = build_report(relpaths, files, units, quarantine, frame, table, key, params, source)
+    seen = relpaths + [q.path for q in walk.outside]
+    report = build_report(seen, files, units, quarantine, frame, table, key, params, source)
+    report["parameters"]["max_voxels"] = max_voxels
+    report["files_in_units"] = int(frame["n_files"].sum())
+    report["skipped"] = {"hidden": walk.hidden, "symlinked_folders": walk.symlinked_dirs}
     report["warnings"] = key_notes + split_notes + report["warnings"]
     write_outputs(out_dir, frame, quarantine, report)
     (out_dir / STRICT_QUARANTINE).unlink(missing_ok=True)  # that failure's listing is out of date now
     remove_stale_images(out_dir, {f"{i}.nii" for i in frame["image_id"]})
-    logger.info("ingest: %d image units, %d files quarantined", len(frame), len(quarantine))
+    for line in summary_lines(report):
+        logger.info("ingest: %s", line)
     return IngestResult(str(out_dir), len(frame), len(quarantine), report)
 
 
@@ -174,11 +192,22 @@ def _need(plans: list[UnitPlan], files: dict[str, dict[str, Any]], cache: dict, 
 
 
 def _check_args(
-    source: str | Path, labels: str | Path | None, out: str | Path, val: float, test: float, workers: int
+    source: str | Path,
+    labels: str | Path | None,
+    out: str | Path,
+    val: float,
+    test: float,
+    workers: int,
+    max_voxels: int,
 ) -> tuple[Path, Path, Path | None]:
     check_fractions(val, test)
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers={workers!r} must be a whole number >= 1 (1 = no process pool)")
+    if not isinstance(max_voxels, int) or isinstance(max_voxels, bool) or max_voxels < 1:
+        raise ConfigError(
+            f"max_voxels={max_voxels!r} must be a whole number >= 1 (default {MAX_VOXELS:,}); "
+            "it bounds the rows × columns × frames of one file or image unit"
+        )
     src = Path(source).expanduser().resolve()
     if not src.is_dir():
         raise DataError(f"SOURCE {source} is not a folder; pass the root folder of the DICOM/NIfTI archive")
@@ -191,9 +220,23 @@ def _check_args(
     return src, Path(out).expanduser().resolve(), labels_path
 
 
-def _walk(source: Path, skip: set[Path]) -> list[str]:
-    """Relative posix paths of every non-hidden file under `source`, sorted; `skip` paths left out."""
-    found = []
+@dataclass
+class _Walk:
+    """What `_walk` found under SOURCE."""
+
+    relpaths: list[str]  # files to scan (symlinks to files inside SOURCE included)
+    outside: list[QuarantineEntry]  # symlinks to something outside SOURCE: quarantined unread
+    symlinked_dirs: int  # symlinked folders: never followed (loops, folders outside SOURCE)
+    hidden: int  # hidden files and folders (names starting with "."): skipped
+
+
+def _walk(source: Path, skip: set[Path]) -> _Walk:
+    """Every non-hidden file under `source` (relative posix paths, sorted); `skip` paths left out.
+
+    Symlinked folders are not followed (counted); a symlinked file whose target lies outside
+    `source` is quarantined as outside-source, never read.
+    """
+    found, outside, linked_dirs, hidden = [], [], 0, 0
     for root, dirs, names in os.walk(source):
         base = Path(root)
         real, prefix = base.resolve(), base.relative_to(source).as_posix()
@@ -201,11 +244,18 @@ def _walk(source: Path, skip: set[Path]) -> list[str]:
         def resolved(name: str, base: Path = base, real: Path = real) -> Path:  # realpath only for symlinks
             return (base / name).resolve() if (base / name).is_symlink() else real / name
 
+        hidden += sum(n.startswith(".") for n in [*dirs, *names])
+        linked_dirs += sum(not d.startswith(".") and (base / d).is_symlink() for d in dirs)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and resolved(d) not in skip)
-        found += [
-            n if prefix == "." else f"{prefix}/{n}" for n in names if not n.startswith(".") and resolved(n) not in skip
-        ]
-    return sorted(found)
+        for n in names:
+            rel = n if prefix == "." else f"{prefix}/{n}"
+            if n.startswith(".") or resolved(n) in skip:
+                continue
+            if (base / n).is_symlink() and not resolved(n).is_relative_to(source):
+                outside.append(QuarantineEntry(rel, "outside-source", "a symlink to a file outside SOURCE; not read"))
+            else:
+                found.append(rel)
+    return _Walk(sorted(found), sorted(outside, key=lambda q: q.path), linked_dirs, hidden)
 
 
 class _Runner:
@@ -241,50 +291,104 @@ class _Runner:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
 
-    def map(self, fn: Callable[..., Any], tasks: list[tuple], description: str, sizes: list[int]) -> list[Any]:
+    def map(
+        self,
+        fn: Callable[..., Any],
+        tasks: list[tuple],
+        description: str,
+        sizes: list[int],
+        crashed: Callable[..., Any] | None = None,
+    ) -> list[Any]:
+        """`fn(*task)` for every task, in task order.
+
+        With a pool, a worker that dies (killed for memory, a codec's segfault or abort) breaks it:
+        the unfinished tasks then run one at a time in a fresh one-process pool, so the task that
+        kills it again is known, and its result is `crashed(*task)` (without `crashed`, it raises).
+        """
         task = self.bar.add_task(description, total=sum(sizes))
         results: list[Any] = [None] * len(tasks)
         if self.pool is None and self.workers > 1 and len(tasks) > 1:  # started on first real use
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = self._new_pool(self.workers)
         if self.pool is None:
             for i, args in enumerate(tasks):
                 results[i] = fn(*args)
                 self.bar.advance(task, sizes[i])
             return results
         futures = {self.pool.submit(fn, *args): i for i, args in enumerate(tasks)}
-        for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
-            self.bar.advance(task, sizes[futures[fut]])
+        done: set[int] = set()
+        try:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                done.add(futures[fut])
+                self.bar.advance(task, sizes[futures[fut]])
+        except BrokenProcessPool:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+            for i in (i for i in range(len(tasks)) if i not in done):
+                results[i] = self._isolated(fn, tasks[i], crashed)
+                self.bar.advance(task, sizes[i])
         return results
+
+    @staticmethod
+    def _new_pool(workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _isolated(self, fn: Callable[..., Any], args: tuple, crashed: Callable[..., Any] | None) -> Any:
+        """Run one task in the one-process recovery pool (started on demand); a crash gives `crashed(*args)`."""
+        if self.pool is None:
+            self.pool = self._new_pool(1)
+        try:
+            return self.pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+            if crashed is None:
+                raise
+            return crashed(*args)
 
 
 # --------------------------------------------------------------------------------------------- scan
 
 
-def _scan_batch(source: str, relpaths: list[str], key: bytes) -> list[dict[str, Any]]:
+def _scan_batch(source: str, relpaths: list[str], key: bytes, max_voxels: int) -> list[dict[str, Any]]:
     """Worker: classify and read the header of each file (pseudonymised; safe to cache)."""
-    out = []
-    for rel in relpaths:
-        path = Path(source) / rel
-        entry: dict[str, Any] = {"size": -1, "mtime_ns": -1, "kind": "bad", "header": None}
-        try:
-            st = path.stat()
-            entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-            if is_nifti(rel):
-                entry.update(kind="nifti", header={"shape": list(check_nifti_header(path))})
-            else:
-                entry.update(kind="dicom", header=dict(vars(read_header(path, rel, key))))
-        except UnitError as exc:
-            entry.update(reason=exc.reason, detail=_clean(exc.detail, source))
-        except OSError as exc:
-            entry.update(reason="unsupported", detail=f"the file cannot be read ({type(exc).__name__})")
-        except Exception as exc:  # an unreadable file must not stop the run
-            entry.update(reason="decode-error", detail=_clean(f"{type(exc).__name__}: {exc}", source))
-        out.append(entry)
-    return out
+    with quiet_libraries():
+        return [_scan_file(source, rel, key, max_voxels) for rel in relpaths]
 
 
-def _scan(src: Path, relpaths: list[str], key: bytes, cache: dict, run: _Runner) -> dict[str, dict[str, Any]]:
+def _scan_file(source: str, rel: str, key: bytes, max_voxels: int) -> dict[str, Any]:
+    """Classify one file and read its header; a failure becomes the entry's quarantine reason."""
+    path = Path(source) / rel
+    entry: dict[str, Any] = {"size": -1, "mtime_ns": -1, "kind": "bad", "header": None}
+    try:
+        st = path.stat()
+        entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        if is_nifti(rel):
+            entry.update(kind="nifti", header={"shape": list(check_nifti_header(path))})
+        else:
+            entry.update(kind="dicom", header=dict(vars(read_header(path, rel, key, max_voxels))))
+    except UnitError as exc:
+        entry.update(reason=exc.reason, detail=_clean(exc.detail, source))
+    except OSError as exc:
+        entry.update(reason="unsupported", detail=f"the file cannot be read ({type(exc).__name__})")
+    except Exception as exc:  # an unreadable file must not stop the run
+        entry.update(reason="decode-error", detail=_clean(f"{type(exc).__name__}: {exc}", source))
+    return entry
+
+
+_CRASH = "the worker process died reading it (killed for memory, or a library crashed)"
+
+
+def _scan_crashed(source: str, relpaths: list[str], key: bytes, max_voxels: int) -> list[dict[str, Any]] | None:
+    """A scan batch whose worker died: None for a batch (read again file by file), else the file's entry."""
+    if len(relpaths) > 1:
+        return None
+    return [{"size": -1, "mtime_ns": -1, "kind": "bad", "header": None, "reason": "decode-error", "detail": _CRASH}]
+
+
+def _scan(
+    src: Path, relpaths: list[str], key: bytes, cache: dict, run: _Runner, max_voxels: int
+) -> dict[str, dict[str, Any]]:
     files: dict[str, dict[str, Any]] = {}
     todo = []
     for rel in relpaths:
@@ -294,7 +398,8 @@ def _scan(src: Path, relpaths: list[str], key: bytes, cache: dict, run: _Runner)
             todo.append(rel)
             continue
         old = cache["files"].get(path_key(key, rel))
-        if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
+        fresh = old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns
+        if fresh and old.get("reason") != "too-large":  # too-large depends on max_voxels: read again
             files[rel] = {
                 **old,
                 "header": {**old["header"], "relpath": rel} if old["kind"] == "dicom" else old["header"],
@@ -302,20 +407,90 @@ def _scan(src: Path, relpaths: list[str], key: bytes, cache: dict, run: _Runner)
         else:
             todo.append(rel)
     batches = [todo[i : i + _SCAN_BATCH] for i in range(0, len(todo), _SCAN_BATCH)]
-    results = run.map(_scan_batch, [(str(src), b, key) for b in batches], "scanning files", [len(b) for b in batches])
+    tasks = [(str(src), b, key, max_voxels) for b in batches]
+    results = run.map(_scan_batch, tasks, "scanning files", [len(b) for b in batches], _scan_crashed)
+    lost = [rel for b, r in zip(batches, results, strict=True) if r is None for rel in b]  # a worker died
+    if lost:
+        again = run.map(
+            _scan_batch, [(str(src), [r], key, max_voxels) for r in lost], "re-reading", [1] * len(lost), _scan_crashed
+        )
+        batches, results = [*batches, *([r] for r in lost)], [*results, *again]
     for batch, entries in zip(batches, results, strict=True):
-        files.update(zip(batch, entries, strict=True))
+        if entries is not None:
+            files.update(zip(batch, entries, strict=True))
     return dict(sorted(files.items()))
 
 
 def _plan_all(
-    files: dict[str, dict[str, Any]], table: LabelTable | None, key: bytes
+    src: Path, files: dict[str, dict[str, Any]], table: LabelTable | None, key: bytes, max_voxels: int
 ) -> tuple[list[UnitPlan], list[QuarantineEntry]]:
     quarantine = [QuarantineEntry(rel, e["reason"], e["detail"]) for rel, e in files.items() if e["kind"] == "bad"]
-    headers = [DicomHeader(**e["header"]) for e in files.values() if e["kind"] == "dicom"]
-    plans, dropped = plan_units(headers, key)
+    headers = _drop_duplicates(src, [DicomHeader(**e["header"]) for e in files.values() if e["kind"] == "dicom"])
+    quarantine += headers.dropped
+    plans, dropped = plan_units(headers.kept, key)
     plans += [_nifti_plan(rel, table, key) for rel, e in files.items() if e["kind"] == "nifti"]
-    return plans, quarantine + dropped
+    plans, too_large = _within_limit(plans, files, max_voxels)
+    return plans, quarantine + dropped + too_large
+
+
+@dataclass
+class _Deduplicated:
+    kept: list[DicomHeader]
+    dropped: list[QuarantineEntry]
+
+
+def _drop_duplicates(src: Path, headers: list[DicomHeader]) -> _Deduplicated:
+    """One file per SOPInstanceUID: the first by path is kept, the others are quarantined.
+
+    A byte-identical copy is `duplicate-of` (detail: the kept file's path relative to SOURCE); a
+    different file with the same UID is `uid-collision` (which of the two is right cannot be told).
+    """
+    by_sop: dict[str, list[DicomHeader]] = defaultdict(list)
+    for h in sorted(headers, key=lambda h: h.relpath):
+        by_sop[h.sop_key].append(h)
+    kept, dropped = [], []
+    for first, *copies in by_sop.values():
+        kept.append(first)
+        for h in copies:
+            if _same_bytes(src / h.relpath, src / first.relpath):
+                dropped.append(QuarantineEntry(h.relpath, DUPLICATE, first.relpath))
+            else:
+                detail = f"same SOPInstanceUID as {first.relpath} (kept), different content"
+                dropped.append(QuarantineEntry(h.relpath, "uid-collision", detail))
+    return _Deduplicated(kept, dropped)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def _within_limit(
+    plans: list[UnitPlan], files: dict[str, dict[str, Any]], max_voxels: int
+) -> tuple[list[UnitPlan], list[QuarantineEntry]]:
+    """Plans whose unit holds at most `max_voxels`; every file of a larger unit is quarantined as too-large.
+
+    Files over the limit were stopped at scan; this catches units whose files are each small
+    (a series of very many slices) and headers cached by a run with a higher limit.
+    """
+    ok, too_large = [], []
+    for plan in plans:
+        if plan.source_format == "nifti":
+            voxels = int(np.prod(files[plan.frames[0][0]]["header"]["shape"], dtype=np.int64))
+        else:
+            size = {rel: files[rel]["header"]["rows"] * files[rel]["header"]["cols"] for rel in plan.files}
+            voxels = sum(size[rel] for rel, _ in plan.frames)
+        if voxels <= max_voxels:
+            ok.append(plan)
+            continue
+        detail = (
+            f"the image unit ({len(plan.files)} file(s), {len(plan.frames)} frame(s)) holds {voxels:,} voxels, "
+            f"over the limit of {max_voxels:,}. Fix: if the image is real, raise --max-voxels (data.max_voxels)"
+        )
+        too_large += [QuarantineEntry(rel, "too-large", detail) for rel in plan.files]
+    return ok, too_large
 
 
 def _nifti_plan(rel: str, table: LabelTable | None, key: bytes) -> UnitPlan:
@@ -347,17 +522,25 @@ def _nifti_plan(rel: str, table: LabelTable | None, key: bytes) -> UnitPlan:
 def _build_unit(source: str, images: str, plan: UnitPlan) -> dict[str, Any]:
     """Worker: decode one unit, reorient to RAS, write images/<image_id>.nii; errors become a quarantine reason."""
     try:
-        if plan.source_format == "nifti":
-            array, affine = load_nifti(Path(source) / plan.frames[0][0])
-        else:
-            array, affine = decode_plan(Path(source), plan), np.asarray(plan.affine)
-        array, affine, spacing = finish_volume(array, affine)
+        with quiet_libraries():
+            if plan.source_format == "nifti":
+                array, affine = load_nifti(Path(source) / plan.frames[0][0])
+            else:
+                array, affine = decode_plan(Path(source), plan), np.asarray(plan.affine)
+            array, affine, spacing = finish_volume(array, affine)
     except UnitError as exc:
         return {"error": [exc.reason, _clean(exc.detail, source), exc.relpath or plan.frames[0][0]]}
+    except MemoryError:
+        return {"error": ["too-large", "out of memory while decoding this unit", plan.frames[0][0]]}
     except Exception as exc:  # a decoder crash on one unit must not stop the archive
         return {"error": ["decode-error", _clean(f"{type(exc).__name__}: {exc}", source), plan.frames[0][0]]}
     write_bytes(Path(images) / f"{plan.image_id}.nii", nifti_bytes(array, affine))
     return {"shape": list(array.shape), "spacing_mm": spacing, "content_sha256": content_sha256(array, affine)}
+
+
+def _build_crashed(source: str, images: str, plan: UnitPlan) -> dict[str, Any]:
+    """The result of a unit whose decoding worker died."""
+    return {"error": ["decode-error", _CRASH.replace("reading", "decoding"), plan.frames[0][0]]}
 
 
 def _signature(plan: UnitPlan, files: dict[str, dict[str, Any]]) -> str:
@@ -379,7 +562,7 @@ def _build(
         else:
             todo.append((plan, sig))
     tasks = [(str(src), str(out_dir / "images"), plan) for plan, _ in todo]
-    results = run.map(_build_unit, tasks, "decoding image units", [len(p.frames) for p, _ in todo])
+    results = run.map(_build_unit, tasks, "decoding image units", [len(p.frames) for p, _ in todo], _build_crashed)
     for (plan, sig), result in zip(todo, results, strict=True):
         built[plan.image_id] = {**result, "sig": sig, "reused": False}
     return built
@@ -417,10 +600,23 @@ def _collect(
                 "manufacturer": plan.manufacturer,
                 "warnings": ";".join(plan.warnings),
                 "_path": plan.files[0],
+                "_files": plan.files,
                 "_reused": result["reused"],
             }
         )
     return units, sorted(set(quarantine), key=lambda q: (q.path, q.reason))
+
+
+def _account(seen: list[str], units: list[dict], quarantine: list[QuarantineEntry]) -> list[QuarantineEntry]:
+    """Every file seen is in a unit or in quarantine: any other is quarantined as not-ingested (an ingest bug)."""
+    placed = {q.path for q in quarantine} | {rel for u in units for rel in u["_files"]}
+    lost = [QuarantineEntry(rel, "not-ingested", "in no image unit and given no reason") for rel in seen]
+    lost = [q for q in lost if q.path not in placed]
+    if lost:
+        logger.warning(
+            "ingest: %d file(s) ended in no unit and were given no reason; quarantined as not-ingested", len(lost)
+        )
+    return sorted([*quarantine, *lost], key=lambda q: (q.path, q.reason))
 
 
 def _frame(units: list[dict], table: LabelTable | None) -> pd.DataFrame:

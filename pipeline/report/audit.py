@@ -14,11 +14,9 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import pandas as pd
 
 from pipeline import __version__, tracking
@@ -26,6 +24,7 @@ from pipeline.errors import DataError, MedxferError
 from pipeline.io import write_text
 from pipeline.records import SPLITS
 from pipeline.report.compare import collect_comparison
+from pipeline.report.page import render_page
 from pipeline.report.view import build_view
 
 ARTIFACTS = {
@@ -81,9 +80,7 @@ def write_report(
 
 def render_report(context: dict[str, Any]) -> str:
     """Render a context (as `collect_context` returns; any part may be missing) to an HTML string."""
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string((files("pipeline.report") / "template.html").read_text(encoding="utf-8"))
-    return template.render(**build_view(context))
+    return render_page(build_view(context))
 
 
 def collect_context(
@@ -115,7 +112,7 @@ def collect_context(
         ctx["requirements"] = _requirements(req) if req else []
         splits = _read_json(run_id, "splits.json", Path(tmp), problems)
         ctx["baseline"] = _baseline(run, problems)
-        ctx["comparison"] = collect_comparison(run_id, ctx["baseline"], ctx["config"], Path(tmp), _fetch)
+        ctx["comparison"] = collect_comparison(run_id, ctx["baseline"], ctx["config"], uri)
     data = ctx["config"].get("data") if isinstance(ctx["config"], dict) else None
     folder = manifest_dir or (data.get("manifest") if isinstance(data, dict) else None)
     ctx["cohort"], ctx["ingest"] = _manifest_parts(folder, splits, problems)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.report.compare import paired_auroc
 from pipeline.report.facts import Facts
 from pipeline.report.fmt import DASH, NA, as_float, calibration_name, count, kv, note, num, section, with_ci
 
@@ -130,9 +131,9 @@ def verdicts(f: Facts) -> list[str]:
         and as_float(m.get("test_auroc")) is not None
     ):
         base = float(f.baseline["metrics"]["test_auroc"])
-        out.append(
-            f"Transfer gain: AUROC {float(m['test_auroc']) - base:+.2f} over a from-scratch run ({num(base, 2)})."
-        )
+        line = f"Transfer gain: AUROC {float(m['test_auroc']) - base:+.2f} over a from-scratch run ({num(base, 2)})"
+        paired = paired_auroc(f.context.get("comparison"))
+        out.append(f"{line}; {paired}." if paired else f"{line}.")
     rows = [r for r in f.evaluation.get("subgroups") or [] if isinstance(r, dict) and as_float(r.get("auroc"))]
     if rows:
         low = min(rows, key=lambda r: float(r["auroc"]))

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline import __version__
+from pipeline.report.compare import negative_transfer
 from pipeline.report.facts import Facts, facts
 from pipeline.report.fmt import DASH, as_float, note, section
 from pipeline.report.results import (
@@ -146,6 +147,9 @@ def warning_lines(f: Facts) -> list[dict[str, str]]:
         add("This is the test split's first evaluation.", "info")
     for text in f.evaluation.get("notes") or []:
         add(str(text), note_level(str(text)))
+    transfer = negative_transfer(f.context.get("comparison"))
+    if transfer:
+        add(f"{transfer} See Transfer gain.")
     if str(f.setting("model.weights")) != "none" and not f.baseline:
         add("No from-scratch baseline: the transfer gain is not measured (see Transfer gain).", "info")
     return out

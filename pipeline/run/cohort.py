@@ -73,6 +73,7 @@ def ensure_manifest(cfg: Config, progress: bool = True) -> Path:
             test=split.test,
             seed=split.seed,
             workers=cfg.data.workers,
+            max_voxels=cfg.data.max_voxels,
             strict=cfg.data.strict,
             progress=progress,
             subgroups=cfg.evaluate.subgroups,

@@ -93,9 +93,10 @@ def headline(run_id: str, m: dict[str, Any]) -> str:
     method = tracking.get_run(run_id)["tags"].get("calibration_method", "none")
     parts = [f"test AUROC {m['test_auroc']:.3f}{ci('test_auroc')}"] if "test_auroc" in m else []
     if "test_ece" in m:
+        uncalibrated = m.get("test_ece_uncalibrated") if method != "none" else None  # else the same number
         parts.append(
-            f"ECE {m['test_ece']:.3f}{ci('test_ece')} with {calibration_name(method, m.get('temperature'))} "
-            f"({m['test_ece_uncalibrated']:.3f} uncalibrated)"
+            f"ECE {m['test_ece']:.3f}{ci('test_ece')} with {calibration_name(method, m.get('temperature'))}"
+            + (f" ({uncalibrated:.3f} uncalibrated)" if uncalibrated is not None else "")
         )
     rates = [f"{name} {m[f'test_{name}']:.3f}{ci(f'test_{name}')}" for name in ("sensitivity", "specificity")
              if f"test_{name}" in m]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -74,15 +75,32 @@ def evaluate(
         for name in ("val", "test")
     }
     split_id, times = count_test_evaluation(cohort.manifest_dir, cohort.split("test")["image_id"].tolist(), run_id)
-    with tracking.start_run(cfg.experiment, run_id=run_id):
+    with tracking.start_run(cfg.experiment, run_id=run_id, on_lost=_evaluate_again_hint(cfg)):
         tracking.set_tags({"test_split_id": split_id, "test_evaluations": times})
         return _evaluate_and_log(cfg, cohort, model, ckpt, logits, run_id, data["train"], progress)
 
 
-def _predictions(frame: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def _evaluate_again_hint(cfg: Config) -> Callable[[str], str]:
+    config = shlex.quote(cfg.source_file) if cfg.source_file else "CONFIG"
+    return lambda run_id: (
+        "Training is logged and nothing is lost; this evaluation is incomplete. Fix: restart the server, "
+        f"then evaluate again: medxfer evaluate {config} --run {run_id}"
+    )
+
+
+def _predictions(
+    frame: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str], raw: np.ndarray | None = None
+) -> pd.DataFrame:
+    """predictions/<split>.parquet: image_id, subject_id, y_true and the calibrated probabilities.
+
+    Binary: `prob` = calibrated P(class 1), and with `raw` (the uncalibrated softmax) also
+    `prob_uncalibrated`, the scores the logged test AUROC ranks (`medxfer compare` uses them).
+    """
     out = pd.DataFrame({"image_id": frame["image_id"], "subject_id": frame["subject_id"], "y_true": y})
     if probs.shape[1] == 2:
         out["prob"] = probs[:, 1]
+        if raw is not None:
+            out["prob_uncalibrated"] = raw[:, 1]
     else:
         for i, c in enumerate(classes):
             out[f"prob_{c}"] = probs[:, i]
@@ -122,9 +140,12 @@ def _evaluate_and_log(
     if s.calibration is not None:
         tracking.set_tags({"calibration_method": s.calibration.method})
     with tempfile.TemporaryDirectory() as tmp:
-        for name, frame, probs in (("val", val, s.probs_val), ("test", test, s.probs_test)):
+        for name, frame, probs, raw in (
+            ("val", val, s.probs_val, None),
+            ("test", test, s.probs_test, s.probs_test_uncalibrated),
+        ):
             path = Path(tmp) / f"{name}.parquet"
-            _predictions(frame, cohort.y(frame), probs, cohort.classes).to_parquet(path, index=False)
+            _predictions(frame, cohort.y(frame), probs, cohort.classes, raw).to_parquet(path, index=False)
             tracking.log_artifact(path, "predictions")
     _log_figures(s, cohort, cohort.y(test), run_id)
     tracking.log_json(

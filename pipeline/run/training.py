@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import platform
+import shlex
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -174,7 +175,12 @@ def _train_and_log(
         "stage": "train",
     }
     resume_id = cfg.finetune.resume
-    with tracking.start_run(cfg.experiment, run_id=resume_id, tags=None if resume_id else tags) as run_id:
+
+    def on_lost(run_id: str) -> str:
+        return _resume_hint(cfg, checkpoint_path(cohort.manifest_dir, run_id), run_id)
+
+    start = tracking.start_run(cfg.experiment, run_id=resume_id, tags=None if resume_id else tags, on_lost=on_lost)
+    with start as run_id:
         before = tracking.get_run(run_id) if resume_id else {"params": {}, "metrics": {}, "history": {}}
         done_steps = len(before["history"].get("epoch_seconds", []))
         ckpt = checkpoint_path(cohort.manifest_dir, run_id)
@@ -231,6 +237,20 @@ def _train_and_log(
         _log_checkpoint(result.model, fresh, cohort.classes, spec, summary)
     ckpt.unlink(missing_ok=True)  # training is complete and logged: the resumable state is no longer needed
     return run_id
+
+
+def _resume_hint(cfg: Config, ckpt: Path, run_id: str) -> str:
+    """What a lost tracking server leaves behind and the commands that continue the run."""
+    config = shlex.quote(cfg.source_file) if cfg.source_file else "CONFIG"
+    kept = (
+        f"The training state of the last finished epoch is kept at {ckpt}."
+        if ckpt.exists()
+        else "No epoch had finished, so training starts again from epoch 1 in the same run."
+    )
+    return (
+        f"{kept} Fix: restart the server (or point tracking.uri at it again), then continue: "
+        f"medxfer train {config} --resume {run_id}   and evaluate it: medxfer evaluate {config} --run {run_id}"
+    )
 
 
 def _fit(

@@ -173,8 +173,9 @@ def _write_failures(failures: list[dict], path: Path) -> str | None:
     """`<out>.quarantine.csv`: what each failure row is about, for the people who run the archive.
 
     One row per failure: ``ref`` (the table's ``source_ref`` for a file that could not be read,
-    else the unit's ``image_id``), ``reason``, ``detail`` and, for files, ``path`` relative to the
-    archive. It stays beside the output and is not part of the predictions table, which carries
+    else the unit's ``image_id``), ``reason``, ``detail`` and ``path``: the file relative to the
+    archive, or for a unit the model cannot score, its converted NIfTI image under ``<out>.work/``.
+    It stays beside the output and is not part of the predictions table, which carries
     pseudonymised references only. Removed (None) when nothing failed.
     """
     if not failures:

@@ -113,8 +113,9 @@ def _split_fit(frame: pd.DataFrame, pkg: Packaged, manifest_dir: Path) -> tuple[
     units, failures = [], []
     for r in frame.itertuples(index=False):
         bad = _misfit(list(r.shape), str(r.modality), pkg)
-        if bad:
-            failures.append(result_row(len(pkg.classes), r.image_id, r.subject_id, str(r.modality), "failed", *bad))
+        if bad:  # `path`: the unit's converted image, for <out>.quarantine.csv only
+            row = result_row(len(pkg.classes), r.image_id, r.subject_id, str(r.modality), "failed", *bad)
+            failures.append({**row, "path": str(manifest_dir / r.image_path)})
         else:
             units.append(
                 {
