@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,21 +138,30 @@ def log_model(
     """
     signature = mlflow.models.infer_signature(input_example, output_example)
     record = json.dumps(sha256, sort_keys=True)
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(code),
-        artifacts={PACKAGE: str(package)},
-        signature=signature,
-        input_example=input_example,
-        metadata={"medxfer": metadata},
-        pip_requirements=_requirements(),
-        tags={SHA256_TAG: record},
-    )
+    with warnings.catch_warnings():  # the signature comes from the example, not from type hints
+        warnings.filterwarnings("ignore", message=r".*[Tt]ype hint", category=UserWarning)
+        info = _log_pyfunc(package, code, input_example, signature, metadata, record)
     out: dict[str, Any] = {"model_uri": info.model_uri, "registered_name": None, "version": None}
     if register_as:
         version = mlflow.register_model(info.model_uri, register_as, tags={SHA256_TAG: record})
         out.update(registered_name=register_as, version=version.version)
     return out
+
+
+def _log_pyfunc(
+    package: str | Path, code: str | Path, example: np.ndarray, signature: Any, metadata: dict[str, Any], record: str
+) -> Any:
+    """`mlflow.pyfunc.log_model` from code: the code file, the package as its artifact, the record as a tag."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(code),
+        artifacts={PACKAGE: str(package)},
+        signature=signature,
+        input_example=example,
+        metadata={"medxfer": metadata},
+        pip_requirements=_requirements(),
+        tags={SHA256_TAG: record},
+    )
 
 
 def set_pyfunc_model(model: PythonModel) -> None:
