@@ -33,7 +33,8 @@ from pipeline import tracking  # noqa: E402
 from pipeline.adapt import CalibratedNet, build_model  # noqa: E402
 from pipeline.ingest import load_manifest  # noqa: E402
 from pipeline.prepare import build_transform, make_spec, prepare_image  # noqa: E402
-from pipeline.score import log_packaged, score  # noqa: E402
+from pipeline.run import log_packaged  # noqa: E402
+from pipeline.score import score  # noqa: E402
 from pipeline.synthetic import make_cohort  # noqa: E402
 
 

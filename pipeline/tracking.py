@@ -128,7 +128,7 @@ def log_model(
     """Log a medxfer model package as an MLflow pyfunc model ("models from code": nothing pickled) and register it.
 
     The pyfunc's only artifact is the package folder (`pipeline.adapt.package`); `code` is the
-    model's code file (`pipeline.score.packaged.PYFUNC_CODE`), which rebuilds the network from that
+    model's code file (`pipeline.run.packaging.PYFUNC_CODE`), which rebuilds the network from that
     package when `mlflow.pyfunc.load_model` runs it. `sha256` (what `write_package` returned) is
     recorded as the tag `SHA256_TAG` of the logged model and of the registered version, in the
     tracking store, where `download_model` reads it back.

@@ -28,7 +28,8 @@ from pipeline.evaluate import DomainStats, compare_domain, reference_stats
 from pipeline.ingest import load_manifest
 from pipeline.prepare import make_spec, prepare_image, spec_from_dict
 from pipeline.records import PrepareSpec
-from pipeline.score import ENGINES, load_packaged, log_packaged, score
+from pipeline.run import log_packaged
+from pipeline.score import ENGINES, load_packaged, score
 from pipeline.score.adabn import adapt_batchnorm
 from pipeline.score.engines import get_engine
 from pipeline.score.local_engine import run_local

@@ -18,7 +18,7 @@ import torch
 from pipeline import tracking
 from pipeline.adapt import CalibratedNet, build_model, parse_record, read_package
 from pipeline.errors import TrackingError
-from pipeline.score import log_packaged
+from pipeline.run import log_packaged
 
 
 def _sha256(path: Path) -> str:

@@ -131,15 +131,15 @@ def parse_record(record: str | None, source: str) -> dict[str, str] | None:
     return parsed
 
 
-def _verified_bytes(path: Path, expected: str | None, source: str) -> bytes:
-    """The bytes of `path`, after checking their sha256 against `expected` (from `source`)."""
+def _verified_bytes(path: Path, name: str, expected: str | None, source: str) -> bytes:
+    """The bytes of `path` (`name` in messages), checked against the sha256 `expected` (from `source`)."""
     if not path.is_file():
-        raise DataError(f"{path}: missing from the model package; it was removed or never written. Fix: {_FIX}")
+        raise DataError(f"{name}: missing from the model package; it was removed or never written. Fix: {_FIX}")
     data = path.read_bytes()
     actual = sha256_bytes(data)
     if expected is not None and actual != expected:
         raise DataError(
-            f"{path}: sha256 {actual} differs from {expected} recorded in {source}; the artifact was changed "
+            f"{name}: sha256 {actual} differs from {expected} recorded in {source}; the artifact was changed "
             f"after medxfer wrote it, so nothing in it was loaded or run. Fix: {_FIX}"
         )
     return data
@@ -149,7 +149,7 @@ _FIX = "restore the artifact store from a trusted copy, or re-run the medxfer co
 
 
 def read_package(
-    folder: str | Path, expected: dict[str, str] | None = None, source: str = "the tracking store"
+    folder: str | Path, expected: dict[str, str] | None = None, source: str = "the tracking store", label: str = ""
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Verify and load a package written by `write_package`; rebuild the network with `build_model`.
 
@@ -162,6 +162,8 @@ def read_package(
             return value, kept in the tracking store); None checks the weights against
             ``model.json`` alone (a local folder with no record).
         source: where `expected` came from, for the error message (e.g. "tag checkpoint_sha256 of run X").
+        label: what the folder is, for messages (e.g. "the package of models:/NAME/1"; a downloaded
+            copy's temporary path means nothing to the user); default: the folder's path.
 
     Returns:
         (model in eval mode, description): a `CalibratedNet` when a calibration was packaged, else
@@ -175,37 +177,38 @@ def read_package(
     unknown = sorted(set(expected) - {DESCRIPTION, WEIGHTS})
     if unknown:
         raise DataError(f"{source} records files {unknown} that a medxfer package does not have; the record is damaged")
-    path = folder / DESCRIPTION
-    description = _parse(path, _verified_bytes(path, expected.get(DESCRIPTION), source))
+    path, weights = folder / DESCRIPTION, folder / WEIGHTS
+    named = {f: f"{f} in {label}" if label else str(folder / f) for f in (DESCRIPTION, WEIGHTS)}
+    where = named[DESCRIPTION]
+    description = _parse(where, _verified_bytes(path, where, expected.get(DESCRIPTION), source))
     files = description.get("files")
     if not isinstance(files, dict) or set(files) != {WEIGHTS}:
-        raise DataError(f"{path}: 'files' must list {WEIGHTS} with its sha256, got {files!r}. Fix: {_FIX}")
-    weights = folder / WEIGHTS
-    data = _verified_bytes(weights, expected.get(WEIGHTS), source)
-    _verified_bytes(weights, str(files[WEIGHTS]), str(path))
-    net = _rebuild(path, description.get("architecture"))
+        raise DataError(f"{where}: 'files' must list {WEIGHTS} with its sha256, got {files!r}. Fix: {_FIX}")
+    data = _verified_bytes(weights, named[WEIGHTS], expected.get(WEIGHTS), source)
+    _verified_bytes(weights, named[WEIGHTS], str(files[WEIGHTS]), where)
+    net = _rebuild(where, description.get("architecture"))
     try:
         state = load_safetensors(data)
         net.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, ValueError) as exc:
         raise DataError(
-            f"{weights}: not the weights of the network {path} describes ({type(exc).__name__}: "
+            f"{named[WEIGHTS]}: not the weights of the network {where} describes ({type(exc).__name__}: "
             f"{str(exc)[:300]}). Fix: {_FIX}"
         ) from exc
     calibration = description.get("calibration")
     model: nn.Module = net
     if calibration is not None:
         if not isinstance(calibration, dict):
-            raise DataError(f"{path}: 'calibration' must be an object or null, got {calibration!r}. Fix: {_FIX}")
+            raise DataError(f"{where}: 'calibration' must be an object or null, got {calibration!r}. Fix: {_FIX}")
         try:
             apply_calibration(calibration, torch.zeros(1, net.num_classes).numpy())
         except DataError as exc:
-            raise DataError(f"{path}: {exc}. Fix: {_FIX}") from exc
+            raise DataError(f"{where}: {exc}. Fix: {_FIX}") from exc
         model = CalibratedNet(net, calibration)
     return model.eval(), description
 
 
-def _parse(path: Path, data: bytes) -> dict[str, Any]:
+def _parse(path: str, data: bytes) -> dict[str, Any]:
     try:
         description = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -216,7 +219,7 @@ def _parse(path: Path, data: bytes) -> dict[str, Any]:
     return description
 
 
-def _rebuild(path: Path, architecture: Any) -> MedNet:
+def _rebuild(path: str, architecture: Any) -> MedNet:
     """The network `architecture` describes, with fresh weights (`build_model(weights="none")`)."""
     if not isinstance(architecture, dict) or "backbone" not in architecture:
         raise DataError(f"{path}: 'architecture' must be an object naming the backbone, got {architecture!r}")

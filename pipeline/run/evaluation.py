@@ -34,8 +34,8 @@ from pipeline.io import jsonable
 from pipeline.prepare import PreparedDataset, spec_from_dict
 from pipeline.records import Cohort, EvaluationSummary
 from pipeline.run.cohort import count_test_evaluation, load_cohort, make_datasets
+from pipeline.run.packaging import log_packaged
 from pipeline.run.training import CHECKPOINT_TAG
-from pipeline.score.packaged import log_packaged
 
 if TYPE_CHECKING:
     pass
@@ -64,7 +64,7 @@ def _load_checkpoint(run_id: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     record = parse_record(tags[CHECKPOINT_TAG], source)
     with tempfile.TemporaryDirectory(prefix="medxfer-") as tmp:
         folder = tracking.download_artifacts(run_id, "checkpoint", tmp)
-        model, description = read_package(folder, record, source)
+        model, description = read_package(folder, record, source, f"artifact checkpoint/ of run {run_id}")
     metadata = description.get("metadata")
     missing = [k for k in ("classes", "prepare", "adaptation") if not isinstance(metadata, dict) or k not in metadata]
     if missing:

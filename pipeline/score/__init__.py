@@ -12,7 +12,7 @@ Domain statistics (`DomainStats`, `compare_domain`, `reference_stats`) live in `
 from pipeline.score.archive import score
 from pipeline.score.engines import ENGINES, Engine, EngineOptions
 from pipeline.score.external import external_metrics
-from pipeline.score.packaged import load_packaged, log_packaged
+from pipeline.score.packaged import load_packaged
 
 __all__ = [
     "ENGINES",
@@ -20,6 +20,5 @@ __all__ = [
     "EngineOptions",
     "external_metrics",
     "load_packaged",
-    "log_packaged",
     "score",
 ]

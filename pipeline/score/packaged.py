@@ -1,52 +1,22 @@
-"""Packaged models: load a model logged by `tracking.log_model` into a `records.Packaged`, verified, never unpickled."""
+"""Packaged models: load a model logged by `run.log_packaged` into a `records.Packaged`; verified, never unpickled."""
 
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.adapt.package import CalibratedNet, parse_record, read_package, write_package
+from pipeline.adapt.package import parse_record, read_package
 from pipeline.errors import DataError
-from pipeline.io import jsonable, state_sha256
+from pipeline.io import state_sha256
 from pipeline.prepare import CT_WINDOWS, PRESET_MODALITIES, spec_from_dict
 from pipeline.records import Packaged
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc flavour's code file ("models from code")
-
-
-def log_packaged(
-    model: CalibratedNet, input_example: np.ndarray, metadata: dict[str, Any], register_as: str | None = None
-) -> dict[str, Any]:
-    """Package `model` as data (`adapt.package.write_package`), log it to the active MLflow run and register it.
-
-    The pyfunc flavour is built from the same package (`PYFUNC_CODE`); the sha256 of its files is
-    recorded in the tracking store (`tracking.log_model`), where `load_packaged` checks them.
-
-    Args:
-        model: the network and its fitted calibration. input_example: one prepared input (1, C, ...)
-            float32, for the signature. metadata: JSON values (prepare, classes, operating point, ...).
-        register_as: the registered model name, or None.
-
-    Returns:
-        {"model_uri", "registered_name", "version"}.
-    """
-    model = model.cpu().eval()
-    with torch.no_grad():
-        output = model(torch.as_tensor(input_example)).numpy()
-    metadata = jsonable(metadata)
-    with tempfile.TemporaryDirectory(prefix="medxfer-model-") as tmp:
-        folder = Path(tmp) / tracking.PACKAGE
-        sha256 = write_package(folder, model, metadata)
-        return tracking.log_model(folder, PYFUNC_CODE, input_example, output, metadata, sha256, register_as)
-
 
 def load_packaged(model_uri: str) -> Packaged:
-    """Load a model logged by `tracking.log_model` and check its medxfer metadata.
+    """Load a model logged by `run.packaging.log_packaged` and check its medxfer metadata.
 
     The package's files are checked against the sha256 recorded in the tracking store
     (`tracking.download_model`) before anything is parsed; the network is rebuilt from its JSON
@@ -65,7 +35,7 @@ def load_packaged(model_uri: str) -> Packaged:
     """
     with tempfile.TemporaryDirectory(prefix="medxfer-model-") as tmp:
         folder, record, source = tracking.download_model(model_uri, tmp)
-        model, description = read_package(folder, parse_record(record, source), source)
+        model, description = read_package(folder, parse_record(record, source), source, f"the package of {model_uri}")
     meta = description.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
     missing = [k for k in ("prepare", "classes") if not meta.get(k)]

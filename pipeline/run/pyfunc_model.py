@@ -1,7 +1,7 @@
 """The MLflow pyfunc flavour of a medxfer model, logged as "models from code": nothing of it is pickled.
 
 MLflow runs this file when it logs the model and when `mlflow.pyfunc.load_model` loads it; it is
-not imported by medxfer itself (`medxfer score` reads the package directly, `score.packaged`).
+not imported by medxfer itself (`medxfer score` reads the package directly: `score.packaged`).
 `load_context` rebuilds the network from the model's ``package`` artifact (model.json +
 weights.safetensors, checked against the sha256 in model.json); `predict` takes prepared float32
 tensors (B, C, H, W) or (B, C, D, H, W) and returns calibrated probabilities (B, n_classes).
