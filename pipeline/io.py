@@ -125,9 +125,11 @@ def load_tensors(path: str | Path, what: str, fix: str) -> Any:
     except pickle.UnpicklingError as exc:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", str(exc), re.S)
         why = found.group(1).strip()[:200] if found else type(exc).__name__
-        raise DataError(
-            f"{path}: not a {what}: it holds Python objects other than tensors ({why}); medxfer reads tensors "
-            f"only, so nothing in it was loaded or run. Fix: {fix}"
-        ) from exc
+        if "global" in why.lower():  # it names a class or function to call: what a code payload does
+            raise DataError(
+                f"{path}: not a {what}: it holds Python objects other than tensors ({why}); medxfer reads "
+                f"tensors only, so nothing in it was loaded or run. Fix: {fix}"
+            ) from exc
+        raise DataError(f"{path}: not a readable {what} ({why}); nothing in it was loaded or run. Fix: {fix}") from exc
     except Exception as exc:  # zip/EOF/format errors: the same to the user
         raise DataError(f"{path}: not a readable {what} ({type(exc).__name__}: {str(exc)[:200]}). Fix: {fix}") from exc

@@ -102,11 +102,11 @@ def _one(root: Path, pattern: str) -> Path:
 
 
 def _checkpoint_file(setup: dict, name: str) -> Path:
-    return _one(setup["root"] / "mlartifacts", f"*/{setup['run_id']}/artifacts/checkpoint/{name}")
+    return _one(setup["root"] / "mlartifacts", f"{setup['run_id']}/artifacts/checkpoint/{name}")
 
 
 def _package_file(setup: dict, name: str) -> Path:
-    return _one(setup["root"] / "mlartifacts", f"*/models/*/artifacts/artifacts/package/{name}")
+    return _one(setup["root"] / "mlartifacts", f"models/*/artifacts/artifacts/package/{name}")
 
 
 def _score(setup: dict, tmp_path: Path) -> list[str]:
@@ -208,7 +208,7 @@ def test_score_refuses_a_tampered_registered_model(setup, tmp_path, capsys, name
 
 def test_score_never_runs_the_models_code_file(setup, tmp_path, capsys):
     """The pyfunc flavour's code file is for `mlflow.pyfunc.load_model`; `medxfer score` reads the package only."""
-    code = _one(setup["root"] / "mlartifacts", "*/models/*/artifacts/pyfunc_model.py")
+    code = _one(setup["root"] / "mlartifacts", "models/*/artifacts/pyfunc_model.py")
     original = code.read_text()
     code.write_text(f"open({str(setup['marker'])!r}, 'w').write('payload ran')\n")
     try:
@@ -225,7 +225,9 @@ def test_score_refuses_a_pickled_model_without_a_package(setup, tmp_path, capsys
     with tracking.start_run("hostile"):
         info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", serialization_format="pickle")
     mlflow.register_model(info.model_uri, "legacy")
-    for pth in (setup["root"] / "mlartifacts").glob(f"*/models/{info.model_id}/artifacts/data/*.pth"):
+    pickles = list((setup["root"] / "mlartifacts").glob(f"models/{info.model_id}/artifacts/data/*.pth"))
+    assert pickles  # the pickled nn.Module that mlflow.pytorch.load_model would unpickle
+    for pth in pickles:
         pth.write_bytes(_payload_bytes(setup["marker"], torch_format=True))
     argv = _score(setup, tmp_path)
     argv[argv.index("models:/hostile/1")] = "models:/legacy/1"
