@@ -223,7 +223,7 @@ def _package_folder(folder: Path, model_uri: str) -> Path:
     if not (folder / "model.json").is_file():
         raise DataError(
             f"model {model_uri} holds no medxfer package ({folder.name}/model.json): it is not a model packaged "
-            "by `medxfer evaluate`, or one packaged by medxfer before 0.2 as a pickle, which medxfer no longer "
+            "by `medxfer evaluate`, or one an earlier medxfer packaged as a pickle, which medxfer no longer "
             "loads (unpickling runs code). Fix: evaluate the training run again to package it as data"
         )
     return folder

@@ -170,7 +170,7 @@ def test_evaluate_catches_a_consistent_swap_of_description_and_weights(setup, ca
 
 
 def test_evaluate_never_unpickles_an_old_style_checkpoint_pt(setup, capsys):
-    """A run that holds only checkpoint/checkpoint.pt (medxfer before 0.2, or forged) is refused unread."""
+    """A run that holds only checkpoint/checkpoint.pt (an earlier medxfer, or forged) is refused unread."""
     pt = setup["root"] / "checkpoint.pt"
     pt.write_bytes(_payload_bytes(setup["marker"], torch_format=True))
     with tracking.start_run("hostile") as run_id:
@@ -220,7 +220,7 @@ def test_score_never_runs_the_models_code_file(setup, tmp_path, capsys):
 
 
 def test_score_refuses_a_pickled_model_without_a_package(setup, tmp_path, capsys):
-    """A model logged the pre-0.2 way (mlflow.pytorch, pickle) whose pickle is a payload: refused unread."""
+    """A model logged the earlier way (mlflow.pytorch, pickle) whose pickle is a payload: refused unread."""
     tracking.connect(setup["uri"])
     with tracking.start_run("hostile"):
         info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", serialization_format="pickle")

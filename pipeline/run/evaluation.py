@@ -50,15 +50,15 @@ def _load_checkpoint(run_id: str) -> tuple[torch.nn.Module, dict[str, Any]]:
         (the network, the checkpoint's metadata: classes, prepare, adaptation, config).
 
     Raises:
-        DataError: the run has no record of its checkpoint (trained by medxfer before 0.2, whose
+        DataError: the run has no record of its checkpoint (trained by an earlier medxfer, whose
             pickled checkpoint.pt is not loaded), or a file differs from the record.
     """
     tags = tracking.get_run(run_id)["tags"]
     source = f"tag {CHECKPOINT_TAG} of run {run_id}"
     if CHECKPOINT_TAG not in tags:
         raise DataError(
-            f"run {run_id} has no {CHECKPOINT_TAG} tag: it did not finish training, or it was trained by medxfer "
-            "before 0.2, whose checkpoint.pt is a pickle that medxfer no longer loads (unpickling runs code). "
+            f"run {run_id} has no {CHECKPOINT_TAG} tag: it did not finish training, or an earlier medxfer trained "
+            "it, whose checkpoint.pt is a pickle that medxfer no longer loads (unpickling runs code). "
             "Fix: train the config again (medxfer train CONFIG) and evaluate the new run"
         )
     record = parse_record(tags[CHECKPOINT_TAG], source)
