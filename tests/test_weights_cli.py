@@ -110,7 +110,7 @@ def test_loading_a_logged_checkpoint_leaves_no_temporary_files(manifest, tmp_pat
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    model, ckpt = _load_checkpoint(cfg, run_id)
+    model, ckpt = _load_checkpoint(run_id)
     assert ckpt["classes"] and sum(p.numel() for p in model.parameters()) > 0
     assert list(scratch.iterdir()) == []
 
