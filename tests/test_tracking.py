@@ -107,6 +107,10 @@ def test_run_metrics_model_and_registry(store, tmp_path, request):
     pyfunc = mlflow.pyfunc.load_model(uri)  # models from code: the package, no pickle
     out = np.asarray(pyfunc.predict(x.numpy()))
     assert np.allclose(out, probs.detach().numpy(), atol=1e-6)
+    # the same record through the logged model's own URIs (models:/m-ID, runs:/RUN/model)
+    for other in (info["model_uri"], f"runs:/{run_id}/model"):
+        _, again, where = tracking.download_model(other, tmp_path / other.replace(":", "").replace("/", "_"))
+        assert again == record and "tag medxfer_sha256 of logged model m-" in where
 
 
 def test_unreachable_server_fails_fast():
