@@ -311,8 +311,19 @@ def get_run(run_id: str) -> dict[str, Any]:
 
 def download_artifacts(run_id: str, path: str, dst: str | Path) -> Path:
     """Download one artifact file or folder of a run into the folder `dst` (the caller owns and
-    removes it: a default temporary folder left a 14 MB checkpoint behind per evaluation)."""
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    removes it: a default temporary folder left a 14 MB checkpoint behind per evaluation).
+
+    Raises:
+        TrackingError: the run or the artifact is not in the store.
+    """
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    except Exception as exc:  # MlflowException, OSError: name the run and the artifact
+        raise TrackingError(
+            f"cannot download artifact {path} of run {run_id} from {mlflow.get_tracking_uri()}: {exc}. Fix: check "
+            "the run id and --tracking-uri; an artifact removed from the store has to be re-created by re-running "
+            "the command that logged it"
+        ) from exc
 
 
 def git_commit() -> str:

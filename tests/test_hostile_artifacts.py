@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -282,6 +281,12 @@ def test_a_corrupt_cache_entry_is_named_too(setup, capsys):
     assert f"{entry}: not a readable prepared-tensor cache entry" in capsys.readouterr().err
 
 
-def test_nothing_was_left_behind(setup):
-    assert not setup["marker"].exists()
-    shutil.rmtree(setup["root"] / "cohort", ignore_errors=True)
+def test_evaluate_names_a_checkpoint_removed_from_the_store(setup, capsys):
+    folder = _checkpoint_file(setup, "model.json").parent
+    moved = folder.with_name("checkpoint-moved")
+    folder.rename(moved)
+    try:
+        assert main(["evaluate", str(setup["config"]), "--run", setup["run_id"]]) == 1
+    finally:
+        moved.rename(folder)
+    assert f"cannot download artifact checkpoint of run {setup['run_id']}" in capsys.readouterr().err
