@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,7 +129,8 @@ def test_the_payload_is_live(tmp_path):
     pickle.loads(_payload_bytes(marker, torch_format=False))
     assert marker.read_text() == "payload ran"
     marker.unlink()
-    torch.load(_write(tmp_path / "p.pt", _payload_bytes(marker, torch_format=True)), weights_only=False)
+    with zipfile.ZipFile(_write(tmp_path / "p.pt", _payload_bytes(marker, torch_format=True))) as zf:
+        pickle.loads(zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl"))))  # what torch.load unpickles
     assert marker.exists()
 
 
