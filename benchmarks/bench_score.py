@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import tracking  # noqa: E402
-from pipeline.adapt import build_model  # noqa: E402
+from pipeline.adapt import CalibratedNet, build_model  # noqa: E402
 from pipeline.ingest import load_manifest  # noqa: E402
 from pipeline.prepare import build_transform, make_spec, prepare_image  # noqa: E402
+from pipeline.run import log_packaged  # noqa: E402
 from pipeline.score import score  # noqa: E402
 from pipeline.synthetic import make_cohort  # noqa: E402
 
@@ -48,9 +49,9 @@ def _model(root: Path, size: int) -> tuple[str, str, torch.nn.Module, object]:
         "temperature": 1.0,
         "operating_point": {"rule": "youden", "threshold": 0.5},
     }
-    packaged = tracking.CalibratedNet(net, 1.0)
+    packaged = CalibratedNet(net, 1.0)
     with tracking.start_run("bench-score"):
-        info = tracking.log_model(packaged, np.zeros((1, 1, size, size), np.float32), meta, "bench")
+        info = log_packaged(packaged, np.zeros((1, 1, size, size), np.float32), meta, "bench")
     return uri, f"models:/bench/{info['version']}", packaged.eval(), spec
 
 

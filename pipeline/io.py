@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import BusyError, MedxferError
+from pipeline.errors import BusyError, DataError, MedxferError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -217,3 +217,39 @@ def state_sha256(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def load_tensors(path: str | Path, what: str, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain values only, never code.
+
+    Every torch file medxfer reads goes through here. A file that holds other Python objects (a
+    pickle whose loading would run code) or is not a torch file at all is refused unread.
+
+    Args:
+        path: the file. what: what it should be, for the message ("training checkpoint").
+        fix: the message's "Fix: ..." sentence.
+
+    Raises:
+        DataError: naming the file, what it should be and the fix.
+    """
+    import pickle
+    import re
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", str(exc), re.S)
+        why = found.group(1).strip()[:200] if found else type(exc).__name__
+        if "global" in why.lower():  # it names a class or function to call: what a code payload does
+            raise DataError(
+                f"{path}: not a {what}: it holds Python objects other than tensors ({why}); medxfer reads "
+                f"tensors only, so nothing in it was loaded or run. Fix: {fix}"
+            ) from exc
+        raise DataError(f"{path}: not a readable {what} ({why}); nothing in it was loaded or run. Fix: {fix}") from exc
+    except Exception as exc:  # zip/EOF/format errors: the same to the user
+        raise DataError(f"{path}: not a readable {what} ({type(exc).__name__}: {str(exc)[:200]}). Fix: {fix}") from exc

@@ -50,7 +50,7 @@ from monai.transforms import (
 from torch.utils.data import Dataset
 
 from pipeline.errors import ConfigError, DataError, did_you_mean
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, load_tensors
 from pipeline.records import PrepareSpec
 
 # HU windows (a_min, a_max) = (level - width/2, level + width/2).
@@ -387,7 +387,10 @@ def load_or_prepare(
     if cache_dir:
         cached = cache_path(cache_dir, spec, sha)
         if cached.exists():
-            return torch.load(cached, weights_only=True), True
+            tensor = load_tensors(cached, "prepared-tensor cache entry", f"delete {cached} (a cache: it is recomputed)")
+            if not isinstance(tensor, torch.Tensor):
+                raise DataError(f"{cached}: holds a {type(tensor).__name__}, not a prepared tensor. Fix: delete it")
+            return tensor, True
     tensor = prepare_image(path, spec, transform)
     if cache_dir:
         _atomic_save(tensor, cache_path(cache_dir, spec, sha))

@@ -266,11 +266,12 @@ class Packaged:
     Built by `pipeline.score.load_packaged`; travels from loading to the engines and the output table.
 
     Attributes:
-        model: the packaged network (`tracking.CalibratedNet`), in eval mode. Input: prepared float32
+        model: the packaged network (`adapt.CalibratedNet`), in eval mode. Input: prepared float32
             tensors (B, C, H, W) for 2D/2.5D or (B, C, D, H, W) for 3D; output: calibrated
             probabilities (B, n_classes) float32, columns in the order of `classes`.
         meta: the model's medxfer metadata (keys prepare, classes, temperature, operating_point,
-            modalities, reference_stats, ...), as logged by `tracking.log_model`.
+            modalities, reference_stats, ...): the ``metadata`` of its verified ``model.json``
+            (`adapt.package`), as logged by `run.log_packaged`.
         uri: the URI it was loaded from (``models:/NAME/VERSION``, ``runs:/ID/model`` or an absolute path).
         spec: the `PrepareSpec` the model was trained with (from ``meta["prepare"]``).
         classes: class labels as strings, in output-column order.

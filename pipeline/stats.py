@@ -1,7 +1,7 @@
 """Checks of predictions and labels, softmax and fitted calibrations, AUROC: what stages share.
 
 `apply_calibration` is the one place a fitted calibration turns logits into probabilities: the
-evaluation's calibrators and the packaged model (`tracking.CalibratedNet`) both call it.
+evaluation's calibrators and the packaged model (`adapt.CalibratedNet`) both call it.
 
 Conventions: `probs` is (N, C) float (a 1-D array is read as P(class 1) of a binary task); `y`
 holds integer class indices (N,). An AUROC with one class present is None, never 0.5 or 0.

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +18,10 @@ from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
-import torch
+from mlflow.pyfunc import PythonModel as PythonModel  # the base of the pyfunc flavour's model class
 from mlflow.tracking import MlflowClient
-from torch import nn
 
-from pipeline.errors import TrackingError
-from pipeline.stats import apply_calibration
+from pipeline.errors import DataError, TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PROBE_TIMEOUT_S = 5.0
@@ -34,35 +33,6 @@ SERVER_BUDGET = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 log = logging.getLogger("medxfer")
-
-
-class CalibratedNet(nn.Module):
-    """The packaged model: a network plus the calibration evaluation fitted; outputs calibrated probabilities.
-
-    `forward(x)` takes prepared tensors (B, C, H, W) or (B, C, D, H, W) and returns probabilities
-    (B, num_classes) float32: `pipeline.stats.apply_calibration(calibration, net(x))`, the same
-    function evaluation used, so the registered model reproduces the evaluated probabilities.
-    `net` is the uncalibrated network; `calibration` the fitted calibrator's `params()` (a plain
-    dict; a number is read as a temperature).
-    """
-
-    def __init__(self, net: nn.Module, calibration: dict[str, Any] | float = 1.0):
-        super().__init__()
-        self.net = net
-        if not isinstance(calibration, dict):
-            calibration = {"method": "temperature", "temperature": float(calibration)}
-        self.calibration = calibration
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.net(x).float()
-        probs = apply_calibration(self.calibration, logits.detach().cpu().numpy())
-        return torch.as_tensor(probs, dtype=torch.float32, device=logits.device)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "calibration" not in self.__dict__:  # packaged by medxfer ≤ 0.1 (a temperature buffer only)
-            t = self._buffers.pop("temperature", None)
-            self.calibration = {"method": "temperature", "temperature": float(t) if t is not None else 1.0}
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -202,6 +172,11 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
+    """Log every file of `folder` under `artifact_path`."""
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
 def log_json(obj: Any, artifact_file: str) -> None:
     mlflow.log_dict(obj, artifact_file)
 
@@ -210,52 +185,156 @@ def log_figure(fig: Any, artifact_file: str) -> None:
     mlflow.log_figure(fig, artifact_file)
 
 
-def log_model(
-    model: CalibratedNet, input_example: np.ndarray, metadata: dict[str, Any], register_as: str | None = None
-) -> dict[str, Any]:
-    """Log the packaged model (mlflow.pytorch, signature from the example) and register it.
+SHA256_TAG = "medxfer_sha256"  # on a logged model and its registered versions: the package files' sha256
+PACKAGE = "package"  # the pyfunc artifact holding the medxfer package (model.json + weights.safetensors)
 
-    Returns {"model_uri", "registered_name", "version"}.
+
+def log_model(
+    package: str | Path,
+    code: str | Path,
+    input_example: np.ndarray,
+    output_example: np.ndarray,
+    metadata: dict[str, Any],
+    sha256: dict[str, str],
+    register_as: str | None = None,
+) -> dict[str, Any]:
+    """Log a medxfer model package as an MLflow pyfunc model ("models from code": nothing pickled) and register it.
+
+    The pyfunc's only artifact is the package folder (`pipeline.adapt.package`); `code` is the
+    model's code file (`pipeline.run.packaging.PYFUNC_CODE`), which rebuilds the network from that
+    package when `mlflow.pyfunc.load_model` runs it. `sha256` (what `write_package` returned) is
+    recorded as the tag `SHA256_TAG` of the logged model and of the registered version, in the
+    tracking store, where `download_model` reads it back.
+
+    Returns:
+        {"model_uri", "registered_name", "version"}.
     """
-    model = model.cpu().eval()
-    with torch.no_grad():
-        output = model(torch.as_tensor(input_example)).numpy()
-    signature = mlflow.models.infer_signature(input_example, output)
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # pickle is deliberate (see below)
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=input_example,
-        metadata={"medxfer": metadata},
-        pip_requirements=_requirements(),
-        serialization_format="pickle",
-    )  # pt2 export would fix the batch size
+    signature = mlflow.models.infer_signature(input_example, output_example)
+    record = json.dumps(sha256, sort_keys=True)
+    with warnings.catch_warnings():  # the signature comes from the example, not from type hints
+        warnings.filterwarnings("ignore", message=r".*[Tt]ype hint", category=UserWarning)
+        info = _log_pyfunc(package, code, input_example, signature, metadata, record)
     out: dict[str, Any] = {"model_uri": info.model_uri, "registered_name": None, "version": None}
     if register_as:
-        version = mlflow.register_model(info.model_uri, register_as)
+        version = mlflow.register_model(info.model_uri, register_as, tags={SHA256_TAG: record})
         out.update(registered_name=register_as, version=version.version)
     return out
+
+
+def _log_pyfunc(
+    package: str | Path, code: str | Path, example: np.ndarray, signature: Any, metadata: dict[str, Any], record: str
+) -> Any:
+    """`mlflow.pyfunc.log_model` from code: the code file, the package as its artifact, the record as a tag."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(code),
+        artifacts={PACKAGE: str(package)},
+        signature=signature,
+        input_example=example,
+        metadata={"medxfer": metadata},
+        pip_requirements=_requirements(),
+        tags={SHA256_TAG: record},
+    )
+
+
+def set_pyfunc_model(model: PythonModel) -> None:
+    """Declare the model of an MLflow "models from code" file (`mlflow.models.set_model`)."""
+    mlflow.models.set_model(model)
 
 
 def _requirements() -> list[str]:
     """Pinned requirements for the logged model (avoids MLflow's slow dependency inference)."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "timm", "mlflow", "numpy")]
+    return [f"{name}=={version(name)}" for name in ("torch", "timm", "mlflow", "numpy", "safetensors")]
 
 
-def load_model(model_uri: str) -> tuple[CalibratedNet, dict[str, Any]]:
-    """Load a packaged model and its medxfer metadata (prepare spec, classes, operating point)."""
+def download_model(model_uri: str, dst: str | Path) -> tuple[Path, str | None, str]:
+    """Download the medxfer package of a logged model, and read its sha256 record from the tracking store.
+
+    Nothing downloaded is loaded or run here. The record comes from the tracking store, never from
+    the artifacts: the registered version's tag `SHA256_TAG` (``models:/NAME/VERSION``, ``latest``,
+    ``@alias``), else its logged model's; the logged model's (``models:/m-ID``, ``runs:/ID/model``).
+
+    Args:
+        model_uri: ``models:/NAME/VERSION|latest``, ``models:/NAME@alias``, ``models:/m-ID``,
+            ``runs:/RUN_ID/model`` or a local folder (an MLflow model folder or a package folder).
+        dst: an empty folder the caller owns (and removes).
+
+    Returns:
+        (the package folder, the record: a JSON object of sha256 per file, or None for a local
+        folder, which has no record; where the record came from, for messages).
+
+    Raises:
+        TrackingError: the URI cannot be resolved or downloaded.
+        DataError: the model holds no medxfer package, or the store holds no record of it.
+    """
+    if "://" not in model_uri and ":/" not in model_uri:  # a local folder
+        root = Path(model_uri)
+        folder = root if (root / "model.json").is_file() else root / "artifacts" / PACKAGE
+        return _package_folder(folder, model_uri), None, f"no record (local folder {model_uri})"
     try:
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-        info = mlflow.models.get_model_info(model_uri)
+        record, source, uri = _record(model_uri)
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except (TrackingError, DataError):
+        raise
     except Exception as exc:  # MlflowException, OSError: name the URI and the fix
         raise TrackingError(
             f"cannot load model {model_uri}: {exc}. Use models:/NAME/VERSION, "
             "models:/NAME/latest, runs:/RUN_ID/model or a local model folder"
         ) from exc
-    return model, (info.metadata or {}).get("medxfer", {})
+    if record is None:
+        raise DataError(
+            f"model {model_uri} has no {SHA256_TAG} record in the tracking store ({source}), so its files "
+            "cannot be verified and are not loaded. Fix: score a model packaged by `medxfer evaluate`, "
+            "or evaluate the run again to package and register it"
+        )
+    return _package_folder(root / "artifacts" / PACKAGE, model_uri), record, source
+
+
+def _package_folder(folder: Path, model_uri: str) -> Path:
+    if not (folder / "model.json").is_file():
+        raise DataError(
+            f"model {model_uri} holds no medxfer package ({folder.name}/model.json): it is not a model packaged "
+            "by `medxfer evaluate`, or one an earlier medxfer packaged as a pickle, which medxfer no longer "
+            "loads (unpickling runs code). Fix: evaluate the training run again to package it as data"
+        )
+    return folder
+
+
+def _record(model_uri: str) -> tuple[str | None, str, str]:
+    """(the sha256 record, where it came from, the URI to download) of a model URI."""
+    client = MlflowClient()
+    if model_uri.startswith("runs:/"):
+        run_id = model_uri[len("runs:/") :].split("/")[0]
+        info = mlflow.models.get_model_info(model_uri)  # the MLmodel file names its logged model ...
+        logged = client.get_logged_model(info.model_id) if info.model_id else None
+        if logged is None or logged.source_run_id != run_id:  # ... which must be this run's
+            return None, f"run {run_id}", model_uri
+        return logged.tags.get(SHA256_TAG), f"tag {SHA256_TAG} of logged model {logged.model_id}", model_uri
+    if not model_uri.startswith("models:/"):
+        return None, f"no logged model (URI {model_uri})", model_uri
+    rest = model_uri[len("models:/") :].rstrip("/")
+    if rest.startswith("m-") and "/" not in rest:
+        logged = client.get_logged_model(rest)
+        return logged.tags.get(SHA256_TAG), f"tag {SHA256_TAG} of logged model {rest}", model_uri
+    name, _, version = rest.partition("/")
+    if "@" in name:
+        name, _, alias = name.partition("@")
+        mv = client.get_model_version_by_alias(name, alias)
+    elif version in ("", "latest"):
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise TrackingError(f"registered model {name!r} has no versions in {mlflow.get_tracking_uri()}")
+        mv = max(versions, key=lambda v: int(v.version))
+    else:
+        mv = client.get_model_version(name, version)
+    source = f"tag {SHA256_TAG} of registered model {name} version {mv.version}"
+    record = mv.tags.get(SHA256_TAG)
+    if record is None and mv.model_id:  # registered by hand: the logged model's record
+        record = client.get_logged_model(mv.model_id).tags.get(SHA256_TAG)
+        source = f"tag {SHA256_TAG} of logged model {mv.model_id}"
+    return record, source, f"models:/{name}/{mv.version}"
 
 
 def check_registered(model_uri: str) -> None:
@@ -305,8 +384,19 @@ def get_run(run_id: str) -> dict[str, Any]:
 
 def download_artifacts(run_id: str, path: str, dst: str | Path) -> Path:
     """Download one artifact file or folder of a run into the folder `dst` (the caller owns and
-    removes it: a default temporary folder left a 14 MB checkpoint behind per evaluation)."""
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    removes it: a default temporary folder left a 14 MB checkpoint behind per evaluation).
+
+    Raises:
+        TrackingError: the run or the artifact is not in the store.
+    """
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    except Exception as exc:  # MlflowException, OSError: name the run and the artifact
+        raise TrackingError(
+            f"cannot download artifact {path} of run {run_id} from {mlflow.get_tracking_uri()}: {exc}. Fix: check "
+            "the run id and --tracking-uri; an artifact removed from the store has to be re-created by re-running "
+            "the command that logged it"
+        ) from exc
 
 
 def git_commit() -> str:

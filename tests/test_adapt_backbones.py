@@ -223,10 +223,10 @@ def test_file_of_another_backbone_is_rejected(resnet18_file) -> None:
 
 def test_file_that_is_not_a_state_dict(tmp_path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match=r"cannot read .*junk.pth' as a PyTorch state dict"):
+    with pytest.raises(DataError, match=r"junk.pth: not a readable PyTorch state dict"):
         build_model("resnet18", str(tmp_path / "junk.pth"))
     torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ConfigError, match="holds a list, not a state dict"):
+    with pytest.raises(DataError, match="holds a list, not a state dict"):
         load_state_dict_file(tmp_path / "list.pth")
 
 

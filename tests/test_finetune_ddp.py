@@ -99,7 +99,7 @@ def test_two_process_gloo_training_matches_one_process(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["world"] == 2 and (tmp_path / "state.pt").exists()
 
     sys.path.insert(0, str(tmp_path))

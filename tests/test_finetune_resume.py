@@ -11,6 +11,7 @@ import yaml
 from conftest import fixed_key
 from dicom_factory import write_nifti
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -229,8 +230,8 @@ def _epoch_history(run_id):
 
 def _state_dict(run_id):
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp)
-        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        folder = tracking.download_artifacts(run_id, "checkpoint", tmp)
+        return load_file(folder / "weights.safetensors")
 
 
 @pytest.mark.slow  # trains a small EfficientNet-Lite0 four times (~30-60 s on 2 shared cores)

@@ -16,6 +16,7 @@ from pipeline.evaluate import CALIBRATORS
 from pipeline.prepare import spec_from_dict
 from pipeline.run import evaluate, load_cohort, train
 from pipeline.run.cohort import make_datasets
+from pipeline.score import load_packaged
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,10 @@ def test_registered_model_reproduces_the_evaluated_predictions(trained, demo_run
     evaluate(cfg, run_id, progress=False)
     logged = pd.read_parquet(tracking.download_artifacts(run_id, "predictions/test.parquet", tmp_path))
     model_uri = f"models:/cal-{method}/1"
-    _, meta = tracking.load_model(model_uri)
+    pkg = load_packaged(model_uri)  # verified against the registry's sha256 record, rebuilt from model.json
+    meta = pkg.meta
     assert meta["calibration"]["method"] == method
+    assert pkg.model.calibration == meta["calibration"]  # the fitted calibrator, as data (isotonic: breakpoints)
     threshold = meta["operating_point"]["threshold"]
     expected_decision = np.where(logged["prob"].to_numpy() >= threshold, "1", "0")
 

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline import tracking
 from pipeline.ingest import load_manifest
+from pipeline.score import load_packaged
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def test_logged_test_auroc_equals_sklearn_on_logged_predictions(demo_run, run, t
 
 def test_registered_model_loads_with_pyfunc_and_matches_predictions(demo_run):
     tracking.connect(demo_run["uri"])
-    _, meta = tracking.load_model("models:/cxr-demo/latest")
+    meta = load_packaged("models:/cxr-demo/latest").meta
     assert meta["classes"] == ["0", "1"] and meta["prepare"]["dims"] == "2d"
     assert meta["temperature"] > 0 and meta["operating_point"]["rule"] == "youden"
     pyfunc = mlflow.pyfunc.load_model("models:/cxr-demo/latest")

@@ -21,13 +21,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from pipeline import tracking
-from pipeline.adapt import build_model
+from pipeline.adapt import CalibratedNet, build_model, write_package
 from pipeline.cli import main
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import DomainStats, compare_domain, reference_stats
 from pipeline.ingest import load_manifest
 from pipeline.prepare import make_spec, prepare_image, spec_from_dict
 from pipeline.records import PrepareSpec
+from pipeline.run import log_packaged
 from pipeline.score import ENGINES, load_packaged, score
 from pipeline.score.adabn import adapt_batchnorm
 from pipeline.score.engines import get_engine
@@ -75,7 +76,7 @@ def _log(net: nn.Module, classes: list[str], name: str, threshold: float | None 
         **extra,
     }
     with tracking.start_run("score-tests"):
-        info = tracking.log_model(tracking.CalibratedNet(net, 1.5), np.zeros((1, 1, 64, 64), np.float32), meta, name)
+        info = log_packaged(CalibratedNet(net, 1.5), np.zeros((1, 1, 64, 64), np.float32), meta, name)
     return f"models:/{name}/{info['version']}"
 
 
@@ -185,7 +186,8 @@ def test_units_of_a_modality_the_model_was_not_trained_on_are_refused(scored):
 
 
 def test_probabilities_equal_the_packaged_model_on_prepared_images(scored, models):
-    model, meta = tracking.load_model(models["binary"])
+    pkg = load_packaged(models["binary"])
+    model, meta = pkg.model, pkg.meta
     manifest = Path(f"{scored['out']}.work") / "manifest"
     frame = load_manifest(manifest).set_index("image_id")
     ok = scored["table"][scored["table"]["status"] == "ok"].head(3)
@@ -238,8 +240,8 @@ def test_2d_model_with_slice_reduction_scores_ct_volumes_and_refuses_xrays(model
     net, _ = build_model("tf_efficientnet_lite0", "none", num_classes=2, in_channels=1, dims="2d")
     spec = make_spec("2d", "ct-lung", [32, 32], {"mean": (0.5,), "std": (0.5,)}, reduce="mip")
     with tracking.start_run("score-tests"):
-        info = tracking.log_model(
-            tracking.CalibratedNet(net),
+        info = log_packaged(
+            CalibratedNet(net),
             np.zeros((1, 1, 32, 32), np.float32),
             {"prepare": spec.as_dict(), "classes": ["0", "1"]},
             "mip",
@@ -387,10 +389,11 @@ def test_training_does_not_import_scoring_and_scoring_does_not_import_ray():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_a_model_without_medxfer_metadata_is_refused(monkeypatch):
-    monkeypatch.setattr(tracking, "load_model", lambda uri: (nn.Linear(2, 2), {"note": "plain mlflow model"}))
-    with pytest.raises(DataError, match=r"models:/plain/1 carries no medxfer metadata \['prepare', 'classes'\]"):
-        load_packaged("models:/plain/1")
+def test_a_model_without_medxfer_metadata_is_refused(tmp_path):
+    net, _ = build_model("tf_efficientnet_lite0", "none", num_classes=2, in_channels=1, dims="2d")
+    write_package(tmp_path / "plain", CalibratedNet(net), {"note": "no prepare spec, no classes"})
+    with pytest.raises(DataError, match=r"plain carries no medxfer metadata \['prepare', 'classes'\]"):
+        load_packaged(str(tmp_path / "plain"))
 
 
 def test_adapt_batchnorm_known_answer():
@@ -441,7 +444,7 @@ def test_reference_stats_of_a_dataset_have_the_metadata_schema():
     torch.manual_seed(0)
     net, _ = build_model("tf_efficientnet_lite0", "none", num_classes=2, in_channels=1, dims="2d")
     x = torch.randn(6, 1, 32, 32)
-    ref = reference_stats(tracking.CalibratedNet(net), torch.utils.data.TensorDataset(x), batch_size=4)
+    ref = reference_stats(CalibratedNet(net), torch.utils.data.TensorDataset(x), batch_size=4)
     assert ref["n"] == 6
     assert len(ref["embedding_mean"]) == net.num_features == 1280
     assert ref["intensity_mean"][0] == pytest.approx(float(x.flatten(1).mean(1).mean()), abs=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -10,10 +12,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import free_port, start_mlflow_server, stop_mlflow_server
-from torch import nn
 
 from pipeline import tracking
+from pipeline.adapt import CalibratedNet, build_model, parse_record, read_package
 from pipeline.errors import TrackingError
+from pipeline.run import log_packaged
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +32,6 @@ def mlflow_server(tmp_path_factory):
     stop_mlflow_server(proc)
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
 def _log_everything(uri: str) -> tuple[str, dict]:
     tracking.connect(uri)
     with tracking.start_run("tracking-test", tags={"config_hash": "abc"}) as run_id:
@@ -42,9 +39,10 @@ def _log_everything(uri: str) -> tuple[str, dict]:
         for step in range(3):
             tracking.log_metrics({"val_auroc": 0.5 + 0.1 * step}, step=step)
         tracking.log_metrics({"test_auroc": 0.9, "test_auroc__sex.F": 0.8, "nan_is_skipped": float("nan")})
-        model = tracking.CalibratedNet(Tiny(), 2.0)
-        info = tracking.log_model(
-            model, np.zeros((1, 1, 4, 4), np.float32), {"classes": ["0", "1"]}, register_as="tracking-test-model"
+        torch.manual_seed(0)
+        net, _ = build_model("tf_efficientnet_lite0", "none", num_classes=2, in_channels=1, dims="2d")
+        info = log_packaged(
+            CalibratedNet(net, 2.0), np.zeros((1, 1, 32, 32), np.float32), {"classes": ["0", "1"]}, "tracking-test"
         )
     return run_id, info
 
@@ -57,15 +55,23 @@ def test_run_metrics_model_and_registry(store, tmp_path, request):
     assert run["history"]["val_auroc"] == pytest.approx([0.5, 0.6, 0.7])
     assert run["metrics"]["test_auroc__sex.F"] == 0.8 and "nan_is_skipped" not in run["metrics"]
     assert len(run["params"]["long"]) == 500 and run["tags"]["config_hash"] == "abc"
-    assert info["registered_name"] == "tracking-test-model" and info["version"] is not None
-    model, meta = tracking.load_model(f"models:/tracking-test-model/{info['version']}")
-    x = torch.randn(3, 1, 4, 4)
+    assert info["registered_name"] == "tracking-test" and info["version"] is not None
+    uri = f"models:/tracking-test/{info['version']}"
+    folder, record, source = tracking.download_model(uri, tmp_path / "download")
+    assert "registered model tracking-test version 1" in source
+    assert json.loads(record or "") == {f.name: _sha256(f) for f in folder.iterdir()}  # the tag, from the store
+    model, description = read_package(folder, parse_record(record, source), source)
+    x = torch.randn(3, 1, 32, 32)
     probs = model(x)
-    assert meta["classes"] == ["0", "1"]
+    assert description["metadata"]["classes"] == ["0", "1"]
     assert torch.allclose(probs, torch.softmax(model.net(x) / 2.0, dim=1))
-    pyfunc = mlflow.pyfunc.load_model(f"models:/tracking-test-model/{info['version']}")
+    pyfunc = mlflow.pyfunc.load_model(uri)  # models from code: the package, no pickle
     out = np.asarray(pyfunc.predict(x.numpy()))
     assert np.allclose(out, probs.detach().numpy(), atol=1e-6)
+    # the same record through the logged model's own URIs (models:/m-ID, runs:/RUN/model)
+    for other in (info["model_uri"], f"runs:/{run_id}/model"):
+        _, again, where = tracking.download_model(other, tmp_path / other.replace(":", "").replace("/", "_"))
+        assert again == record and "tag medxfer_sha256 of logged model m-" in where
 
 
 def test_unreachable_server_fails_fast():
@@ -84,17 +90,4 @@ def test_missing_sqlite_folder_is_named(tmp_path: Path):
 def test_load_model_bad_uri_names_it(tmp_path):
     tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(TrackingError, match="models:/absent/1"):
-        tracking.load_model("models:/absent/1")
-
-
-def test_model_packaged_with_only_a_temperature_still_loads():
-    """Models registered before the calibrator was packaged hold a `temperature` buffer only."""
-    import pickle
-
-    old = tracking.CalibratedNet(Tiny())
-    del old.__dict__["calibration"]
-    old.register_buffer("temperature", torch.tensor(2.0))
-    loaded = pickle.loads(pickle.dumps(old))
-    x = torch.randn(3, 1, 4, 4)
-    assert loaded.calibration == {"method": "temperature", "temperature": 2.0}
-    assert torch.allclose(loaded(x), torch.softmax(loaded.net(x) / 2.0, dim=1))
+        tracking.download_model("models:/absent/1", tmp_path / "download")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import torchvision
 import yaml
 from conftest import fixed_key
+from safetensors.torch import load_file
 
 from pipeline import tracking
 from pipeline.cli import main
@@ -88,10 +90,9 @@ def test_explicit_weights_file_is_loaded_and_its_sha256_recorded(manifest, resne
     assert run["tags"]["weights_sha256"] == sha
     assert run["params"]["model.weights"] == str(path)
     # the logged checkpoint holds the file's tensors: a frozen backbone keeps them exactly
-    ckpt = torch.load(
-        tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp_path / "dl"), weights_only=False
-    )
-    body = ckpt["state_dict"]
+    folder = tracking.download_artifacts(run_id, "checkpoint", tmp_path / "dl")  # a package: JSON + safetensors
+    body = load_file(folder / "weights.safetensors")
+    ckpt = json.loads((folder / "model.json").read_text())["metadata"]
     assert torch.equal(body["features.layer3.1.conv2.weight"], state["layer3.1.conv2.weight"])
     assert torch.equal(body["features.bn1.running_var"], state["bn1.running_var"])
     # the RGB stem is folded to one channel by summing its kernels
@@ -109,7 +110,7 @@ def test_loading_a_logged_checkpoint_leaves_no_temporary_files(manifest, tmp_pat
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    model, ckpt = _load_checkpoint(cfg, run_id)
+    model, ckpt = _load_checkpoint(run_id)
     assert ckpt["classes"] and sum(p.numel() for p in model.parameters()) > 0
     assert list(scratch.iterdir()) == []
 

@@ -3,6 +3,7 @@
 from pipeline.adapt.backbones import POOLS, Features, MedNet, build_model, layer_groups
 from pipeline.adapt.channels import adapt_first_conv, fold_rgb_weight
 from pipeline.adapt.inflate import INFLATIONS, inflate_conv_weight, inflate_to_3d
+from pipeline.adapt.package import CalibratedNet, parse_record, read_package, write_package
 from pipeline.adapt.registry import (
     BACKBONES,
     DIMS,
@@ -23,6 +24,7 @@ __all__ = [
     "INFLATIONS",
     "POOLS",
     "BackboneSpec",
+    "CalibratedNet",
     "Features",
     "MedNet",
     "adapt_first_conv",
@@ -36,7 +38,10 @@ __all__ = [
     "layer_groups",
     "load_state_dict_file",
     "lukemelas_to_timm",
+    "parse_record",
+    "read_package",
     "resolve_weights",
     "sha256_file",
     "weight_dirs",
+    "write_package",
 ]

@@ -139,7 +139,12 @@ class Features(nn.Sequential):
 
 
 class MedNet(nn.Module):
-    """An adapted backbone: ``forward(x) = head(features(x))`` → logits (B, num_classes)."""
+    """An adapted backbone: ``forward(x) = head(features(x))`` → logits (B, num_classes).
+
+    `architecture` holds the `build_model` arguments it was built with (JSON values, weights
+    excepted): ``build_model(weights="none", **architecture)`` rebuilds the same network, into
+    which its state dict loads (`pipeline.adapt.package` packages models that way).
+    """
 
     def __init__(self, features: Features, num_features: int, num_classes: int, backbone: str):
         super().__init__()
@@ -148,6 +153,7 @@ class MedNet(nn.Module):
         self.num_features = num_features
         self.num_classes = num_classes
         self.backbone = backbone
+        self.architecture: dict[str, Any] = {"backbone": backbone, "num_classes": num_classes}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -286,6 +292,17 @@ def build_model(
     if inflated:
         features = cast(Features, inflate_to_3d(features, inflation, depth_padding, keep_depth))
     model = MedNet(features, num_features, num_classes, backbone)
+    model.architecture = {
+        "backbone": backbone,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "dims": dims,
+        "inflation": inflation,
+        "depth_padding": depth_padding,
+        "slicewise": slicewise,
+        "pool": pool,
+        "keep_depth": keep_depth,
+    }
     summary = AdaptationSummary(
         backbone=backbone,
         weights=str(weights),

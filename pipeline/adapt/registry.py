@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError, WeightsNotFoundError, did_you_mean
+from pipeline.errors import ConfigError, DataError, WeightsNotFoundError, did_you_mean
+from pipeline.io import load_tensors
 
 DIMS: tuple[str, ...] = ("2d", "2.5d", "3d")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -212,27 +213,27 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict (``.pth``/``.pt``/``.bin`` with weights_only, or ``.safetensors``) on CPU.
 
     A checkpoint wrapping it under ``state_dict`` or ``model`` is unwrapped, and a DDP
-    ``module.`` prefix is removed. Raises ConfigError when the file is not a state dict.
+    ``module.`` prefix is removed. Raises DataError when the file is not a state dict of tensors
+    (a pickle holding other objects is refused unread: `pipeline.io.load_tensors`).
     """
     path = Path(path)
     obj: Any
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    fix = "set model.weights to a file written by torch.save(model.state_dict()) or a .safetensors file"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any reader failure means the same thing to the user
-        raise ConfigError(
-            f"model.weights: cannot read '{path}' as a PyTorch state dict "
-            f"({type(exc).__name__}: {exc}); expected a file written by torch.save(model.state_dict())"
-        ) from exc
+        except Exception as exc:  # any reader failure means the same thing to the user
+            raise DataError(f"model.weights: cannot read '{path}' as safetensors ({exc}). Fix: {fix}") from exc
+    else:
+        obj = load_tensors(path, "PyTorch state dict (model.weights)", fix)
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"model.weights: '{path}' holds a {type(obj).__name__}, not a state dict of tensors")
+        kind = type(obj).__name__
+        raise DataError(f"model.weights: '{path}' holds a {kind}, not a state dict of tensors. Fix: {fix}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 

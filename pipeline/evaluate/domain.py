@@ -16,7 +16,7 @@ SMD_WARN = 0.5  # standardised mean difference above which the archive is called
 
 
 class Embedder:
-    """Runs a packaged model (`tracking.CalibratedNet`) and captures pooled embeddings.
+    """Runs a packaged model (`adapt.CalibratedNet`) and captures pooled embeddings.
 
     The embedding is the output of ``model.net.features`` (captured by a forward hook when that
     module exists), mean-pooled over its spatial axes: (B, D) float32. Models without it give
@@ -159,7 +159,7 @@ def reference_stats(
     """Training-set statistics to store as the model metadata key ``reference_stats``.
 
     Args:
-        model: the packaged model (`tracking.CalibratedNet`); embeddings come from ``model.net.features``.
+        model: the packaged model (`adapt.CalibratedNet`); embeddings come from ``model.net.features``.
         dataset: yields prepared tensors, or tuples whose first item is one (e.g. PreparedDataset).
         batch_size: units per forward pass.
         device: where the model runs (default CPU; the model is moved there).

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import FinetuneConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, load_tensors
 
 FORMAT = "medxfer-train-state/1"
 # settings that may change between an interrupted run and its resumption
@@ -39,12 +39,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
             f"cannot resume: no training checkpoint at {path}; the run never finished an epoch "
             "or the file was removed. Start a new run (without --resume)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors: name the file
-        raise DataError(
-            f"{path} is not a readable training checkpoint ({type(exc).__name__}: {exc}); delete it and start a new run"
-        ) from exc
+    state = load_tensors(path, "training checkpoint", "delete it and start a new run (without --resume)")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(
             f"{path}: expected a '{FORMAT}' training checkpoint, got "

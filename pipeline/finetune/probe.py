@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.finetune.loop import EpochHook, autocast, finetune, val_auroc
 from pipeline.finetune.losses import make_loss
 from pipeline.finetune.weighting import class_weights
-from pipeline.io import atomic_path, state_sha256
+from pipeline.io import atomic_path, load_tensors, state_sha256
 from pipeline.records import TrainResult
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (N, F) float32 features, (N,) int labels
@@ -36,7 +36,11 @@ def extract_features(
 ) -> Features:
     """Pooled backbone features for every item, computed once (and cached to `cache_file`, atomically)."""
     if cache_file is not None and cache_file.exists():
-        blob = torch.load(cache_file, weights_only=True)
+        blob = load_tensors(cache_file, "feature cache", f"delete {cache_file} (a cache: it is recomputed)")
+        if not isinstance(blob, dict) or not all(isinstance(blob.get(k), torch.Tensor) for k in ("x", "y")):
+            raise DataError(
+                f"{cache_file}: not a feature cache (expected tensors x and y). Fix: delete it (it is recomputed)"
+            )
         return blob["x"], blob["y"]
     features.eval().to(device)
     xs, ys = [], []

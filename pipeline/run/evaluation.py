@@ -8,14 +8,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 import torch
 
 from pipeline import tracking
+from pipeline.adapt import CalibratedNet, parse_record, read_package
 from pipeline.config import Config
+from pipeline.errors import DataError
 from pipeline.evaluate import (
     confusion_figure,
     evaluation_summary,
@@ -32,7 +34,9 @@ from pipeline.finetune import (
 from pipeline.io import jsonable
 from pipeline.prepare import PreparedDataset, spec_from_dict
 from pipeline.records import Cohort, EvaluationSummary
-from pipeline.run.cohort import build_network, count_test_evaluation, load_cohort, make_datasets
+from pipeline.run.cohort import count_test_evaluation, load_cohort, make_datasets
+from pipeline.run.packaging import log_packaged
+from pipeline.run.training import CHECKPOINT_TAG
 
 if TYPE_CHECKING:
     pass
@@ -40,13 +44,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("medxfer")
 
 
-def _load_checkpoint(cfg: Config, run_id: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _load_checkpoint(run_id: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's trained network, rebuilt from its checkpoint package after checking it against the run's record.
+
+    Returns:
+        (the network, the checkpoint's metadata: classes, prepare, adaptation, config).
+
+    Raises:
+        DataError: the run has no record of its checkpoint (trained by an earlier medxfer, whose
+            pickled checkpoint.pt is not loaded), or a file differs from the record.
+    """
+    tags = tracking.get_run(run_id)["tags"]
+    source = f"tag {CHECKPOINT_TAG} of run {run_id}"
+    if CHECKPOINT_TAG not in tags:
+        raise DataError(
+            f"run {run_id} has no {CHECKPOINT_TAG} tag: it did not finish training, or an earlier medxfer trained "
+            "it, whose checkpoint.pt is a pickle that medxfer no longer loads (unpickling runs code). "
+            "Fix: train the config again (medxfer train CONFIG) and evaluate the new run"
+        )
+    record = parse_record(tags[CHECKPOINT_TAG], source)
     with tempfile.TemporaryDirectory(prefix="medxfer-") as tmp:
-        path = tracking.download_artifacts(run_id, "checkpoint/checkpoint.pt", tmp)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model, _ = build_network(cfg, len(ckpt["classes"]), weights="none")
-    model.load_state_dict(ckpt["state_dict"])
-    return model, ckpt
+        folder = tracking.download_artifacts(run_id, "checkpoint", tmp)
+        model, description = read_package(folder, record, source, f"artifact checkpoint/ of run {run_id}")
+    metadata = description.get("metadata")
+    missing = [k for k in ("classes", "prepare", "adaptation") if not isinstance(metadata, dict) or k not in metadata]
+    if missing:
+        raise DataError(f"{source}: the checkpoint's model.json lacks metadata {missing}; it was not written by train")
+    return model, cast(dict[str, Any], metadata)
 
 
 def evaluate(
@@ -64,7 +88,7 @@ def evaluate(
             f"({cfg.evaluate.bootstrap} resamples), then packaging and registering the model"
         )
     cohort = load_cohort(cfg.data.manifest)
-    model, ckpt = _load_checkpoint(cfg, run_id)
+    model, ckpt = _load_checkpoint(run_id)
     spec = spec_from_dict(ckpt["prepare"])
     data = make_datasets(cfg, cohort, spec, augment=False)
     device = pick_device(cfg.finetune.device)
@@ -173,7 +197,7 @@ def _evaluate_and_log(
         "adaptation": ckpt["adaptation"],
         "train_run_id": run_id,
     }
-    packaged = tracking.CalibratedNet(model, calibration)  # the evaluated calibration, whatever it is
+    packaged = CalibratedNet(model, calibration)  # the evaluated calibration, whatever it is
     meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
     if train_data is not None:  # intensity and embedding statistics for score's domain-shift check
         stats = reference_stats(
@@ -185,7 +209,7 @@ def _evaluate_and_log(
         meta["reference_stats"] = jsonable(stats)
     example = data_example(ckpt["prepare"])
     log.info("packaging the model with its calibration and threshold; registering it as %s", cfg.tracking.register_as)
-    info = tracking.log_model(packaged, example, meta, cfg.tracking.register_as)
+    info = log_packaged(packaged, example, meta, cfg.tracking.register_as)
     tracking.set_tags(
         {
             "stage": "evaluated",

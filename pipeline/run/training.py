@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline import tracking
-from pipeline.adapt import MedNet, layer_groups, resolve_weights
+from pipeline.adapt import MedNet, layer_groups, resolve_weights, write_package
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.finetune import (
@@ -312,19 +312,19 @@ def _fit(
     )
 
 
+CHECKPOINT_TAG = "checkpoint_sha256"  # run tag: the sha256 of each file of the run's checkpoint package
+
+
 def _log_checkpoint(
     model: torch.nn.Module, cfg: Config, classes: list[str], spec: PrepareSpec, summary: AdaptationSummary
 ) -> None:
+    """Log the trained network as a package (``checkpoint/``: model.json + weights.safetensors, no pickle).
+
+    The sha256 of both files goes to the run tag `CHECKPOINT_TAG`; evaluation checks the files against
+    it before it reads them.
+    """
+    metadata = {"classes": classes, "prepare": spec.as_dict(), "adaptation": summary.as_dict(), "config": cfg.as_dict()}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "checkpoint.pt"
-        torch.save(
-            {
-                "state_dict": model.state_dict(),
-                "classes": classes,
-                "prepare": spec.as_dict(),
-                "adaptation": summary.as_dict(),
-                "config": cfg.as_dict(),
-            },
-            path,
-        )
-        tracking.log_artifact(path, "checkpoint")
+        sha256 = write_package(Path(tmp) / "checkpoint", model, metadata)
+        tracking.log_artifacts(Path(tmp) / "checkpoint", "checkpoint")
+    tracking.set_tags({CHECKPOINT_TAG: json.dumps(sha256, sort_keys=True)})

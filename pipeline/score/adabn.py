@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.errors import DataError
-from pipeline.io import write_bytes
+from pipeline.io import load_tensors, write_bytes
 from pipeline.records import Packaged
 from pipeline.score.scorer import UnitDataset, collate_units
 
@@ -73,7 +73,7 @@ def archive_bn_state(
     """
     path = folder / "adabn.pt"
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_tensors(path, "AdaBN state", f"delete {path}; it is re-estimated on the next run")
     else:
         loader = DataLoader(
             UnitDataset([u["path"] for u in units], pkg.spec),

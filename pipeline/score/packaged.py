@@ -1,12 +1,14 @@
-"""Packaged models: load a model logged by `tracking.log_model` into a `records.Packaged`."""
+"""Packaged models: load a model logged by `run.log_packaged` into a `records.Packaged`; verified, never unpickled."""
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import torch
 
 from pipeline import tracking
+from pipeline.adapt.package import parse_record, read_package
 from pipeline.errors import DataError
 from pipeline.io import state_sha256
 from pipeline.prepare import CT_WINDOWS, PRESET_MODALITIES, spec_from_dict
@@ -14,7 +16,11 @@ from pipeline.records import Packaged
 
 
 def load_packaged(model_uri: str) -> Packaged:
-    """Load a model logged by `tracking.log_model` and check its medxfer metadata.
+    """Load a model logged by `run.packaging.log_packaged` and check its medxfer metadata.
+
+    The package's files are checked against the sha256 recorded in the tracking store
+    (`tracking.download_model`) before anything is parsed; the network is rebuilt from its JSON
+    description and the safetensors weights (`adapt.package.read_package`). Nothing is unpickled.
 
     Args:
         model_uri: ``models:/NAME/VERSION|latest``, ``models:/NAME@alias``, ``runs:/ID/model`` or a path.
@@ -23,15 +29,21 @@ def load_packaged(model_uri: str) -> Packaged:
         The model (in eval mode) and what scoring reads from its metadata.
 
     Raises:
-        TrackingError: the URI cannot be loaded. DataError: the model has no medxfer metadata.
+        TrackingError: the URI cannot be loaded. DataError: the model is not a verified medxfer
+            package (a file changed since it was written, no record, a pickled model) or has no
+            medxfer metadata.
     """
-    model, meta = tracking.load_model(model_uri)
+    with tempfile.TemporaryDirectory(prefix="medxfer-model-") as tmp:
+        folder, record, source = tracking.download_model(model_uri, tmp)
+        model, description = read_package(folder, parse_record(record, source), source, f"the package of {model_uri}")
+    meta = description.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     missing = [k for k in ("prepare", "classes") if not meta.get(k)]
     if missing:
         raise DataError(
             f"model {model_uri} carries no medxfer metadata {missing} (found keys {sorted(meta)}); "
-            "it was not packaged by `medxfer evaluate`. Fix: score a model logged with "
-            "tracking.log_model(..., metadata={'prepare': ..., 'classes': ...})"
+            "it was not packaged by `medxfer evaluate`. Fix: score a model packaged with "
+            "adapt.package.write_package(..., metadata={'prepare': ..., 'classes': ...})"
         )
     return packaged(model, meta, model_uri)
 

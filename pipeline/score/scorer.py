@@ -60,7 +60,7 @@ def collate_units(items: list[Item]) -> list[Item]:
 
 
 class Scorer:
-    """Runs a packaged model (`tracking.CalibratedNet`) on prepared batches: probabilities, pooled
+    """Runs a packaged model (`adapt.CalibratedNet`) on prepared batches: probabilities, pooled
     embeddings (captured from ``model.net.features`` when it exists) and intensity statistics."""
 
     def __init__(self, model: nn.Module, spec: PrepareSpec, device: torch.device, n_classes: int):
