@@ -147,6 +147,7 @@ def load_run(run_id: str, folder: Path) -> RunTable:
         "weights": params.get("model.weights"),
         "backbone": params.get("model.backbone"),
         "strategy": params.get("finetune.strategy"),
+        "dims": params.get("prepare.dims"),
         "manifest_hash": tags.get("manifest_hash"),
         "test_split_id": tags.get("test_split_id"),
         "logged_test_auroc": float(metrics["test_auroc"]),
@@ -461,7 +462,10 @@ def console_table(comp: Comparison) -> str:
 
 
 def _describe(run: dict[str, Any]) -> str:
-    return f"weights {run.get('weights') or '?'}, {run.get('backbone') or '?'}, {run.get('strategy') or '?'}"
+    return (
+        f"weights {run.get('weights') or '?'}, {run.get('backbone') or '?'}, {run.get('dims') or '?'}, "
+        f"{run.get('strategy') or '?'}"
+    )
 
 
 def _f(x: Any, signed: bool = False) -> str:

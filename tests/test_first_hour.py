@@ -197,3 +197,27 @@ def test_the_headline_names_the_uncalibrated_ece_only_when_a_calibration_changed
     line = headline(run_id, m)
     assert line.startswith("test AUROC 0.900 (95% CI 0.800–0.950), ECE 0.050 with ")
     assert ("uncalibrated" in line) == bool(shown) and (shown is None or shown in line)
+
+
+def test_the_readme_ct_recipe_makes_the_cohort_its_configs_read_and_its_commands_parse():
+    """The '2D, 2.5D and 3D' commands, as printed: the synth output is where every config looks, options exist."""
+    from pipeline.cli import build_parser
+    from pipeline.config import load_config
+
+    section = (ROOT / "README.md").read_text().split("## 2D, 2.5D and 3D", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+    assert all(c[0] == "medxfer" for c in commands)
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args(command[1:])  # exits 2 on an unknown option
+    synth = next(c for c in commands if c[1] == "synth")
+    cohort = (ROOT / synth[synth.index("--out") + 1]).resolve()
+    runs = [c[2] for c in commands if c[1] == "run"]
+    assert sorted(runs) == ["configs/ct3d-2.5d.yaml", "configs/ct3d-2d.yaml", "configs/ct3d-3d.yaml"]
+    synth_line = " ".join(synth)
+    for name in runs:
+        cfg = load_config(ROOT / name)
+        assert Path(cfg.data.source).resolve() == cohort / "archive", name
+        assert Path(cfg.data.labels).resolve() == cohort / "labels.csv", name
+        assert f"`{synth_line}`" in (ROOT / name).read_text(), f"{name} names another cohort"
