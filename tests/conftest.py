@@ -121,3 +121,36 @@ def stop_mlflow_server(proc, kill: bool = False) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
     proc.wait(timeout=30)
+
+
+def disc_cohort(root: Path, experiment: str, finetune: dict, uri: str, n: int = 20) -> dict:
+    """A small 2D NIfTI cohort under `root` (label 1 carries a bright disc; one folder per patient) and its config.
+
+    Returns the raw config dict: a scratch tf_efficientnet_lite0 at 32 px with `finetune` and the store `uri`.
+    """
+    import numpy as np
+    from dicom_factory import write_nifti
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :40]
+    disc = ((yy - 20) ** 2 + (xx - 20) ** 2 < 64).astype(np.float32)
+    rows = ["patient_id,label"]
+    for i in range(n):
+        image = rng.normal(100, 20, (40, 40)).astype(np.float32) + 120 * (i % 2) * disc
+        write_nifti(root / "archive" / f"p{i:02d}" / "cxr.nii", image, np.eye(4))
+        rows.append(f"p{i:02d},{i % 2}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return {
+        "experiment": experiment,
+        "data": {
+            "source": str(root / "archive"),
+            "labels": str(root / "labels.csv"),
+            "manifest": str(root / "manifest"),
+            "key_file": str(fixed_key(root / "key")),
+            "split": {"val": 0.3, "test": 0.2, "seed": 0},
+        },
+        "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32], "cache_dir": str(root / "cache")},
+        "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
+        "finetune": finetune,
+        "tracking": {"uri": uri},
+    }

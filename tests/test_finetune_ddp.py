@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fixed_key
+from conftest import disc_cohort
 
 from pipeline.finetune import finetune
 
@@ -126,31 +126,18 @@ def test_two_process_gloo_training_matches_one_process(tmp_path):
 def test_medxfer_train_under_torchrun_logs_one_run(tmp_path):
     import yaml
     from mlflow.tracking import MlflowClient
-    from test_finetune_resume import _cohort
 
     from pipeline import tracking
 
-    _cohort(tmp_path)
-    raw = {
-        "experiment": "ddp",
-        "data": {
-            "source": str(tmp_path / "archive"),
-            "labels": str(tmp_path / "labels.csv"),
-            "manifest": str(tmp_path / "manifest"),
-            "key_file": str(fixed_key(tmp_path / "key")),
-            "split": {"val": 0.3, "test": 0.2, "seed": 0},
-        },
-        "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32]},
-        "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
-        "finetune": {
-            "strategy": "gradual",
-            "epochs": 2,
-            "batch_size": 4,
-            "device": "cpu",
-            "early_stopping": {"metric": "val_loss", "patience": 9},
-        },
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    finetune = {
+        "strategy": "gradual",
+        "epochs": 2,
+        "batch_size": 4,
+        "device": "cpu",
+        "early_stopping": {"metric": "val_loss", "patience": 9},
     }
+    raw = disc_cohort(tmp_path, "ddp", finetune, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    del raw["prepare"]["cache_dir"]  # the manifest's own cache, as before
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

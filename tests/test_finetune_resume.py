@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import tempfile
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import fixed_key
-from dicom_factory import write_nifti
+from conftest import disc_cohort
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch import nn
@@ -173,46 +171,19 @@ def test_resuming_an_early_stopped_run_trains_no_more(tmp_path):
 # --- through `train` / `medxfer train --resume` with a real manifest and MLflow -------------------
 
 
-def _cohort(root, n=20):
-    """2D NIfTI 'radiographs': label 1 carries a bright disc. One folder per patient."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:40, :40]
-    disc = ((yy - 20) ** 2 + (xx - 20) ** 2 < 64).astype(np.float32)
-    rows = ["patient_id,label"]
-    for i in range(n):
-        label = i % 2
-        image = rng.normal(100, 20, (40, 40)).astype(np.float32) + 120 * label * disc
-        write_nifti(root / "archive" / f"p{i:02d}" / "cxr.nii", image, np.eye(4))
-        rows.append(f"p{i:02d},{label}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-
-
 @pytest.fixture(scope="module")
 def resume_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    _cohort(root)
-    raw = {
-        "experiment": "resume-test",
-        "data": {
-            "source": str(root / "archive"),
-            "labels": str(root / "labels.csv"),
-            "manifest": str(root / "manifest"),
-            "key_file": str(fixed_key(root / "key")),
-            "split": {"val": 0.3, "test": 0.2, "seed": 0},
-        },
-        "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32], "cache_dir": str(root / "cache")},
-        "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
-        "finetune": {
-            "strategy": "finetune",
-            "epochs": 3,
-            "batch_size": 4,
-            "lr": 1e-3,
-            "device": "cpu",
-            "class_weights": "balanced",
-            "early_stopping": {"metric": "val_loss", "patience": 9},
-        },
-        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+    finetune = {
+        "strategy": "finetune",
+        "epochs": 3,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "device": "cpu",
+        "class_weights": "balanced",
+        "early_stopping": {"metric": "val_loss", "patience": 9},
     }
+    raw = disc_cohort(root, "resume-test", finetune, f"sqlite:///{root / 'mlflow.db'}")
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     reference = train(load_config(path), progress=False)

@@ -12,11 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from conftest import fixed_key, free_port, start_mlflow_server, stop_mlflow_server
-from dicom_factory import write_nifti
+from conftest import disc_cohort, free_port, start_mlflow_server, stop_mlflow_server
 
 from pipeline import tracking
 from pipeline.cli import main
@@ -94,19 +92,6 @@ def test_a_server_lost_inside_a_run_becomes_a_tracking_error_with_the_hint(tmp_p
 # --- a real `medxfer train` against a real server that is killed between epochs ---------------------
 
 
-def _cohort(root: Path, n: int = 20) -> None:
-    """2D NIfTI 'radiographs', one folder per patient; label 1 carries a bright disc."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:40, :40]
-    disc = ((yy - 20) ** 2 + (xx - 20) ** 2 < 64).astype(np.float32)
-    rows = ["patient_id,label"]
-    for i in range(n):
-        image = rng.normal(100, 20, (40, 40)).astype(np.float32) + 120 * (i % 2) * disc
-        write_nifti(root / "archive" / f"p{i:02d}" / "cxr.nii", image, np.eye(4))
-        rows.append(f"p{i:02d},{i % 2}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-
-
 def _steps(client, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "epoch_seconds"))
 
@@ -115,32 +100,19 @@ def _steps(client, run_id: str) -> list[int]:
 def test_a_server_killed_mid_training_keeps_the_checkpoint_and_the_printed_resume_works(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    _cohort(tmp_path)
     port, server_root = free_port(), tmp_path / "server"
     server_root.mkdir()
     uri = f"http://127.0.0.1:{port}"
     config = tmp_path / "config.yaml"
-    raw = {
-        "experiment": "killed-server",
-        "data": {
-            "source": str(tmp_path / "archive"),
-            "labels": str(tmp_path / "labels.csv"),
-            "manifest": str(tmp_path / "manifest"),
-            "key_file": str(fixed_key(tmp_path / "key")),
-            "split": {"val": 0.3, "test": 0.2, "seed": 0},
-        },
-        "prepare": {"dims": "2d", "preset": "xray", "size": [32, 32], "cache_dir": str(tmp_path / "cache")},
-        "model": {"backbone": "tf_efficientnet_lite0", "weights": "none", "in_channels": 1},
-        "finetune": {
-            "strategy": "finetune",
-            "epochs": 40,
-            "batch_size": 4,
-            "lr": 1e-3,
-            "device": "cpu",
-            "early_stopping": {"metric": "val_loss", "patience": 40},
-        },
-        "tracking": {"uri": uri},
+    finetune = {
+        "strategy": "finetune",
+        "epochs": 40,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "device": "cpu",
+        "early_stopping": {"metric": "val_loss", "patience": 40},
     }
+    raw = disc_cohort(tmp_path, "killed-server", finetune, uri)
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     server = start_mlflow_server(server_root, port)

@@ -716,3 +716,23 @@ def test_at_420_px_no_table_cell_lies_off_screen(store, main_html, tmp_path):
     result = json.loads(html.unescape(found.group(1)))
     assert result["width"] == 420
     assert result["hidden"] == []
+
+
+@pytest.mark.parametrize(
+    ("method", "ece_sub", "brier_sub"),
+    [
+        ("none", "plain softmax, not calibrated", "plain softmax; scaled Brier 0.200"),
+        ("temperature", "calibrated; 0.090 before", "calibrated; scaled Brier 0.200"),
+    ],
+)
+def test_the_summary_cards_say_calibrated_only_when_a_calibration_was_applied(method, ece_sub, brier_sub):
+    from pipeline.report.facts import facts
+    from pipeline.report.summary import _cards
+
+    metrics = {"test_auroc": 0.9, "test_ece": 0.05, "test_ece_uncalibrated": 0.09, "test_brier": 0.1}
+    context = {
+        "run": {"metrics": {**metrics, "test_brier_scaled": 0.2}},
+        "evaluation": {"calibration": {"method": method}},
+    }
+    subs = {c["label"]: c["sub"] for c in _cards(facts(context))}
+    assert (subs["ECE"], subs["Brier"]) == (ece_sub, brier_sub)

@@ -64,6 +64,13 @@ def _model_line(f: Facts) -> str:
 
 def _cards(f: Facts) -> list[dict[str, str]]:
     m = f.metrics
+    calibrated = f.calibration.get("method") not in (None, "none")
+    probs = "calibrated" if calibrated else "plain softmax"
+    ece_sub = (
+        f"calibrated; {num(m.get('test_ece_uncalibrated'), 3)} before"
+        if calibrated
+        else "plain softmax, not calibrated"
+    )
     cards = [
         (
             "AUROC",
@@ -73,13 +80,13 @@ def _cards(f: Facts) -> list[dict[str, str]]:
         ("AUPRC", num(m.get("test_auprc"), 3), "test, positive class"),
         ("Sensitivity", num(m.get("test_sensitivity"), 3), _op_sub(f)),
         ("Specificity", num(m.get("test_specificity"), 3), _op_sub(f)),
-        ("ECE", num(m.get("test_ece"), 3), f"calibrated; {num(m.get('test_ece_uncalibrated'), 3)} before"),
+        ("ECE", num(m.get("test_ece"), 3), ece_sub),
         (
             "Brier",
             num(m.get("test_brier"), 3),
-            f"calibrated; scaled Brier {num(m.get('test_brier_scaled'), 3)}"
+            f"{probs}; scaled Brier {num(m.get('test_brier_scaled'), 3)}"
             if as_float(m.get("test_brier_scaled")) is not None
-            else "calibrated; multi-class: summed over classes, 0–2",
+            else f"{probs}; multi-class: summed over classes, 0–2",
         ),
     ]
     return [{"label": a, "value": b, "sub": c} for a, b, c in cards if b != DASH]
