@@ -16,6 +16,7 @@ from pipeline.adapt.registry import (
     sha256_file,
     weight_dirs,
 )
+from pipeline.adapt.transfusion import transfuse
 
 __all__ = [
     "BACKBONES",
@@ -38,5 +39,6 @@ __all__ = [
     "lukemelas_to_timm",
     "resolve_weights",
     "sha256_file",
+    "transfuse",
     "weight_dirs",
 ]
