@@ -16,8 +16,6 @@ from torch import nn
 from pipeline.adapt.channels import adapt_first_conv
 from pipeline.adapt.inflate import INFLATIONS, inflate_to_3d
 from pipeline.adapt.layers3d import GlobalPool
-from pipeline.adapt.transfusion import WEIGHTS as TRANSFUSION
-from pipeline.adapt.transfusion import transfuse
 from pipeline.adapt.registry import (
     DIMS,
     get_spec,
@@ -26,6 +24,8 @@ from pipeline.adapt.registry import (
     resolve_weights,
     sha256_file,
 )
+from pipeline.adapt.transfusion import WEIGHTS as TRANSFUSION
+from pipeline.adapt.transfusion import transfuse
 from pipeline.errors import ConfigError, DataError, did_you_mean
 from pipeline.records import AdaptationSummary
 

@@ -176,7 +176,8 @@ def resolve_weights(backbone: str, weights: str, weights_dir: str | Path | None 
         path = Path(weights).expanduser()
         if path.is_file():
             return path
-        hint = did_you_mean(weights, ("imagenet", "none", "transfusion")) if "/" not in weights and "." not in weights else ""
+        named = "/" not in weights and "." not in weights
+        hint = did_you_mean(weights, ("imagenet", "none", "transfusion")) if named else ""
         raise WeightsNotFoundError(
             f"model.weights: '{weights}' is not an existing file{hint}; give 'imagenet', 'transfusion', "
             f"'none' (train from scratch) or the path of a {backbone} state-dict file"
