@@ -128,6 +128,12 @@ class Study:
     arms: list[Arm]
     configs: dict[str, dict[float, Config]] = field(repr=False)
 
+    def label(self, arm: Arm) -> str:
+        """The arm named by the axes that vary in this study only (its full key when none varies)."""
+        varying = [_ARM_FIELD[a] for a in AXES if len(self.axes[a]) > 1]
+        values = arm.values()
+        return " ".join(f"{k}={_text(values[k])}" for k in varying) or arm.key
+
     def reference_of(self, arm: Arm) -> Arm | None:
         """The arm that differs from `arm` only in the reference's axes; None when it is `arm` or absent."""
         values = {**arm.values(), **{_ARM_FIELD[k]: v for k, v in self.reference.items()}}
