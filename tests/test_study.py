@@ -1,4 +1,4 @@
-"""`medxfer study`: the study file's refusals, nested train fractions, transfusion statistics, and one tiny study end to end.
+"""`medxfer study`: study-file refusals, nested train fractions, transfusion statistics, one tiny study end to end.
 
 The end-to-end study runs two arms (ImageNet and from-scratch linear probes, 32 px, 3 epochs) at two
 learning rates on one small synthetic chest X-ray cohort in a real MLflow sqlite store, then checks
@@ -7,6 +7,7 @@ the fairness invariants from what the runs logged, the parent/child runs, study.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -28,7 +29,8 @@ from pipeline.study.spec import BACKBONES
 
 BASE = """\
 experiment: study-test
-data: {{source: {source}, labels: {labels}, manifest: manifest, key_file: key, split: {{val: 0.25, test: 0.35, seed: 0}}}}
+data: {{source: {source}, labels: {labels}, manifest: manifest, key_file: key,
+       split: {{val: 0.25, test: 0.35, seed: 0}}}}
 prepare: {{dims: 2d, preset: xray, size: [32, 32], cache_dir: cache}}
 model: {{backbone: tf_efficientnet_lite0, weights: imagenet, in_channels: 1}}
 finetune: {{strategy: linear-probe, epochs: 3, batch_size: 16, device: cpu}}
@@ -50,7 +52,10 @@ def write_study(root: Path, body: str, source: str = "cohort/archive", labels: s
     ("body", "message"),
     [
         ("base: base.yaml\naxes: {weight: [none]}\n", "axes.weight: unknown axis (did you mean 'weights'?)"),
-        ("base: base.yaml\naxes: {weights: [imagnet]}\n", "'imagnet' is not one of ['imagenet', 'none', 'transfusion'] (did you mean 'imagenet'?)"),  # noqa: E501
+        (
+            "base: base.yaml\naxes: {weights: [imagnet]}\n",
+            "'imagnet' is not one of ['imagenet', 'none', 'transfusion'] (did you mean 'imagenet'?)",
+        ),
         ("base: base.yaml\naxes: {strategy: [finetun]}\n", "'finetun' is not a strategy (did you mean 'finetune'?)"),
         ("base: base.yaml\naxes: {strategy: [lp-ft]}\n", "'lp-ft' (linear probe then full fine-tuning"),
         ("base: base.yaml\naxes: {backbone: [resnet19]}\n", "(did you mean 'resnet18'?)"),
@@ -59,7 +64,10 @@ def write_study(root: Path, body: str, source: str = "cohort/archive", labels: s
         ("base: base.yaml\naxes: {seeds: [0, 0]}\n", "axes.seeds: [0, 0] names a value twice"),
         ("base: base.yaml\nlr_grid: [0.001, -1]\n", "lr_grid: expected a short list of distinct learning rates"),
         ("base: base.yaml\nlr_grids: [0.001]\n", "lr_grids: unknown key (did you mean 'lr_grid'?)"),
-        ("base: base.yaml\naxes: {weights: [imagenet]}\nreference: {weights: none}\n", "reference.weights: 'none' is not one of the study's values"),  # noqa: E501
+        (
+            "base: base.yaml\naxes: {weights: [imagenet]}\nreference: {weights: none}\n",
+            "reference.weights: 'none' is not one of the study's values",
+        ),
         ("base: other.yaml\n", "base: other.yaml does not exist"),
         ("base: base.yaml\naxes: {prepare.dims: [3d]}\n", "prepare.size: 3d needs [D, H, W], got [32, 32]"),
     ],
@@ -117,7 +125,7 @@ def test_train_fraction_subsets_are_nested_stratified_and_deterministic() -> Non
         labels = {f"sub-{rng.integers(1 << 60):016x}": [str(int(rng.random() < 0.3))] for _ in range(n)}
         by_label = {lab: [s for s, v in labels.items() if v == [lab]] for lab in ("0", "1")}
         subsets = [nested_subset(labels, f, seed=trial) for f in fractions]
-        for small, large in zip(subsets, subsets[1:], strict=False):
+        for small, large in itertools.pairwise(subsets):
             assert small <= large  # nested
         assert subsets[-1] == set(labels)
         for f, subset in zip(fractions, subsets, strict=True):
@@ -164,14 +172,15 @@ def test_negative_transfer_is_flagged_on_the_console_and_the_page() -> None:
         "run_id": "r1", "reference_run_id": "r0", "report": "a.html", "negative_transfer": True,
         "delta_auroc": {"diff": -0.3, "ci_low": -0.45, "ci_high": -0.15, "p": 0.0004, "method": "DeLong"},
     }  # fmt: skip
+    fairness = {"n_test_units": 10, "epochs_budget": [3], "same_test_units": True, "same_epochs_budget": True,
+                "manifest_hash": "m", "test_split_ids": ["t"], "test_units_sha256": ["t"],
+                "test_opened": {"r1": 1}}  # fmt: skip
     result = {
         "study": {"name": "s", "lr_grid": [0.001]},
         "study_hash": "h",
         "mlflow_parent_run_id": "p",
         "fixed": "",
-        "fairness": {"n_test_units": 10, "epochs_budget": [3], "same_test_units": True, "same_epochs_budget": True,
-                     "manifest_hash": "m", "test_split_ids": ["t"], "test_units_sha256": ["t"],
-                     "test_opened": {"r1": 1}},  # fmt: skip
+        "fairness": fairness,
         "arms": [row],
         "recommendation": {"line": "Recommended: weights=imagenet"},
         "negative_transfer": ["weights=imagenet"],
@@ -192,7 +201,8 @@ def study_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("study")
     make_cohort(root / "cohort", kind="cxr2d", n=40, seed=3, positive_fraction=0.5)
     fixed_key(root / "key")
-    path = write_study(root, "name: tiny\nbase: base.yaml\naxes: {weights: [none, imagenet]}\nlr_grid: [1.0e-3, 1.0e-2]\n")
+    body = "name: tiny\nbase: base.yaml\naxes: {weights: [none, imagenet]}\nlr_grid: [1.0e-3, 1.0e-2]\n"
+    path = write_study(root, body)
     out = root / "out"
     assert main(["-q", "study", str(path), "--out", str(out)]) == 0
     return {"root": root, "path": path, "out": out, "uri": f"sqlite:///{root / 'mlflow.db'}"}
@@ -281,7 +291,7 @@ def test_rerunning_a_study_reuses_finished_arms_and_continues_the_rest(study_run
     capsys.readouterr()
     assert main(argv) == 0
     after = {r["run_id"] for r in _runs(study_run["uri"])}
-    assert len(after - before) == 1 and json.loads((study_run["out"] / "study.json").read_text())["reused_trainings"] == 3
     again = json.loads((study_run["out"] / "study.json").read_text())
+    assert len(after - before) == 1 and again["reused_trainings"] == 3
     assert [r["run_id"] for r in again["arms"]] == [r["run_id"] for r in result["arms"]]  # same selection
     assert log_file.read_text() == opened  # the selected runs were not evaluated again
