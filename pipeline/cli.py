@@ -129,7 +129,7 @@ def _cmd_study(a: argparse.Namespace) -> int:
         print(f"study {study.name}: {len(study.arms)} arms x {len(study.lr_grid)} learning rates {study.lr_grid}")
         for arm in study.arms:
             ref = study.reference_of(arm)
-            print(f"  {arm.key}" + (f"   (reference: {ref.key})" if ref else ""))
+            print(f"  {study.label(arm)}" + (f"   (reference: {study.label(ref)})" if ref else ""))
         return 0
     from pipeline.study.results import console_table
     from pipeline.study.runner import run_study

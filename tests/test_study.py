@@ -110,6 +110,12 @@ def test_arms_are_the_product_of_the_axes_and_each_has_its_reference(tmp_path, c
     assert "6 arms x 2 learning rates" in capsys.readouterr().out
 
 
+def test_the_example_study_file_loads() -> None:
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / "study-cxr-demo.yaml")
+    assert len(study.arms) == 6 and {a.weights for a in study.arms} == {"imagenet", "none", "transfusion"}
+    assert sum(study.reference_of(a) is not None for a in study.arms) == 4
+
+
 def test_the_study_knows_every_registered_backbone() -> None:
     from pipeline.adapt import BACKBONES as REGISTERED
 
