@@ -35,7 +35,7 @@ prepare: {{dims: 2d, preset: xray, size: [32, 32], cache_dir: cache}}
 model: {{backbone: tf_efficientnet_lite0, weights: imagenet, in_channels: 1}}
 finetune: {{strategy: linear-probe, epochs: 3, batch_size: 16, device: cpu}}
 evaluate: {{bootstrap: 50, subgroups: [], calibration: temperature}}
-tracking: {{uri: "sqlite:///{db}"}}
+tracking: {{uri: "sqlite:///{db}", register_as: study-tiny}}
 """
 
 
@@ -272,6 +272,11 @@ def test_a_tiny_study_is_fair_and_recorded(study_run, tmp_path) -> None:
         assert (study_run["out"] / "arms" / row["report"]).is_file()
         assert "report" in tracking.list_artifacts(row["run_id"])
     assert {"study.json", "study.html", "study"} <= set(tracking.list_artifacts(result["mlflow_parent_run_id"]))
+    # only the recommended arm's model is registered: models:/study-tiny/latest is the study's answer
+    import mlflow
+
+    versions = mlflow.MlflowClient().search_model_versions("name='study-tiny'")
+    assert [v.run_id for v in versions] == [result["recommendation"]["run_id"]]
     page = (study_run["out"] / "study.html").read_text()
     assert "http://" not in page and "<script" not in page and "Learning-rate selection" in page
     text = page + json.dumps(result)
@@ -301,3 +306,23 @@ def test_rerunning_a_study_reuses_finished_arms_and_continues_the_rest(study_run
     assert len(after - before) == 1 and again["reused_trainings"] == 3
     assert [r["run_id"] for r in again["arms"]] == [r["run_id"] for r in result["arms"]]  # same selection
     assert log_file.read_text() == opened  # the selected runs were not evaluated again
+
+
+@pytest.mark.slow
+def test_train_fraction_keeps_val_and_test_whole_and_trains_on_a_nested_subset(study_run) -> None:
+    from pipeline.run import load_cohort
+
+    manifest = study_run["root"] / "manifest"
+    full = load_cohort(manifest)
+    half, quarter = load_cohort(manifest, 0.5, seed=0), load_cohort(manifest, 0.25, seed=0)
+    for name in ("val", "test"):
+        assert half.split(name).equals(full.split(name)) and quarter.split(name).equals(full.split(name))
+    train = [set(c.split("train")["subject_id"]) for c in (quarter, half, full)]
+    assert train[0] < train[1] < train[2]
+    for c, f in ((quarter, 0.25), (half, 0.5)):
+        for label in full.classes:
+
+            def patients(frame: pd.DataFrame, label: str = label) -> int:
+                return frame.loc[frame["label"] == label, "subject_id"].nunique()
+
+            assert patients(c.split("train")) == math.ceil(f * patients(full.split("train")) - 1e-9)

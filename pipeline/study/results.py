@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def finish(
             f"no arm has a reference arm in the study (reference {study.reference}); "
             "add the reference's value to its axis (e.g. weights: [imagenet, none]) for paired comparisons"
         )
-    best = max(rows, key=lambda r: -1.0 if r["val_auroc"] is None else float(r["val_auroc"]))
+    best = max(rows, key=lambda r: -math.inf if r["val_auroc"] is None else float(r["val_auroc"]))  # as runner
     result: dict[str, Any] = {
         "study": study.describe(),
         "study_hash": shash,
@@ -91,6 +92,7 @@ def finish(
             "test_auroc_ci_low": best.get("test_auroc_ci_low"),
             "test_auroc_ci_high": best.get("test_auroc_ci_high"),
             "line": recommendation_line(best),
+            "registered_as": study.base.tracking.register_as,
         },
         "fixed": " ".join(f"{k}={v}" for k, v in _fixed(study).items()),
         "negative_transfer": [r["label"] for r in rows if r.get("negative_transfer")],
@@ -129,7 +131,7 @@ def _row(a: dict[str, Any]) -> dict[str, Any]:
         **a["arm"].values(),
         "run_id": a["run_id"],
         "lr": a["lr"],
-        "val_auroc": a["val_auroc_by_lr"].get(repr(float(a["lr"]))),
+        "val_auroc": a["val_auroc"],
         "val_auroc_by_lr": a["val_auroc_by_lr"],
         "trial_runs": a["trial_runs"],
         "report": a["report"].name,

@@ -94,7 +94,9 @@ def run_study(study: Study, out: str | Path | None = None, progress: bool = True
         run_id = train(_arm_config(study, arm, lr), progress, tags=tags)
         tracking.set_run_tags(run_id, {TAG_TRAINED: "1"})
         trials[key] = run_id
-    arms = [_select_and_evaluate(study, arm, trials, out_dir, manifest_dir, progress, uri) for arm in study.arms]
+    selected = [_select(study, arm, trials) for arm in study.arms]  # validation only: no test split opened yet
+    best = recommended(selected)
+    arms = [_evaluate(study, a, a is best, out_dir, manifest_dir, progress, uri) for a in selected]
     fairness = _fairness(study, arms, trials, manifest_dir, mhash)
     return finish(study, arms, fairness, parent, shash, out_dir, uri, reused=reused)
 
@@ -163,31 +165,49 @@ def select_lr(val: dict[float, float | None]) -> float:
     return max(val, key=lambda lr: -math.inf if val[lr] is None else float(val[lr]))  # type: ignore[arg-type]
 
 
-def _select_and_evaluate(
-    study: Study,
-    arm: Arm,
-    trials: dict[tuple[str, str], str],
-    out_dir: Path,
-    manifest_dir: Path,
-    progress: bool,
-    uri: str,
-) -> dict[str, Any]:
-    """Pick the arm's lr on validation, evaluate that run once (unless done), write its audit report."""
-    from pipeline.report import write_report
-
+def _select(study: Study, arm: Arm, trials: dict[tuple[str, str], str]) -> dict[str, Any]:
+    """Pick the arm's lr on validation (the kept epoch's val AUROC of each training); tag the roles."""
     runs = {lr: tracking.get_run(trials[(arm.key, lr_text(lr))]) for lr in study.lr_grid}
     val = {lr: val_auroc_of(r) for lr, r in runs.items()}
     lr = select_lr(val)
-    run_id = runs[lr]["run_id"]
     for other, r in runs.items():
         tracking.set_run_tags(r["run_id"], {TAG_ROLE: "arm" if other == lr else "lr-trial"})
-    run = runs[lr]
+    return {
+        "arm": arm,
+        "label": study.label(arm),
+        "run_id": runs[lr]["run_id"],
+        "lr": lr,
+        "val_auroc": val[lr],
+        "val_auroc_by_lr": {lr_text(k): v for k, v in val.items()},
+        "trial_runs": {lr_text(k): r["run_id"] for k, r in runs.items()},
+    }
+
+
+def recommended(selected: list[dict[str, Any]]) -> dict[str, Any]:
+    """The selected arm with the best validation AUROC (the first of equals): known before any test is opened."""
+    return max(selected, key=lambda a: -math.inf if a["val_auroc"] is None else float(a["val_auroc"]))
+
+
+def _evaluate(
+    study: Study, a: dict[str, Any], register: bool, out_dir: Path, manifest_dir: Path, progress: bool, uri: str
+) -> dict[str, Any]:
+    """Evaluate the arm's selected run once (unless it was), write and log its audit report.
+
+    Only the recommended arm's model is registered (as the base config's `tracking.register_as`),
+    so ``models:/NAME/latest`` is the study's recommendation, not whichever arm was evaluated last.
+    """
+    from pipeline.report import write_report
+
+    arm, lr, run_id = a["arm"], a["lr"], a["run_id"]
+    run = tracking.get_run(run_id)
     evaluated = run["tags"].get("stage") == "evaluated" and run["status"] == "FINISHED"
     cfg = _arm_config(study, arm, lr)
+    if not register:
+        cfg.tracking.register_as = None
     if evaluated:
         log.info("%s: lr %g selected on validation; evaluated before (run %s), reused", arm.key, lr, run_id)
     else:
-        shown = "—" if val[lr] is None else f"{val[lr]:.3f}"
+        shown = "—" if a["val_auroc"] is None else f"{a['val_auroc']:.3f}"
         log.info("%s: lr %g selected on validation (AUROC %s); evaluating run %s on test", arm.key, lr, shown, run_id)
         evaluate(cfg, run_id, progress)
     report = out_dir / "arms" / f"{slug(arm)}.html"
@@ -196,18 +216,7 @@ def _select_and_evaluate(
         with tracking.start_run(cfg.experiment, run_id=run_id):
             tracking.log_artifact(report, "report")
         tracking.set_run_tags(run_id, {TAG_DONE: "1"})
-    final = tracking.get_run(run_id)
-    return {
-        "arm": arm,
-        "label": study.label(arm),
-        "run_id": run_id,
-        "lr": lr,
-        "val_auroc_by_lr": {lr_text(k): v for k, v in val.items()},
-        "trial_runs": {lr_text(k): r["run_id"] for k, r in runs.items()},
-        "run": final,
-        "report": report,
-        "reused_evaluation": evaluated,
-    }
+    return {**a, "run": tracking.get_run(run_id), "report": report, "reused_evaluation": evaluated}
 
 
 def slug(arm: Arm) -> str:
