@@ -202,6 +202,10 @@ def test_negative_transfer_is_flagged_on_the_console_and_the_page() -> None:
 # --------------------------------------------------------------------------- one tiny study end to end
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory) -> dict:
+    """The tiny study, killed (SIGKILL) while its second training runs, then the same command run to the end."""
+    import os
+    import threading
+
     from pipeline.synthetic import make_cohort
 
     root = tmp_path_factory.mktemp("study")
@@ -210,8 +214,33 @@ def study_run(tmp_path_factory) -> dict:
     body = "name: tiny\nbase: base.yaml\naxes: {weights: [none, imagenet]}\nlr_grid: [1.0e-3, 1.0e-2]\n"
     path = write_study(root, body)
     out = root / "out"
-    assert main(["-q", "study", str(path), "--out", str(out)]) == 0
-    return {"root": root, "path": path, "out": out, "uri": f"sqlite:///{root / 'mlflow.db'}"}
+    argv = ["study", str(path), "--out", str(out)]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    seen = ""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen += line
+        # the first training has finished and been tagged; the second has checkpointed epoch 1 (it logs, then
+        # saves the epoch's training state, so the line of epoch 2 comes after the checkpoint of epoch 1)
+        if "[2/4] training" in seen and line.startswith("epoch   2/3"):
+            proc.kill()  # kill -9: no cleanup, the second run stays RUNNING
+            break
+    proc.wait()
+    watchdog.cancel()
+    assert proc.returncode == -9, seen[-2000:]
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    at_kill = {
+        r["run_id"]: (r["status"], r["tags"].get("study_trained")) for r in _runs(uri) if "study_arm" in r["tags"]
+    }
+    assert main(["-q", *argv]) == 0
+    first = json.loads((out / "study.json").read_text())
+    return {"root": root, "path": path, "out": out, "uri": uri, "first": first, "at_kill": at_kill}
 
 
 def _runs(uri: str) -> list[dict]:
@@ -231,7 +260,19 @@ def test_a_tiny_study_is_fair_and_recorded(study_run, tmp_path) -> None:
     parents = [r for r in runs.values() if r["tags"].get("kind") == "study"]
     assert len(parents) == 1 and parents[0]["run_id"] == result["mlflow_parent_run_id"]
     children = [r for r in runs.values() if r["tags"].get("mlflow.parentRunId") == result["mlflow_parent_run_id"]]
-    assert len(children) == 4 and len(runs) == 5  # 2 arms x 2 learning rates, and the parent
+    assert len(children) == 4 and len(runs) == 5  # 2 arms x 2 learning rates and the parent: nothing orphaned
+    assert all(r["status"] == "FINISHED" and r["tags"]["study_trained"] == "1" for r in children)
+    # killed in its second training: the first was reused; the second, left RUNNING, continued in the same run
+    at_kill, first = study_run["at_kill"], study_run["first"]
+    assert len(at_kill) == 2 and sum(trained == "1" for _, trained in at_kill.values()) >= 1
+    interrupted = [rid for rid, (status, trained) in at_kill.items() if status == "RUNNING" and trained != "1"]
+    assert first["reused_trainings"] + first["resumed_trainings"] == 2 and first["resumed_trainings"] == len(
+        interrupted
+    )
+    for rid in interrupted:  # (the kill lands in epoch 2 or 3 of 3: this is the case but for a rare race)
+        run = tracking.get_run(rid)
+        assert run["tags"]["resumed_at_epoch"] in ("2", "3")
+        assert len(run["history"]["epoch_seconds"]) == int(run["metrics"]["epochs_run"])  # no epoch logged twice
     assert {r["tags"]["study_hash"] for r in children} == {result["study_hash"]} == {parents[0]["tags"]["study_hash"]}
     assert sorted(r["tags"]["study_role"] for r in children) == ["arm", "arm", "lr-trial", "lr-trial"]
     assert {r["params"]["finetune.epochs"] for r in children} == {"3"}  # the same epoch budget
@@ -284,7 +325,7 @@ def test_a_tiny_study_is_fair_and_recorded(study_run, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_rerunning_a_study_reuses_finished_arms_and_continues_the_rest(study_run, capsys) -> None:
+def test_rerunning_a_study_reuses_finished_arms_and_continues_the_rest(study_run) -> None:
     import mlflow
 
     before = {r["run_id"] for r in _runs(study_run["uri"])}
@@ -295,15 +336,14 @@ def test_rerunning_a_study_reuses_finished_arms_and_continues_the_rest(study_run
     assert {r["run_id"] for r in _runs(study_run["uri"])} == before  # nothing trained or evaluated again
     assert log_file.read_text() == opened
     assert json.loads((study_run["out"] / "study.json").read_text())["reused_trainings"] == 4
-    # a training killed before it finished (its run left without the study_trained tag) is done again, alone
+    # stopped between the end of a training and its study_trained tag: recognised as trained, tagged, not redone
     result = json.loads((study_run["out"] / "study.json").read_text())
     trial = next(r for r in _runs(study_run["uri"]) if r["tags"].get("study_role") == "lr-trial")
     mlflow.MlflowClient().delete_tag(trial["run_id"], "study_trained")
-    capsys.readouterr()
     assert main(argv) == 0
-    after = {r["run_id"] for r in _runs(study_run["uri"])}
     again = json.loads((study_run["out"] / "study.json").read_text())
-    assert len(after - before) == 1 and again["reused_trainings"] == 3
+    assert {r["run_id"] for r in _runs(study_run["uri"])} == before and again["reused_trainings"] == 4
+    assert mlflow.MlflowClient().get_run(trial["run_id"]).data.tags["study_trained"] == "1"
     assert [r["run_id"] for r in again["arms"]] == [r["run_id"] for r in result["arms"]]  # same selection
     assert log_file.read_text() == opened  # the selected runs were not evaluated again
 

@@ -50,6 +50,7 @@ def finish(
     out_dir: Path,
     uri: str,
     reused: int = 0,
+    resumed: int = 0,
 ) -> dict[str, Any]:
     """Compare every arm with its reference, write study.json and study.html, log them to the parent run."""
     by_arm = {a["arm"]: a for a in arms}
@@ -97,6 +98,7 @@ def finish(
         "fixed": " ".join(f"{k}={v}" for k, v in _fixed(study).items()),
         "negative_transfer": [r["label"] for r in rows if r.get("negative_transfer")],
         "reused_trainings": reused,
+        "resumed_trainings": resumed,
         "notes": notes,
     }
     files = write_outputs(result, out_dir)

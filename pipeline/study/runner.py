@@ -11,7 +11,9 @@ evaluated, registered and given its audit report.
 
 Resume: the same command reuses the parent run with the same study hash, every training whose
 child run finished (tag study_trained), and every evaluation that finished (tag stage = evaluated,
-status FINISHED); only the rest is done.
+status FINISHED); a training that was interrupted (its run left RUNNING by a kill, or FAILED)
+continues from its last finished epoch in the same run (`train` with finetune.resume), or trains
+anew when its training state is gone; the rest is done.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pandas as pd
 
 from pipeline import tracking
 from pipeline.config import Config
+from pipeline.errors import ConfigError
 from pipeline.run import ensure_manifest, evaluate, manifest_hash, train
 from pipeline.run.cohort import TEST_LOG
 from pipeline.study.spec import Arm, Study
@@ -79,9 +82,9 @@ def run_study(study: Study, out: str | Path | None = None, progress: bool = True
     mhash = manifest_hash(manifest_dir)
     shash = study.hash(mhash)
     parent = _parent_run(study, shash, mhash)
-    trained = _trained_runs(base.experiment, shash)
+    trained, unfinished = _child_runs(base.experiment, shash)
     trials: dict[tuple[str, str], str] = {}
-    reused = 0
+    reused, resumed = 0, 0
     for i, (arm, lr) in enumerate(((a, lr) for a in study.arms for lr in study.lr_grid), start=1):
         key = (arm.key, lr_text(lr))
         if key in trained:
@@ -89,16 +92,30 @@ def run_study(study: Study, out: str | Path | None = None, progress: bool = True
             reused += 1
             log.info("[%d/%d] %s at lr %g: trained before (run %s), reused", i, n_runs, arm.key, lr, trained[key])
             continue
-        log.info("[%d/%d] training %s at lr %g", i, n_runs, arm.key, lr)
-        tags = {PARENT: parent, TAG_HASH: shash, TAG_NAME: study.name, TAG_ARM: arm.key, TAG_LR: lr_text(lr)}
-        run_id = train(_arm_config(study, arm, lr), progress, tags=tags)
+        cfg = _arm_config(study, arm, lr)
+        run_id = None
+        if key in unfinished:  # interrupted: continue it from its last finished epoch, in the same run
+            log.info("[%d/%d] resuming %s at lr %g (run %s)", i, n_runs, arm.key, lr, unfinished[key])
+            cfg.finetune.resume = unfinished[key]
+            try:
+                run_id = train(cfg, progress)
+                resumed += 1
+            except ConfigError as exc:  # its training state is gone, or it cannot be continued: train anew
+                log.warning(
+                    "run %s cannot be resumed (%s); training %s at lr %g anew", unfinished[key], exc, arm.key, lr
+                )
+                cfg.finetune.resume = None
+        if run_id is None:
+            log.info("[%d/%d] training %s at lr %g", i, n_runs, arm.key, lr)
+            tags = {PARENT: parent, TAG_HASH: shash, TAG_NAME: study.name, TAG_ARM: arm.key, TAG_LR: lr_text(lr)}
+            run_id = train(cfg, progress, tags=tags)
         tracking.set_run_tags(run_id, {TAG_TRAINED: "1"})
         trials[key] = run_id
     selected = [_select(study, arm, trials) for arm in study.arms]  # validation only: no test split opened yet
     best = recommended(selected)
     arms = [_evaluate(study, a, a is best, out_dir, manifest_dir, progress, uri) for a in selected]
     fairness = _fairness(study, arms, trials, manifest_dir, mhash)
-    return finish(study, arms, fairness, parent, shash, out_dir, uri, reused=reused)
+    return finish(study, arms, fairness, parent, shash, out_dir, uri, reused=reused, resumed=resumed)
 
 
 def _arm_config(study: Study, arm: Arm, lr: float) -> Config:
@@ -137,16 +154,31 @@ def _parent_run(study: Study, shash: str, mhash: str) -> str:
     return run_id
 
 
-def _trained_runs(experiment: str, shash: str) -> dict[tuple[str, str], str]:
-    """(arm key, lr) → the newest child run of this study hash whose training finished."""
+def _child_runs(experiment: str, shash: str) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
+    """This study hash's trainings: (arm key, lr) → the newest finished one, and → the newest interrupted one.
+
+    A run is finished when tagged study_trained, or FINISHED with its training metrics logged (the
+    study was stopped between the end of its training and the tag: the tag is set now); any other
+    run (RUNNING after a kill, FAILED) is interrupted and is resumed with `train --resume`.
+    """
     exp = tracking.experiment_id(experiment)
     if exp is None:
-        return {}
-    found = tracking.search_runs(exp, f"tags.{TAG_HASH} = '{shash}' and tags.{TAG_TRAINED} = '1'", max_results=5000)
-    out: dict[tuple[str, str], str] = {}
+        return {}, {}
+    found = tracking.search_runs(exp, f"tags.{TAG_HASH} = '{shash}'", max_results=5000)
+    trained: dict[tuple[str, str], str] = {}
+    unfinished: dict[tuple[str, str], str] = {}
     for r in found:  # newest first: the first seen of a key wins
-        out.setdefault((r["tags"].get(TAG_ARM, ""), r["tags"].get(TAG_LR, "")), str(r["run_id"]))
-    return out
+        if r["tags"].get("kind") == KIND:
+            continue
+        key, run_id = (r["tags"].get(TAG_ARM, ""), r["tags"].get(TAG_LR, "")), str(r["run_id"])
+        if r["tags"].get(TAG_TRAINED) != "1" and r["status"] == "FINISHED" and "epochs_run" in r["metrics"]:
+            tracking.set_run_tags(run_id, {TAG_TRAINED: "1"})
+            r["tags"][TAG_TRAINED] = "1"
+        if r["tags"].get(TAG_TRAINED) == "1":
+            trained.setdefault(key, run_id)
+        else:
+            unfinished.setdefault(key, run_id)
+    return trained, {k: v for k, v in unfinished.items() if k not in trained}
 
 
 def val_auroc_of(run: dict[str, Any]) -> float | None:
