@@ -24,7 +24,7 @@ from torch import nn
 from pipeline.cli import main
 from pipeline.ingest.splits import nested_subset
 from pipeline.study import load_study
-from pipeline.study.results import console_table, study_page
+from pipeline.study.results import console_table, forest_rows, learning_curves, study_page
 from pipeline.study.spec import BACKBONES
 
 BASE = """\
@@ -171,32 +171,46 @@ def test_transfusion_has_each_layers_imagenet_mean_and_std_but_not_its_values() 
 
 
 # --------------------------------------------------------------------------- the study page (constructed case)
-def test_negative_transfer_is_flagged_on_the_console_and_the_page() -> None:
-    row = {
-        "arm": "weights=imagenet seed=0", "label": "weights=imagenet", "lr": 0.001, "val_auroc": 0.6,
-        "val_auroc_by_lr": {"0.001": 0.6}, "test_auroc": 0.55, "test_auroc_ci_low": 0.4, "test_auroc_ci_high": 0.7,
-        "run_id": "r1", "reference_run_id": "r0", "report": "a.html", "negative_transfer": True,
-        "delta_auroc": {"diff": -0.3, "ci_low": -0.45, "ci_high": -0.15, "p": 0.0004, "method": "DeLong"},
-    }  # fmt: skip
+def test_negative_transfer_is_flagged_on_the_console_and_the_page_with_its_figures() -> None:
+    def row(fraction: float, patients: int, auroc: float, diff: float) -> dict:
+        label = f"weights=imagenet train_fraction={fraction:g}"
+        return {
+            "arm": label, "label": label,
+            "train_fraction": fraction, "n_train_patients": patients, "lr": 0.001, "val_auroc": 0.6,
+            "val_auroc_by_lr": {"0.001": 0.6}, "test_auroc": auroc, "test_auroc_ci_low": auroc - 0.1,
+            "test_auroc_ci_high": auroc + 0.1, "run_id": f"r{fraction}", "reference_run_id": "r0", "report": "a.html",
+            "negative_transfer": diff < -0.2,
+            "delta_auroc": {"diff": diff, "ci_low": diff - 0.15, "ci_high": diff + 0.15, "p": 0.0004,
+                            "method": "DeLong"},
+        }  # fmt: skip
+
     fairness = {"n_test_units": 10, "epochs_budget": [3], "same_test_units": True, "same_epochs_budget": True,
                 "manifest_hash": "m", "test_split_ids": ["t"], "test_units_sha256": ["t"],
-                "test_opened": {"r1": 1}}  # fmt: skip
+                "test_opened": {"r0.5": 1, "r1.0": 1}}  # fmt: skip
     result = {
         "study": {"name": "s", "lr_grid": [0.001]},
         "study_hash": "h",
         "mlflow_parent_run_id": "p",
         "fixed": "",
         "fairness": fairness,
-        "arms": [row],
+        "arms": [row(0.5, 7, 0.55, -0.3), row(1.0, 14, 0.8, 0.05)],
         "recommendation": {"line": "Recommended: weights=imagenet"},
-        "negative_transfer": ["weights=imagenet"],
+        "negative_transfer": ["weights=imagenet train_fraction=0.5"],
         "notes": [],
     }
     text = console_table(result)
-    assert "weights=imagenet  NEGATIVE TRANSFER" in text and "-0.300" in text and "<0.001" in text
+    assert "weights=imagenet train_fraction=0.5  NEGATIVE TRANSFER" in text and "-0.300" in text and "<0.001" in text
     page = study_page(result)
-    assert '<div class="note warn">Negative transfer: weights=imagenet ranks worse' in page
+    assert '<div class="note warn">Negative transfer: weights=imagenet train_fraction=0.5 ranks worse' in page
     assert "http://" not in page and "<script" not in page
+    curves = learning_curves(result)
+    assert list(curves) == ["weights=imagenet"] and [n for n, _ in curves["weights=imagenet"]] == [7.0, 14.0]
+    assert [p for _, p in curves["weights=imagenet"]] == [
+        pytest.approx((0.55, 0.45, 0.65)),
+        pytest.approx((0.8, 0.7, 0.9)),
+    ]
+    assert [label for label, _ in forest_rows(result)] == [r["label"] for r in result["arms"]]
+    assert page.count("data:image/png;base64,") == 2 and "against labelled training patients" in page
 
 
 # --------------------------------------------------------------------------- one tiny study end to end
@@ -320,6 +334,7 @@ def test_a_tiny_study_is_fair_and_recorded(study_run, tmp_path) -> None:
     assert [v.run_id for v in versions] == [result["recommendation"]["run_id"]]
     page = (study_run["out"] / "study.html").read_text()
     assert "http://" not in page and "<script" not in page and "Learning-rate selection" in page
+    assert page.count("data:image/png;base64,") == 1 and "red: CI below 0" in page  # the forest plot only
     text = page + json.dumps(result)
     assert not any(s in text for s in manifest["subject_id"]) and not any(i in text for i in manifest["image_id"])
 

@@ -19,7 +19,7 @@ from pipeline import __version__, tracking
 from pipeline.compare import compare_runs, format_p
 from pipeline.errors import DataError
 from pipeline.io import jsonable, write_text
-from pipeline.report.fmt import DASH, count, duration, note, num, para, section, table, with_ci
+from pipeline.report.fmt import DASH, count, duration, figures, note, num, para, section, table, with_ci
 from pipeline.report.page import render_page
 from pipeline.study.spec import Study
 
@@ -140,6 +140,7 @@ def _row(a: dict[str, Any]) -> dict[str, Any]:
         "images_per_s": sum(history) / len(history) if history else None,
         "epochs_budget": int(float(run["params"].get("finetune.epochs", "nan"))),
         "n_train": int(float(run["params"].get("n_train", "nan"))),
+        "n_train_patients": a.get("n_train_patients"),
         "test_evaluations": run["tags"].get("test_evaluations"),
         "delta_auroc": None,
         "negative_transfer": False,
@@ -215,10 +216,66 @@ def console_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def forest_rows(result: dict[str, Any]) -> list[tuple[str, tuple[float, float | None, float | None]]]:
+    """(arm label, (ΔAUROC, CI low, CI high)) of every arm compared with its reference."""
+    return [
+        (r["label"], (r["delta_auroc"]["diff"], r["delta_auroc"]["ci_low"], r["delta_auroc"]["ci_high"]))
+        for r in result["arms"]
+        if isinstance(r.get("delta_auroc"), dict)
+    ]
+
+
+def learning_curves(result: dict[str, Any]) -> dict[str, list[tuple[float, tuple[float, float | None, float | None]]]]:
+    """Series of (labelled training patients, (test AUROC, CI low, CI high)), one per arm label without its
+    train fraction; empty when the study has a single train fraction."""
+    if len({r["train_fraction"] for r in result["arms"]}) < 2:
+        return {}
+    series: dict[str, list[tuple[float, tuple[float, float | None, float | None]]]] = {}
+    for r in result["arms"]:
+        if r.get("test_auroc") is None or r.get("n_train_patients") is None:
+            continue
+        name = " ".join(p for p in r["label"].split() if not p.startswith("train_fraction=")) or "all arms"
+        point = (r["test_auroc"], r.get("test_auroc_ci_low"), r.get("test_auroc_ci_high"))
+        series.setdefault(name, []).append((float(r["n_train_patients"]), point))
+    return series
+
+
+def _png(fig: Any) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def study_figures(result: dict[str, Any]) -> dict[str, str]:
+    """The study's figures as base64 PNGs: forest.png (ΔAUROC per arm) and learning_curve.png, when they apply."""
+    from pipeline.evaluate import forest_figure, learning_curve_figure
+
+    out = {}
+    rows = forest_rows(result)
+    if rows:
+        out["forest.png"] = _png(forest_figure(rows))
+    curves = learning_curves(result)
+    if curves:
+        out["learning_curve.png"] = _png(learning_curve_figure(curves))
+    return out
+
+
 def study_page(result: dict[str, Any]) -> str:
     """The self-contained study report (the audit report's template and CSS)."""
     s, f = result["study"], result["fairness"]
     arms = result["arms"]
+    figs = study_figures(result)
+    shown: list[tuple[str, str | None]] = [
+        (name, caption)
+        for name, caption in (
+            ("forest.png", "ΔAUROC of each arm − its reference, 95% CI (clustered DeLong); red: CI below 0"),
+            ("learning_curve.png", "Test AUROC (95% CI) against labelled training patients (nested subsets)"),
+        )
+        if name in figs
+    ]
     summary = [note(result["recommendation"]["line"])]
     summary += [
         note(f"Negative transfer: {a} ranks worse than its from-scratch reference (ΔAUROC CI below 0).", "warn")
@@ -253,7 +310,7 @@ def study_page(result: dict[str, Any]) -> str:
     ]
     sections = [
         section("summary", "Summary", summary),
-        section("arms", "Arms", [arms_block, para(READING)]),
+        section("arms", "Arms", [arms_block, para(READING), figures(shown, figs) if shown else None]),
         section("lr", "Learning-rate selection (validation only)", [lr_block]),
         section("fairness", "What was held equal", [table(["check", "value"], fair_rows)]),
         section("runs", "MLflow runs", [table(["arm", "run", "reference run", "audit report"], runs_rows)]),

@@ -32,7 +32,7 @@ import pandas as pd
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.run import ensure_manifest, evaluate, manifest_hash, train
+from pipeline.run import ensure_manifest, evaluate, load_cohort, manifest_hash, train
 from pipeline.run.cohort import TEST_LOG
 from pipeline.study.spec import Arm, Study
 
@@ -112,6 +112,12 @@ def run_study(study: Study, out: str | Path | None = None, progress: bool = True
         tracking.set_run_tags(run_id, {TAG_TRAINED: "1"})
         trials[key] = run_id
     selected = [_select(study, arm, trials) for arm in study.arms]  # validation only: no test split opened yet
+    patients: dict[tuple[float, int], int] = {}
+    for a in selected:  # labelled training patients of each arm (its nested train fraction), for the learning curve
+        subset = (a["arm"].train_fraction, a["arm"].seed)
+        if subset not in patients:
+            patients[subset] = int(load_cohort(manifest_dir, *subset).split("train")["subject_id"].nunique())
+        a["n_train_patients"] = patients[subset]
     best = recommended(selected)
     arms = [_evaluate(study, a, a is best, out_dir, manifest_dir, progress, uri) for a in selected]
     fairness = _fairness(study, arms, trials, manifest_dir, mhash)
