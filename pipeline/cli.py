@@ -131,6 +131,10 @@ def _cmd_study(a: argparse.Namespace) -> int:
             ref = study.reference_of(arm)
             print(f"  {study.label(arm)}" + (f"   (reference: {study.label(ref)})" if ref else ""))
         return 0
+    if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"--out {a.out}: is a file; expected a folder for study.json, study.html and arms/")
     from pipeline.study.results import console_table
     from pipeline.study.runner import run_study
 

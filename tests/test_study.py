@@ -107,7 +107,11 @@ def test_arms_are_the_product_of_the_axes_and_each_has_its_reference(tmp_path, c
     assert (cfg.finetune.lr, cfg.model.weights, cfg.data.train_fraction) == (3e-3, "imagenet", 1.0)
     assert study.hash("m1") == load_study(tmp_path / "study.yaml").hash("m1") != study.hash("m2")
     assert main(["study", str(tmp_path / "study.yaml"), "--dry-run"]) == 0
-    assert "6 arms x 2 learning rates" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 arms x 2 learning rates" in out and "weights=transfusion seed=1   (reference: weights=none seed=1)" in out
+    (tmp_path / "afile").write_text("")
+    assert main(["study", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_the_example_study_file_loads() -> None:
