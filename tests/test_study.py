@@ -31,7 +31,7 @@ BASE = """\
 experiment: study-test
 data: {{source: {source}, labels: {labels}, manifest: manifest, key_file: key,
        split: {{val: 0.25, test: 0.35, seed: 0}}}}
-prepare: {{dims: 2d, preset: xray, size: [32, 32], cache_dir: cache}}
+prepare: {{dims: 2d, preset: xray, size: [32, 32], cache_dir: "{cache}"}}
 model: {{backbone: tf_efficientnet_lite0, weights: imagenet, in_channels: 1}}
 finetune: {{strategy: linear-probe, epochs: 3, batch_size: 16, device: cpu}}
 evaluate: {{bootstrap: 50, subgroups: [], calibration: temperature}}
@@ -41,7 +41,9 @@ tracking: {{uri: "sqlite:///{db}", register_as: study-tiny}}
 
 def write_study(root: Path, body: str, source: str = "cohort/archive", labels: str = "cohort/labels.csv") -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "base.yaml").write_text(BASE.format(source=source, labels=labels, db=root / "mlflow.db"))
+    (root / "base.yaml").write_text(
+        BASE.format(source=source, labels=labels, db=root / "mlflow.db", cache=root / "cache")
+    )
     path = root / "study.yaml"
     path.write_text(body)
     return path
