@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import fixed_key
+from test_report import CHROMIUM, screenshot
 from torch import nn
 
 from pipeline.cli import main
@@ -177,7 +178,9 @@ def test_transfusion_has_each_layers_imagenet_mean_and_std_but_not_its_values() 
 
 
 # --------------------------------------------------------------------------- the study page (constructed case)
-def test_negative_transfer_is_flagged_on_the_console_and_the_page_with_its_figures() -> None:
+def constructed_result() -> dict:
+    """A study result by hand: an ImageNet arm at two train fractions, the smaller one worse than scratch."""
+
     def row(fraction: float, patients: int, auroc: float, diff: float) -> dict:
         label = f"weights=imagenet train_fraction={fraction:g}"
         return {
@@ -193,7 +196,7 @@ def test_negative_transfer_is_flagged_on_the_console_and_the_page_with_its_figur
     fairness = {"n_test_units": 10, "epochs_budget": [3], "same_test_units": True, "same_epochs_budget": True,
                 "manifest_hash": "m", "test_split_ids": ["t"], "test_units_sha256": ["t"],
                 "test_opened": {"r0.5": 1, "r1.0": 1}}  # fmt: skip
-    result = {
+    return {
         "study": {"name": "s", "lr_grid": [0.001]},
         "study_hash": "h",
         "mlflow_parent_run_id": "p",
@@ -204,6 +207,10 @@ def test_negative_transfer_is_flagged_on_the_console_and_the_page_with_its_figur
         "negative_transfer": ["weights=imagenet train_fraction=0.5"],
         "notes": [],
     }
+
+
+def test_negative_transfer_is_flagged_on_the_console_and_the_page_with_its_figures() -> None:
+    result = constructed_result()
     text = console_table(result)
     assert "weights=imagenet train_fraction=0.5  NEGATIVE TRANSFER" in text and "-0.300" in text and "<0.001" in text
     page = study_page(result)
@@ -217,6 +224,20 @@ def test_negative_transfer_is_flagged_on_the_console_and_the_page_with_its_figur
     ]
     assert [label for label, _ in forest_rows(result)] == [r["label"] for r in result["arms"]]
     assert page.count("data:image/png;base64,") == 2 and "against labelled training patients" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI installs Debian `chromium`)")
+def test_the_study_page_renders_in_headless_chromium(tmp_path) -> None:
+    from PIL import Image
+
+    page = tmp_path / "study.html"
+    page.write_text(study_page(constructed_result()), encoding="utf-8")
+    for width in (1200, 390):
+        png = tmp_path / f"shot-{width}.png"
+        log = screenshot(page, png, width, 1800)
+        assert "Uncaught" not in log, log[-2000:]
+        img = Image.open(png).convert("RGB")
+        assert len(img.getcolors(maxcolors=1 << 20) or []) > 50, "too few colours: the figures did not render"
 
 
 # --------------------------------------------------------------------------- one tiny study end to end

@@ -173,7 +173,7 @@ def _delta(row: dict[str, Any]) -> tuple[str, str, str]:
     d = row.get("delta_auroc")
     if not isinstance(d, dict):
         return DASH, DASH, DASH
-    return f"{d['diff']:+.3f}", f"{d['ci_low']:+.3f} to {d['ci_high']:+.3f}", format_p(d["p"])
+    return f"{d['diff']:+.3f}", f"{d['ci_low']:+.3f}\u00a0to\u00a0{d['ci_high']:+.3f}", format_p(d["p"])  # no wrap
 
 
 HEAD = ["arm", "lr", "val AUROC", "test AUROC (95% CI)", "ECE", "Brier", "sens", "spec", "train",
