@@ -125,6 +125,30 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(a: argparse.Namespace) -> int:
+    from pipeline.study import load_study
+
+    study = load_study(a.study)  # the whole study file and every arm's config, before torch and mlflow load
+    if a.dry_run:
+        print(f"study {study.name}: {len(study.arms)} arms x {len(study.lr_grid)} learning rates {study.lr_grid}")
+        for arm in study.arms:
+            ref = study.reference_of(arm)
+            print(f"  {study.label(arm)}" + (f"   (reference: {study.label(ref)})" if ref else ""))
+        return 0
+    if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"--out {a.out}: is a file; expected a folder for study.json, study.html and arms/")
+    from pipeline.study.results import console_table
+    from pipeline.study.runner import run_study
+
+    result = run_study(study, a.out)
+    print(console_table(result))
+    files = result["files"]
+    print(f"  study: {files['html']} (JSON: {files['json']}); MLflow run {result['mlflow_parent_run_id']}")
+    return 0
+
+
 PATH_KEYS = ("data.source", "data.labels", "data.manifest", "data.key_file", "prepare.cache_dir", "model.weights_dir")
 
 
@@ -303,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("config", help="experiment YAML (see configs/), or a run's logged config.json")
     _add_set(sp)
     sp.add_argument("--report", help="report file (default medxfer-reports/<experiment>-<run>.html)")
+
+    sp = add(
+        "study",
+        _cmd_study,
+        "the transfer-learning experiment: arms over weights, strategy, backbone, prepare.dims, train_fraction and "
+        "seeds from one base config, one manifest and split, each arm's lr chosen on validation, test opened once "
+        "per arm, paired ΔAUROC against the reference arm; resumable (run the same command again)",
+    )
+    sp.add_argument("study", help="study YAML (see configs/study-cxr-demo.yaml)")
+    sp.add_argument("--out", help="folder for study.json, study.html and arms/ (default medxfer-reports/study-<name>)")
+    sp.add_argument("--dry-run", action="store_true", help="validate the study file and list its arms; train nothing")
 
     sp = add("score", _cmd_score, "score an archive with a registered model")
     sp.add_argument("source", help="archive folder")

@@ -40,6 +40,9 @@ class DataConfig:
     workers: int = 1
     max_voxels: int = MAX_VOXELS  # a file or image unit declaring more voxels is quarantined (too-large), unread
     strict: bool = True  # train/run: a quarantined file or conflicting label stops before training; false goes on
+    # share of the train split's patients used for training: a nested, label-stratified subset keyed by the
+    # pseudonymised subject id and finetune.seed (the 0.25 subset lies inside the 0.5 one); val and test stay whole
+    train_fraction: float = 1.0
 
 
 @dataclass
@@ -243,6 +246,8 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.split: val={split.val}, test={split.test}; each in [0, 1) with val + test < 1")
     if cfg.data.max_voxels < 1:
         problems.append(f"data.max_voxels: must be ≥ 1, got {cfg.data.max_voxels}")
+    if not 0 < cfg.data.train_fraction <= 1:
+        problems.append(f"data.train_fraction: must be in (0, 1], got {cfg.data.train_fraction}")
     if cfg.prepare.dims == "2d" and len(cfg.prepare.size) != 2:
         problems.append(f"prepare.size: 2d needs [H, W], got {cfg.prepare.size}")
     if cfg.prepare.reduce != "none" and cfg.prepare.dims != "2d":

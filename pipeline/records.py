@@ -85,7 +85,7 @@ class AdaptationSummary:
     """
 
     backbone: str
-    weights: str  # "imagenet", "none" or a path
+    weights: str  # "imagenet", "none", "transfusion" or a path
     weights_file: str | None  # resolved file actually loaded (None when from scratch)
     weights_sha256: str | None
     dims: str  # "2d" | "2.5d" | "3d"

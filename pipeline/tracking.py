@@ -448,3 +448,21 @@ def experiment_name(experiment_id: str) -> str | None:
         return MlflowClient().get_experiment(experiment_id).name
     except Exception:  # a report must not fail for want of a label
         return None
+
+
+def experiment_id(name: str) -> str | None:
+    """The id of the experiment called `name`, or None when the store has none by that name."""
+    found = mlflow.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else None
+
+
+def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
+    """Set tags on a run that need not be active (e.g. a study's child run after it ended)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
+    """The artifact paths of a run directly under `path` (files and folders)."""
+    return [f.path for f in MlflowClient().list_artifacts(run_id, path)]

@@ -17,6 +17,7 @@ from pipeline.adapt.registry import (
     sha256_file,
     weight_dirs,
 )
+from pipeline.adapt.transfusion import transfuse
 
 __all__ = [
     "BACKBONES",
@@ -42,6 +43,7 @@ __all__ = [
     "read_package",
     "resolve_weights",
     "sha256_file",
+    "transfuse",
     "weight_dirs",
     "write_package",
 ]

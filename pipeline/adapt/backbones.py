@@ -24,6 +24,8 @@ from pipeline.adapt.registry import (
     resolve_weights,
     sha256_file,
 )
+from pipeline.adapt.transfusion import WEIGHTS as TRANSFUSION
+from pipeline.adapt.transfusion import transfuse
 from pipeline.errors import ConfigError, DataError, did_you_mean
 from pipeline.records import AdaptationSummary
 
@@ -245,7 +247,9 @@ def build_model(
 
     Args:
         backbone: a name in `BACKBONES`.
-        weights: ``"imagenet"``, ``"none"`` (from scratch) or a state-dict file path.
+        weights: ``"imagenet"``, ``"none"`` (from scratch), ``"transfusion"`` (random weights with
+            each adapted ImageNet layer's mean and std, Raghu et al. 2019: `transfuse`) or a
+            state-dict file path.
         num_classes: outputs of the new head.
         in_channels: input channels (1 for a gray image; k adjacent slices for 2.5D).
         dims: ``"2d"``, ``"2.5d"`` (a 2D network over k slices as channels) or ``"3d"``.
@@ -291,6 +295,8 @@ def build_model(
     inflated = dims == "3d" and not slicewise
     if inflated:
         features = cast(Features, inflate_to_3d(features, inflation, depth_padding, keep_depth))
+    if str(weights) == TRANSFUSION:  # ImageNet statistics per layer, random values
+        transfuse(features)
     model = MedNet(features, num_features, num_classes, backbone)
     model.architecture = {
         "backbone": backbone,

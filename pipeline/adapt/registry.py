@@ -156,6 +156,7 @@ def resolve_weights(backbone: str, weights: str, weights_dir: str | Path | None 
     Args:
         backbone: a name in `BACKBONES`.
         weights: ``"imagenet"`` (searched: the bundled pip package, then `weight_dirs`),
+            ``"transfusion"`` (the same ImageNet file, whose per-layer statistics it draws from),
             ``"none"`` (random initialisation) or the path of a state-dict file.
         weights_dir: an extra directory searched first for ``"imagenet"``.
 
@@ -170,13 +171,16 @@ def resolve_weights(backbone: str, weights: str, weights_dir: str | Path | None 
     weights = str(weights)
     if weights == "none":
         return None
+    if weights == "transfusion":
+        weights = "imagenet"
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if path.is_file():
             return path
-        hint = did_you_mean(weights, ("imagenet", "none")) if "/" not in weights and "." not in weights else ""
+        named = "/" not in weights and "." not in weights
+        hint = did_you_mean(weights, ("imagenet", "none", "transfusion")) if named else ""
         raise WeightsNotFoundError(
-            f"model.weights: '{weights}' is not an existing file{hint}; give 'imagenet', "
+            f"model.weights: '{weights}' is not an existing file{hint}; give 'imagenet', 'transfusion', "
             f"'none' (train from scratch) or the path of a {backbone} state-dict file"
         )
     bundled = _bundled_file(spec.bundled)

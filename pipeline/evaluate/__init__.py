@@ -36,6 +36,8 @@ from pipeline.evaluate.metrics import (
 )
 from pipeline.evaluate.plots import (
     confusion_figure,
+    forest_figure,
+    learning_curve_figure,
     pr_figure,
     reliability_figure,
     roc_figure,
@@ -83,6 +85,8 @@ __all__ = [
     "discrimination",
     "ece",
     "evaluation_summary",
+    "forest_figure",
+    "learning_curve_figure",
     "make_calibrator",
     "mce",
     "metric_key",

@@ -187,3 +187,58 @@ def _square(ax: Axes, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+
+
+Interval = tuple[float, float | None, float | None]  # (point, CI low, CI high)
+
+
+def forest_figure(rows: Sequence[tuple[str, Interval]], xlabel: str = "ΔAUROC vs reference (95% CI)") -> Figure:
+    """A forest plot: one row per (label, (difference, CI low, CI high)), a line at 0; CIs below 0 in red.
+
+    An empty list gives a figure that says so.
+    """
+    fig = _figure(7.0, 0.9 + 0.45 * max(len(rows), 1))
+    ax = fig.add_subplot()
+    if not rows:
+        ax.text(0.5, 0.5, "no paired comparison", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    for i, (_, (point, low, high)) in enumerate(rows):
+        y = len(rows) - 1 - i
+        below = high is not None and high < 0
+        color = "#b03a2e" if below else "#0f6e7f"
+        if low is not None and high is not None:
+            ax.plot([low, high], [y, y], color=color, lw=2)
+        ax.plot([point], [y], "s", color=color, ms=6)
+    ax.axvline(0.0, color="#5b6b7b", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)], fontsize="small")
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def learning_curve_figure(series: Mapping[str, Sequence[tuple[float, Interval]]], ylabel: str = "test AUROC") -> Figure:
+    """Metric against labelled training patients: one line per series of (n patients, (value, CI low, CI high)).
+
+    CIs are drawn as error bars, each series nudged sideways by about 1%; an empty mapping gives a
+    figure that says so.
+    """
+    fig = _figure(6.0, 4.2)
+    ax = fig.add_subplot()
+    if not series:
+        ax.text(0.5, 0.5, "no learning curve (one train fraction)", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    for k, (name, points) in enumerate(series.items()):
+        pts = sorted(points)
+        dodge = 1 + 0.012 * (k - (len(series) - 1) / 2)  # series side by side, so their error bars stay apart
+        x = np.array([n for n, _ in pts], dtype=float) * dodge
+        y = np.array([v for _, (v, _, _) in pts], dtype=float)
+        lo = np.array([v - (low if low is not None else v) for _, (v, low, _) in pts], dtype=float)
+        hi = np.array([(high if high is not None else v) - v for _, (v, _, high) in pts], dtype=float)
+        ax.errorbar(x, y, yerr=np.vstack([lo, hi]), marker="o", ms=4, capsize=3, label=name)
+    ax.set_xlabel("labelled training patients")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig

@@ -15,6 +15,8 @@ an empty stratum this keeps every split within one patient of its target at ever
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
@@ -189,3 +191,32 @@ def history_warnings(previous: Mapping[str, str], why_not: str, current: Mapping
         return []
     what = f"; {moved} of {len(previous)} patient(s) of the previous manifest changed split" if previous else ""
     return [f"previous splits not kept ({why_not}): every patient was assigned afresh{what}"]
+
+
+def nested_subset(subject_labels: Mapping[str, Iterable[str]], fraction: float, seed: int) -> set[str]:
+    """The subjects of a nested, label-stratified subset holding `fraction` of each stratum.
+
+    Within each stratum (a subject's distinct labels, `stratum_of`) subjects are ordered by
+    sha256(seed, subject pseudonym) and the first ceil(fraction × stratum size) are kept (at least
+    one). The order does not depend on `fraction`, so for one seed the subset of a smaller fraction
+    lies inside that of a larger one (0.25 ⊂ 0.5 ⊂ 1.0), and the same inputs give the same subset.
+
+    Args:
+        subject_labels: subject pseudonym → the labels of its images.
+        fraction: in (0, 1]; 1 keeps every subject.
+        seed: another seed, another (equally nested) order.
+
+    Raises:
+        ConfigError: `fraction` outside (0, 1].
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"data.train_fraction: must be in (0, 1], got {fraction}")
+
+    def order(subject: str) -> str:
+        return hashlib.sha256(f"train-fraction:{int(seed)}:{subject}".encode()).hexdigest()
+
+    kept: set[str] = set()
+    for members in strata(subject_labels).values():
+        n = max(1, math.ceil(fraction * len(members) - 1e-9))
+        kept.update(sorted(members, key=order)[:n])
+    return kept

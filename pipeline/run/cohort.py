@@ -14,6 +14,7 @@ from pipeline.adapt import MedNet, build_model
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import ingest, load_manifest
+from pipeline.ingest.splits import nested_subset
 from pipeline.io import write_text
 from pipeline.prepare import PreparedDataset, build_augment
 from pipeline.records import AdaptationSummary, Cohort, PrepareSpec
@@ -32,12 +33,22 @@ def _sorted_classes(labels: pd.Series) -> list[str]:
         return values
 
 
-def load_cohort(manifest_dir: str | Path) -> Cohort:
-    """Labelled rows of a manifest; every split must hold both classes."""
+def load_cohort(manifest_dir: str | Path, train_fraction: float = 1.0, seed: int = 0) -> Cohort:
+    """Labelled rows of a manifest; every split must hold both classes.
+
+    With `train_fraction` < 1 only that share of the train split's patients is kept, a nested
+    subset stratified by label (`ingest.splits.nested_subset` of the pseudonymised subject ids and
+    `seed`); val and test are whole, so every fraction is tested on the same units.
+    """
     frame = load_manifest(manifest_dir)
     frame = frame[frame["label"].astype(str) != ""].reset_index(drop=True)
     if frame.empty:
         raise DataError(f"{manifest_dir}/manifest.parquet has no labelled images; check labels.csv patient_id values")
+    if train_fraction < 1:
+        train = frame[frame["split"] == "train"]
+        labels = train.groupby("subject_id")["label"].agg(lambda s: list(s.astype(str))).to_dict()
+        kept = nested_subset(labels, train_fraction, seed)
+        frame = frame[(frame["split"] != "train") | frame["subject_id"].isin(kept)].reset_index(drop=True)
     classes = _sorted_classes(frame["label"].astype(str))
     frame["label"] = frame["label"].astype(str)
     for split in ("train", "val"):

@@ -87,7 +87,7 @@ def evaluate(
             "evaluating: predicting val and test, calibrating on val, patient-bootstrap CIs on test "
             f"({cfg.evaluate.bootstrap} resamples), then packaging and registering the model"
         )
-    cohort = load_cohort(cfg.data.manifest)
+    cohort = load_cohort(cfg.data.manifest, cfg.data.train_fraction, cfg.finetune.seed)
     model, ckpt = _load_checkpoint(run_id)
     spec = spec_from_dict(ckpt["prepare"])
     data = make_datasets(cfg, cohort, spec, augment=False)

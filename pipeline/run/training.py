@@ -41,7 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("medxfer")
 
 
-def train(cfg: Config, progress: bool = True, step: Callable[[str], None] | None = None) -> str:
+def train(
+    cfg: Config,
+    progress: bool = True,
+    step: Callable[[str], None] | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
     """prepare + adapt + finetune; logs everything to MLflow and returns the run id.
 
     ``cfg.finetune.resume = RUN_ID`` (CLI ``train --resume RUN_ID``) continues an interrupted run:
@@ -49,7 +54,8 @@ def train(cfg: Config, progress: bool = True, step: Callable[[str], None] | None
     after every epoch, removed when training ends), and a metric history that goes on without
     repeating a step. Under ``torchrun --nproc-per-node N`` each process trains its shard of every
     global batch (DDP); rank 0 alone ingests, logs to MLflow and writes files; all return the run id.
-    `step` (see `run.demo.stepper`) announces the ingest and the training on the console.
+    `step` (see `run.demo.stepper`) announces the ingest and the training on the console. `tags`
+    are set on a new run when it starts (`medxfer study`: its parent run and arm), with the run's own.
 
     Raises:
         ConfigError: bad finetune options, or a run that cannot be resumed (unknown, finished,
@@ -70,7 +76,7 @@ def train(cfg: Config, progress: bool = True, step: Callable[[str], None] | None
         announce(f"using the manifest in {cfg.data.manifest} (no data.source)")
     manifest_dir = ensure_manifest(cfg, progress) if world.lead else Path(cfg.data.manifest)
     barrier(world)
-    cohort = load_cohort(manifest_dir)
+    cohort = load_cohort(manifest_dir, cfg.data.train_fraction, cfg.finetune.seed)
     torch.manual_seed(cfg.finetune.seed)  # the new head (and a from-scratch backbone) start from the seed
     model, summary = build_network(cfg, len(cohort.classes))
     spec = prepare_spec(cfg, summary)
@@ -79,7 +85,7 @@ def train(cfg: Config, progress: bool = True, step: Callable[[str], None] | None
     epochs = "" if f.strategy == "linear-probe" and f.head == "logistic" else f", up to {f.epochs} epochs"
     announce(f"training {cfg.model.backbone} ({f.strategy}{epochs}) on {len(data['train'])} training units")
     if world.lead:
-        run_id = _train_and_log(cfg, cohort, model, summary, spec, data, world)
+        run_id = _train_and_log(cfg, cohort, model, summary, spec, data, world, tags or {})
     else:
         run_id, resume = broadcast(None, world)
         _fit(cfg, cohort, model, summary, spec, data, world, run_id, resume)
@@ -162,7 +168,14 @@ def _check_resumable(cfg: Config) -> None:
 
 
 def _train_and_log(
-    cfg: Config, cohort: Cohort, model: MedNet, summary: AdaptationSummary, spec: PrepareSpec, data: dict, world: World
+    cfg: Config,
+    cohort: Cohort,
+    model: MedNet,
+    summary: AdaptationSummary,
+    spec: PrepareSpec,
+    data: dict,
+    world: World,
+    extra_tags: dict[str, str],
 ) -> str:
     """Rank 0's part of `train`: open (or reopen) the MLflow run, fit, log the results."""
     fresh = _first_logged(cfg)
@@ -173,6 +186,7 @@ def _train_and_log(
         "weights_sha256": summary.weights_sha256 or "none",
         "prepare_hash": spec.hash(),
         "stage": "train",
+        **extra_tags,
     }
     resume_id = cfg.finetune.resume
 
