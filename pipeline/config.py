@@ -97,7 +97,7 @@ class EarlyStoppingConfig:
 class FinetuneConfig:
     """`finetune`: strategy, optimisation, imbalance handling, device and resume: given to the finetune stage."""
 
-    strategy: Literal["linear-probe", "finetune", "partial", "gradual"] = "linear-probe"
+    strategy: Literal["linear-probe", "finetune", "partial", "gradual", "lp-ft"] = "linear-probe"
     epochs: int = 10
     batch_size: int = 32
     lr: float = 3.0e-4
@@ -119,6 +119,11 @@ class FinetuneConfig:
     logistic_c: float = 1.0  # head logistic: inverse L2 strength on standardised features
     unfreeze_every: int = 1  # gradual: epochs per phase (one more layer group unfreezes each phase)
     partial_freeze: int = 2  # partial: layer groups frozen from the stem (the stem counts as one)
+    # lp-ft (Kumar et al. 2022): a linear probe of lpft_probe_epochs epochs (the head alone, as strategy
+    # linear-probe trains it, at lpft_probe_lr; None: head_lr, else lr), then `epochs` epochs of full
+    # fine-tuning at `lr` (usually smaller) starting from the probed head
+    lpft_probe_epochs: int = 5
+    lpft_probe_lr: float | None = None
     compile: bool = False  # torch.compile the training model (PyTorch 2; first epoch pays the compile)
     resume: str | None = None  # MLflow run id of an interrupted run to continue (CLI: train --resume RUN_ID)
 

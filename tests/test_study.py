@@ -60,7 +60,7 @@ def write_study(root: Path, body: str, source: str = "cohort/archive", labels: s
             "'imagnet' is not one of ['imagenet', 'none', 'transfusion'] (did you mean 'imagenet'?)",
         ),
         ("base: base.yaml\naxes: {strategy: [finetun]}\n", "'finetun' is not a strategy (did you mean 'finetune'?)"),
-        ("base: base.yaml\naxes: {strategy: [lp-ft]}\n", "'lp-ft' (linear probe then full fine-tuning"),
+        ("base: base.yaml\naxes: {strategy: [lpft]}\n", "'lpft' is not a strategy (did you mean 'lp-ft'?)"),
         ("base: base.yaml\naxes: {backbone: [resnet19]}\n", "(did you mean 'resnet18'?)"),
         ("base: base.yaml\naxes: {prepare.dims: [2.5]}\n", "axes.prepare.dims: 2.5 is not one of ['2d', '2.5d', '3d']"),
         ("base: base.yaml\naxes: {train_fraction: [0, 0.5]}\n", "axes.train_fraction: 0: expected a share"),
@@ -80,8 +80,8 @@ def test_bad_study_files_exit_2_naming_the_problem(tmp_path, capsys, body, messa
     assert main(["study", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
-    if "lp-ft" in body:  # refused naming the strategies that exist
-        assert "the strategies that exist: ['linear-probe', 'finetune', 'partial', 'gradual']" in err
+    if "lpft" in body:  # refused naming the strategies that exist
+        assert "use one of ['linear-probe', 'finetune', 'partial', 'gradual', 'lp-ft']" in err
 
 
 def test_every_problem_is_listed_at_once_and_nothing_heavy_is_imported(tmp_path) -> None:

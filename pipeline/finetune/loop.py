@@ -138,6 +138,7 @@ def finetune(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     distributed: bool = True,
+    extra_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` with strategy finetune | partial | gradual | linear-probe (uncached).
 
@@ -156,10 +157,13 @@ def finetune(
         checkpoint: file for the training state, rewritten atomically after every epoch.
         resume: continue from `checkpoint` (same settings; bit-identical on CPU).
         distributed: False trains in this process alone even under torchrun.
+        extra_state: plain values saved with every checkpoint under ``extra`` (lp-ft: its phase).
 
     Raises:
         ConfigError: bad options, or a checkpoint that is missing or from other settings.
     """
+    if cfg.strategy == "lp-ft":
+        raise ConfigError("finetune.strategy: lp-ft runs two trainings; call pipeline.finetune.lp_ft, not finetune")
     world = init_distributed(cfg.device) if distributed else World(device=pick_device(cfg.device))
     check_options(cfg, world.size)
     every = unfreeze_every or cfg.unfreeze_every
@@ -190,7 +194,7 @@ def finetune(
         if on_epoch is not None:
             on_epoch(epoch, row)
         if checkpoint is not None and world.lead:  # after logging: a checkpointed epoch is a logged epoch
-            save_state(checkpoint, _pack(st, model, cfg, gen, rngs))
+            save_state(checkpoint, {**_pack(st, model, cfg, gen, rngs), "extra": extra_state or {}})
         if st.result.stopped_early:
             break
     model.load_state_dict(st.best_state)

@@ -29,6 +29,12 @@ def check_options(cfg: FinetuneConfig, world_size: int = 1, augment: bool = Fals
         ("unfreeze_every", cfg.unfreeze_every >= 1, "must be ≥ 1 epoch per gradual phase"),
         ("partial_freeze", cfg.partial_freeze >= 0, "must be ≥ 0 layer groups frozen from the stem"),
         ("logistic_c", cfg.logistic_c > 0, "must be > 0 (inverse L2 strength of the logistic head)"),
+        ("lpft_probe_epochs", cfg.lpft_probe_epochs >= 1, "must be ≥ 1 epoch of linear probe before fine-tuning"),
+        (
+            "lpft_probe_lr",
+            cfg.lpft_probe_lr is None or cfg.lpft_probe_lr > 0,
+            "must be > 0, or null (the probe then trains at head_lr, else lr)",
+        ),
     )
     for name, ok, rule in checks:
         if not ok:
@@ -56,6 +62,14 @@ def check_options(cfg: FinetuneConfig, world_size: int = 1, augment: bool = Fals
         )
     if problems:
         raise ConfigError("invalid finetune options:\n  - " + "\n  - ".join(problems))
+    probe_lr = cfg.lpft_probe_lr or cfg.head_lr or cfg.lr
+    if cfg.strategy == "lp-ft" and cfg.lr > probe_lr:
+        log.warning(
+            "finetune.lr: lp-ft fine-tunes at lr %g, above the probe's %g; Kumar et al. (2022) fine-tune at a "
+            "smaller learning rate than the probe so that the probed head is not undone (set lpft_probe_lr)",
+            cfg.lr,
+            probe_lr,
+        )
     if cfg.sampler == "weighted" and cfg.class_weights == "balanced":
         log.warning(
             "finetune.sampler: weighted already draws the classes in balance; with class_weights: balanced "

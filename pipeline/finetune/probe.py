@@ -90,10 +90,11 @@ def linear_probe(
     on_epoch: EpochHook | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    extra_state: dict | None = None,
 ) -> TrainResult:
     """Train only `model.head` on cached features (frozen backbone): seconds, not minutes.
 
-    Runs in this process on CPU (even under torchrun); `checkpoint` and `resume` as in `finetune`.
+    Runs in this process on CPU (even under torchrun); `checkpoint`, `resume` and `extra_state` as in `finetune`.
     """
     n_head = _freeze_all_but_head(model)
     train_ds = TensorDataset(*train_feats, torch.arange(len(train_feats[1])))
@@ -113,6 +114,7 @@ def linear_probe(
         checkpoint=checkpoint,
         resume=resume,
         distributed=False,
+        extra_state=extra_state,
     )
     result.model = model.cpu()
     result.trainable_by_phase = [n_head]

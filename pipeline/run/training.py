@@ -27,10 +27,12 @@ from pipeline.finetune import (
     init_distributed,
     linear_probe,
     logistic_head,
+    lp_ft,
     pick_device,
     shutdown,
 )
 from pipeline.finetune.distributed import barrier, broadcast
+from pipeline.finetune.probe import Features
 from pipeline.prepare import make_spec
 from pipeline.records import AdaptationSummary, Cohort, PrepareSpec, TrainResult
 from pipeline.run.cohort import build_network, ensure_manifest, load_cohort, make_datasets, manifest_hash
@@ -83,6 +85,8 @@ def train(
     data = make_datasets(cfg, cohort, spec, augment=True)
     f = cfg.finetune
     epochs = "" if f.strategy == "linear-probe" and f.head == "logistic" else f", up to {f.epochs} epochs"
+    if f.strategy == "lp-ft":
+        epochs = f", up to {f.lpft_probe_epochs} probe + {f.epochs} fine-tuning epochs"
     announce(f"training {cfg.model.backbone} ({f.strategy}{epochs}) on {len(data['train'])} training units")
     if world.lead:
         run_id = _train_and_log(cfg, cohort, model, summary, spec, data, world, tags or {})
@@ -286,32 +290,46 @@ def _fit(
         if world.lead and epoch >= done_steps:
             tracking.log_metrics(row, step=epoch + 1)  # epoch numbers from 1: console, MLflow steps, report
             log.info(
-                "epoch %3d/%d  train loss %.4f  val loss %.4f  val AUROC %.4f  (%.0f img/s)",
+                "epoch %3d/%d%s  train loss %.4f  val loss %.4f  val AUROC %.4f  (%.0f img/s)",
                 epoch + 1,
-                ft.epochs,
+                total_epochs,
+                _phase_text(row),
                 row["train_loss"],
                 row["val_loss"],
                 row["val_auroc"],
                 row["images_per_s"],
             )
 
+    total_epochs = ft.epochs + (ft.lpft_probe_epochs if ft.strategy == "lp-ft" else 0)
     ckpt = checkpoint_path(cohort.manifest_dir, run_id)
+    if ft.strategy == "lp-ft":
+        cached = not cfg.prepare.augment.enabled and world.size == 1  # the probe as linear-probe would run it
+
+        def on_phase(phase: str, first_epoch: int) -> None:
+            if world.lead:
+                log.info("lp-ft phase %s from epoch %d", phase, first_epoch + 1)
+
+        return lp_ft(
+            model,
+            layer_groups(model),
+            data["train"],
+            data["val"],
+            cohort.y(cohort.split("train")),
+            ft,
+            n_classes,
+            on_epoch,
+            on_phase,
+            checkpoint=ckpt,
+            resume=resume,
+            features=_features(cfg, cohort, model, spec, data) if cached else None,
+        )
     if ft.strategy == "linear-probe" and not cfg.prepare.augment.enabled:  # cached features: rank 0 alone
         if not world.lead:
             return None
-        device = pick_device(ft.device)
-        cache = Path(cfg.prepare.cache_dir or cohort.manifest_dir / "cache") / "features"
-        feats = {}
-        for name in ("train", "val"):
-            key = feature_cache_key(model.features, spec.hash(), data[name].shas)
-            feats[name] = extract_features(
-                model.features, data[name], device, ft.batch_size, cache / f"{key}.pt", desc=f"features ({name})"
-            )
+        feats = _features(cfg, cohort, model, spec, data)
         if ft.head == "logistic":
-            return logistic_head(model, feats["train"], feats["val"], ft, n_classes, on_epoch)
-        return linear_probe(
-            model, feats["train"], feats["val"], ft, n_classes, on_epoch, checkpoint=ckpt, resume=resume
-        )
+            return logistic_head(model, *feats, ft, n_classes, on_epoch)
+        return linear_probe(model, *feats, ft, n_classes, on_epoch, checkpoint=ckpt, resume=resume)
     return finetune(
         model,
         layer_groups(model),
@@ -324,6 +342,33 @@ def _fit(
         checkpoint=ckpt,
         resume=resume,
     )
+
+
+def _phase_text(row: dict[str, float]) -> str:
+    """' (probe)' / ' (fine-tune)' for an lp-ft epoch, else nothing."""
+    if "lpft_phase" not in row:
+        return ""
+    return " (probe)" if row["lpft_phase"] == 0 else " (fine-tune)"
+
+
+def _features(cfg: Config, cohort: Cohort, model: MedNet, spec: PrepareSpec, data: dict) -> tuple[Features, Features]:
+    """(train, val) pooled features of the frozen backbone, from the feature cache or computed once into it."""
+    device = pick_device(cfg.finetune.device)
+    cache = Path(cfg.prepare.cache_dir or cohort.manifest_dir / "cache") / "features"
+    out = []
+    for name in ("train", "val"):
+        key = feature_cache_key(model.features, spec.hash(), data[name].shas)
+        out.append(
+            extract_features(
+                model.features,
+                data[name],
+                device,
+                cfg.finetune.batch_size,
+                cache / f"{key}.pt",
+                desc=f"features ({name})",
+            )
+        )
+    return out[0], out[1]
 
 
 CHECKPOINT_TAG = "checkpoint_sha256"  # run tag: the sha256 of each file of the run's checkpoint package

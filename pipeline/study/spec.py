@@ -39,8 +39,6 @@ AXES = ("weights", "strategy", "backbone", "prepare.dims", "train_fraction", "se
 WEIGHTS = ("imagenet", "none", "transfusion")
 STRATEGIES: tuple[str, ...] = typing.get_args(typing.get_type_hints(FinetuneConfig)["strategy"])
 DIMS: tuple[str, ...] = typing.get_args(typing.get_type_hints(PrepareConfig)["dims"])
-# strategies the study design names that pipeline/finetune does not implement yet (refused by name)
-PLANNED = {"lp-ft": "linear probe then full fine-tuning from that head (Kumar et al. 2022)"}
 # the backbones of pipeline.adapt.registry.BACKBONES, named here so a study file is checked before torch
 # loads (tests/test_study.py checks the two lists are the same)
 BACKBONES = (
@@ -281,12 +279,7 @@ def _value(axis: str, value: Any, problems: list[str]) -> Any:
     where = f"axes.{axis}: {value!r}"
     choices = {"weights": WEIGHTS, "backbone": BACKBONES, "prepare.dims": DIMS}
     if axis == "strategy":
-        if value in PLANNED:
-            problems.append(
-                f"{where} ({PLANNED[value]}) is not implemented in pipeline/finetune yet; "
-                f"the strategies that exist: {list(STRATEGIES)}"
-            )
-        elif value not in STRATEGIES:
+        if value not in STRATEGIES:
             problems.append(
                 f"{where} is not a strategy{did_you_mean(str(value), STRATEGIES)}; use one of {list(STRATEGIES)}"
             )
