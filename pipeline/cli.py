@@ -179,6 +179,10 @@ def _overrides(pairs: Sequence[str] | None) -> dict:
 
 
 def _cmd_score(a: argparse.Namespace) -> int:
+    if a.prevalence is not None:  # checked before torch and MLflow load
+        from pipeline.stats import check_prevalence
+
+        check_prevalence(a.prevalence)
     from pipeline.score import score
 
     out = score(
@@ -192,11 +196,18 @@ def _cmd_score(a: argparse.Namespace) -> int:
         batch_size=a.batch_size,
         adapt_bn=a.adapt_bn,
         key_file=a.key_file,
+        prevalence=a.prevalence,
     )
     print(f"scored {out['n_ok']} units, {out['n_failed']} failures → {a.out} (summary: {out['metrics_file']})")
     if out["n_failed"]:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(out["failed_by_reason"].items()))
         print(f"  failures by reason: {reasons}; what each is about: {out['failures_file']}")
+    if out.get("prior_shift"):
+        ps = out["prior_shift"]
+        print(
+            f"  prior shift: probabilities moved from the training prevalence {ps['train_prevalence']:.3f} to the "
+            f"stated {ps['prevalence']:.3f} (assumed, not measured); decisions at the frozen threshold on them"
+        )
     if out.get("external_validation") is not None:
         print(_external_line(out["external_validation"]))
     if out["n_ok"] == 0:
@@ -220,6 +231,8 @@ def _external_line(ev: dict) -> str:
         f"  external validation on {ev['n']} labelled units: AUROC {ev['auroc']:.3f} ({ci}), "
         f"ECE {ev['ece']:.3f}, Brier {ev['brier']:.3f}"
     )
+    if ev.get("ece_unadjusted") is not None:
+        line += f" (prior-shifted; unadjusted ECE {ev['ece_unadjusted']:.3f}, Brier {ev['brier_unadjusted']:.3f})"
     op = ev.get("at_operating_point") or {}
     if op.get("sensitivity") is not None and op.get("specificity") is not None:
         line += f"; at its frozen threshold sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
@@ -360,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-estimate BatchNorm statistics on this archive before scoring (AdaBN)",
     )
     sp.add_argument("--key-file", help="pseudonym key (default $MEDXFER_KEY_FILE or ~/.medxfer/pseudonym.key)")
+    sp.add_argument(
+        "--prevalence",
+        type=float,
+        metavar="P",
+        help="binary models: the positive share this site expects, in (0, 1); probabilities are moved from the "
+        "training prevalence to it (an assumption; AUROC unchanged) and prob_unadjusted keeps the model's own",
+    )
     return p
 
 

@@ -281,6 +281,8 @@ class Packaged:
         fingerprint: SHA-256 (hex) of the weights (`pipeline.io.state_sha256`).
         version: the registry version when `uri` names one (``"3"``), else ``"sha256:<12 hex>"``.
         modalities: DICOM modality codes the model accepts (``meta["modalities"]``, else the preset's).
+        train_prevalence: binary models: the train split's share of positive patients
+            (``meta["prevalence_train"]``, recorded at packaging since lp-ft's release), else None.
     """
 
     model: nn.Module
@@ -293,6 +295,7 @@ class Packaged:
     fingerprint: str
     version: str
     modalities: set[str]
+    train_prevalence: float | None = None
 
     @property
     def prob_columns(self) -> list[str]:

@@ -179,3 +179,39 @@ def _columns(p: np.ndarray, xs: list[list[float]], ys: list[list[float]]) -> lis
     if len(xs) != len(cols) or len(ys) != len(cols):
         raise ValueError(f"{len(xs)} isotonic maps for {p.shape[1]} classes (binary: 1, else one per class)")
     return list(zip(cols, xs, ys, strict=True))
+
+
+def check_prevalence(value: Any, name: str = "--prevalence") -> float:
+    """A stated prevalence of the positive class: a number strictly between 0 and 1.
+
+    Raises:
+        ConfigError: anything else (0 and 1 leave no room for the other class).
+    """
+    from pipeline.errors import ConfigError
+
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
+    if not ok:
+        raise ConfigError(
+            f"{name} {value!r}: the expected prevalence of the positive class must be strictly between 0 and 1 "
+            "(e.g. 0.375 for 3 positives in 8). Fix: give the share of positive cases the site expects"
+        )
+    return float(value)
+
+
+def prior_shift(prob: Any, train_prevalence: float, prevalence: float) -> np.ndarray:
+    """P(class 1 | x) moved from the training prior π to a stated prior π' (Saerens et al. 2002).
+
+    p' = p·π'/π / (p·π'/π + (1 − p)·(1 − π')/(1 − π)): Bayes' rule with the class-conditional
+    densities unchanged and only the priors replaced. Monotone in p, so rankings (AUROC) do not
+    change; calibration-in-the-large does. NaN stays NaN; p = 0 and p = 1 stay where they are.
+
+    Args:
+        prob: P(class 1) as the model gives it, any shape.
+        train_prevalence: π, the positive share the probabilities were fitted to, in (0, 1).
+        prevalence: π', the positive share expected where the model is used, in (0, 1).
+    """
+    p = np.asarray(prob, dtype=np.float64)
+    pos = p * (prevalence / train_prevalence)
+    neg = (1.0 - p) * ((1.0 - prevalence) / (1.0 - train_prevalence))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pos / (pos + neg)

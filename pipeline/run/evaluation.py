@@ -197,6 +197,9 @@ def _evaluate_and_log(
         "adaptation": ckpt["adaptation"],
         "train_run_id": run_id,
     }
+    prevalence = cohort.prevalence()  # binary: the train split's positive share, π of `score --prevalence`
+    if "train" in prevalence:
+        meta["prevalence_train"] = prevalence["train"]
     packaged = CalibratedNet(model, calibration)  # the evaluated calibration, whatever it is
     meta["modalities"] = sorted(set(cohort.split("train")["modality"].astype(str)) - {""})
     if train_data is not None:  # intensity and embedding statistics for score's domain-shift check

@@ -29,9 +29,10 @@ from pipeline.records import Packaged
 from pipeline.score.adabn import archive_bn_state
 from pipeline.score.engines import Engine, EngineOptions, get_engine
 from pipeline.score.external import external_metrics
-from pipeline.score.packaged import load_packaged
+from pipeline.score.packaged import load_packaged, prior_of
 from pipeline.score.plan import ChunkWriter, Plan, make_plan
 from pipeline.score.table import assemble, summarise, write_table
+from pipeline.stats import check_prevalence
 
 log = logging.getLogger("medxfer")
 
@@ -51,6 +52,7 @@ def score(
     adapt_bn: bool = False,
     key_file: str | Path | None = None,
     progress: bool = True,
+    prevalence: float | None = None,
 ) -> dict[str, Any]:
     """Score every image unit of a DICOM/NIfTI archive with a packaged model; resumable.
 
@@ -79,17 +81,25 @@ def score(
         workers: DataLoader processes (local) or actors (ray; 0 = one per GPU, else per CPU).
         adapt_bn: re-estimate BatchNorm statistics on this archive (AdaBN) before scoring.
         key_file: pseudonym key (as for ingest). progress: show progress bars.
+        prevalence: the positive share the site expects (binary models): ``prob`` becomes the
+            prior-shifted probability (`pipeline.stats.prior_shift` from the model's training
+            prevalence), ``decision`` the frozen threshold applied to it, and ``prob_unadjusted``
+            keeps the model's own. Discrimination does not change; calibration-in-the-large does.
 
     Returns:
         {"n_ok", "n_failed", "out", "metrics_file", "n_chunks", "chunks_reused", "adapt_bn",
         "domain_shift", "model_version", "engine", "seconds"}.
 
     Raises:
-        ConfigError: an unknown engine or a bad number. TrackingError, DataError: see `load_packaged`.
+        ConfigError: an unknown engine or a bad number; `prevalence` outside (0, 1) or on a model with
+            more than two classes. TrackingError, DataError: see `load_packaged`; a `prevalence` for a
+            model packaged without its training prevalence.
         DataError: the disk of `out` is full. BusyError: another process is scoring into `out`.
     """
     t0 = time.perf_counter()
     run_engine = _check_args(engine, batch_size, chunk_size, workers)
+    if prevalence is not None:
+        prevalence = check_prevalence(prevalence)
     out = Path(out).expanduser().resolve()
     work = Path(f"{out}.work")
     model_uri = _absolute_model_uri(model_uri)
@@ -97,6 +107,7 @@ def score(
     tracking_uri = _absolute_uri(tracking.connect(tracking_uri, existing=from_store))
     tracking.check_registered(model_uri)
     pkg = load_packaged(model_uri)  # a bad model fails before anything is created beside `out`
+    prior = prior_of(pkg, prevalence) if prevalence is not None else None
     with exclusive(work / LOCK_NAME, f"score output {out}"):
         try:
             plan = make_plan(pkg, source, labels, work, key_file, workers, adapt_bn, chunk_size, progress)
@@ -119,7 +130,7 @@ def score(
                     task = bar.add_task("score", total=sum(writer.sizes.values()))
                     sink = writer.sink(lambda n: bar.advance(task, n))
                     run_engine(pkg, plan.units, writer.batches(batch_size), sink, options)
-            result = _finish(pkg, plan, out, engine, adabn, labels is not None)
+            result = _finish(pkg, plan, out, engine, adabn, labels is not None, prior)
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -139,11 +150,13 @@ def _kept(work: Path, out: Path) -> str:
     )
 
 
-def _finish(pkg: Packaged, plan: Plan, out: Path, engine: str, adabn: dict | None, labelled: bool) -> dict:
+def _finish(
+    pkg: Packaged, plan: Plan, out: Path, engine: str, adabn: dict | None, labelled: bool, prior: dict | None = None
+) -> dict:
     """Assemble the chunks and failure rows into `out` and write `<out>.metrics.json`."""
-    table, stats = assemble(plan.folder, plan.n_chunks, plan.failures, pkg)
+    table, stats = assemble(plan.folder, plan.n_chunks, plan.failures, pkg, prior)
     reused = plan.n_chunks - len(plan.pending)
-    summary = summarise(pkg, table, stats, adabn, engine, plan.n_chunks, reused)
+    summary = summarise(pkg, table, stats, adabn, engine, plan.n_chunks, reused, prior)
     write_table(table, out, summary)
     if labelled:
         summary["external_validation"] = external_metrics(table, plan.frame, pkg)
@@ -166,6 +179,7 @@ def _finish(pkg: Packaged, plan: Plan, out: Path, engine: str, adabn: dict | Non
         "failed_by_reason": summary["failed_by_reason"],
         "failures_file": failures_file,
         "external_validation": summary.get("external_validation"),
+        "prior_shift": prior,
     }
 
 

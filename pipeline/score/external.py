@@ -18,8 +18,9 @@ def external_metrics(
 ) -> dict[str, Any]:
     """AUROC (patient-bootstrap 95% CI), ECE, Brier of the scored units whose label is a model class.
 
-    Probabilities are the model's calibrated ones (its packaged calibration); sensitivity and
-    specificity use the threshold the output table's decisions use.
+    Probabilities are the table's ``prob`` (the model's calibrated ones, prior-shifted under
+    ``score --prevalence``, which adds ``ece_unadjusted`` and ``brier_unadjusted`` of
+    ``prob_unadjusted``); sensitivity and specificity use the threshold the table's decisions use.
 
     Args:
         table: the output table of `score`. frame: the archive's manifest (``image_id``, ``label``).
@@ -50,6 +51,10 @@ def external_metrics(
         out["notes"].append("no scored unit has a label among the model's classes: no metrics")
         return out
     out.update(ece=ece(probs, y), brier=brier(probs, y))
+    if "prob_unadjusted" in ok:  # score --prevalence: `prob` is prior-shifted; the model's own as well
+        raw = ok.loc[known, "prob_unadjusted"].to_numpy(dtype=np.float64)
+        raw2 = np.column_stack([1.0 - raw, raw])
+        out.update(ece_unadjusted=ece(raw2, y), brier_unadjusted=brier(raw2, y))
     try:
         point, low, high = bootstrap_ci(
             "auroc",

@@ -9,7 +9,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.adapt.package import parse_record, read_package
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.io import state_sha256
 from pipeline.prepare import CT_WINDOWS, PRESET_MODALITIES, spec_from_dict
 from pipeline.records import Packaged
@@ -74,7 +74,44 @@ def packaged(model: torch.nn.Module, meta: dict[str, Any], uri: str) -> Packaged
         fingerprint=fingerprint,
         version=_version(uri, fingerprint),
         modalities={str(m) for m in meta.get("modalities") or default},
+        train_prevalence=_prevalence(meta.get("prevalence_train")),
     )
+
+
+def _prevalence(value: Any) -> float | None:
+    """The recorded training prevalence when it is a number in (0, 1), else None."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
+    return float(value) if ok else None
+
+
+def prior_of(pkg: Packaged, prevalence: float) -> dict[str, Any]:
+    """What `score --prevalence` needs of the model: the recorded training prevalence, binary models only.
+
+    Returns:
+        {"train_prevalence", "prevalence", "method", "decisions"} for ``<out>.metrics.json``.
+
+    Raises:
+        ConfigError: a model with more than two classes.
+        DataError: a model packaged without its training prevalence.
+    """
+    if len(pkg.classes) != 2:
+        raise ConfigError(
+            f"--prevalence: prior-shift recalibration is for binary models; {pkg.uri} has "
+            f"{len(pkg.classes)} classes {pkg.classes}. Fix: score without --prevalence"
+        )
+    if pkg.train_prevalence is None:
+        raise DataError(
+            f"--prevalence: model {pkg.uri} records no training prevalence (metadata prevalence_train; "
+            "packaged by an older medxfer), so its prior cannot be shifted. Fix: evaluate its training run "
+            "again (medxfer evaluate CONFIG --run RUN_ID) to repackage it, or score without --prevalence"
+        )
+    return {
+        "train_prevalence": pkg.train_prevalence,
+        "prevalence": prevalence,
+        "positive_class": pkg.classes[1],
+        "method": "prior shift (Saerens, Latinne & Decaestecker 2002): p' ∝ p·π'/π",
+        "decisions": "the frozen threshold applied to the adjusted probability",
+    }
 
 
 def _version(uri: str, fingerprint: str) -> str:

@@ -15,6 +15,7 @@ from pipeline.evaluate import DomainStats, compare_domain
 from pipeline.io import jsonable, write_bytes
 from pipeline.records import Packaged
 from pipeline.score.plan import part_name, result_row
+from pipeline.stats import prior_shift
 
 COLUMNS_HEAD = ("image_id", "subject_id", "modality")
 COLUMNS_TAIL = ("decision", "status", "reason", "detail", "source_ref", "model_uri", "model_version")
@@ -42,14 +43,25 @@ def decisions(probs: np.ndarray, classes: list[str], threshold: float | None) ->
     return np.asarray(classes, dtype=object)[pick]
 
 
-def assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) -> tuple[pd.DataFrame, DomainStats]:
-    """The final table (chunks in order, then failure rows; output columns) and the merged domain statistics."""
+def assemble(
+    folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged, prior: dict[str, Any] | None = None
+) -> tuple[pd.DataFrame, DomainStats]:
+    """The final table (chunks in order, then failure rows; output columns) and the merged domain statistics.
+
+    With `prior` (`score.packaged.prior_of`, binary models), ``prob`` is the prior-shifted P(class 1),
+    ``decision`` the frozen threshold applied to it, and ``prob_unadjusted`` the model's own probability.
+    """
     parts = [pd.read_parquet(folder / part_name(c)) for c in range(n_chunks)]
     stats = DomainStats()
     for c in range(n_chunks):
         stats.merge(DomainStats.load(folder / part_name(c).replace(".parquet", ".stats.npz")))
     frame = pd.concat([*parts, pd.DataFrame(failures, columns=list(result_row(len(pkg.classes))))], ignore_index=True)
     probs = frame[[f"p{i}" for i in range(len(pkg.classes))]].to_numpy(dtype=np.float64)
+    extra: list[str] = []
+    if prior is not None:
+        frame["prob_unadjusted"], extra = probs[:, 1], ["prob_unadjusted"]
+        shifted = prior_shift(probs[:, 1], prior["train_prevalence"], prior["prevalence"])
+        probs = np.column_stack([1.0 - shifted, shifted])
     ok = (frame["status"] == "ok").to_numpy()
     frame["decision"] = np.where(ok, decisions(probs, pkg.classes, pkg.threshold), "")
     named = (
@@ -60,7 +72,7 @@ def assemble(folder: Path, n_chunks: int, failures: list[dict], pkg: Packaged) -
     for name, values in named.items():
         frame[name] = values
     frame["model_uri"], frame["model_version"] = pkg.uri, pkg.version
-    return frame[[*COLUMNS_HEAD, *pkg.prob_columns, *COLUMNS_TAIL]], stats
+    return frame[[*COLUMNS_HEAD, *pkg.prob_columns, *extra, *COLUMNS_TAIL]], stats
 
 
 def write_table(table: pd.DataFrame, out: Path, summary: dict[str, Any]) -> None:
@@ -74,7 +86,14 @@ def write_table(table: pd.DataFrame, out: Path, summary: dict[str, Any]) -> None
 
 
 def summarise(
-    pkg: Packaged, table: pd.DataFrame, stats: DomainStats, adabn: dict | None, engine: str, n_chunks: int, reused: int
+    pkg: Packaged,
+    table: pd.DataFrame,
+    stats: DomainStats,
+    adabn: dict | None,
+    engine: str,
+    n_chunks: int,
+    reused: int,
+    prior: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run summary of ``<out>.metrics.json``: model, counts, AdaBN, domain-shift check, archive stats."""
     reasons = table.loc[table["status"] != "ok", "reason"].value_counts().sort_index()
@@ -95,6 +114,7 @@ def summarise(
         "adapt_bn": None
         if adabn is None
         else {"applied": True, "n_images": adabn["n_images"], "n_layers": adabn["n_layers"]},
+        "prior_shift": prior,
         "domain_shift": compare_domain(pkg.reference, archive),
         "archive_stats": archive,
     }
