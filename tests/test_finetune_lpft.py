@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -175,3 +176,61 @@ def test_a_study_accepts_lp_ft_arms(tmp_path, capsys):
     assert study.configs[study.arms[1].key][1e-3].finetune.strategy == "lp-ft"
     assert main(["study", str(path), "--dry-run"]) == 0
     assert "strategy=lp-ft" in capsys.readouterr().out
+
+
+# --- through `train` / `medxfer train --resume` with a real manifest and MLflow -------------------
+
+
+@pytest.mark.slow  # trains a scratch EfficientNet-Lite0 at 32 px three times (~60-90 s on 2 shared cores)
+def test_train_lp_ft_logs_both_phases_and_resumes_in_the_fine_tuning(tmp_path, monkeypatch, capsys):
+    import yaml
+    from conftest import disc_cohort
+    from test_finetune_resume import _epoch_history, _state_dict
+
+    from pipeline import tracking
+    from pipeline.config import load_config
+    from pipeline.run import checkpoint_path, train
+
+    ft = {
+        "strategy": "lp-ft",
+        "lpft_probe_epochs": 2,
+        "lpft_probe_lr": 1e-2,
+        "epochs": 2,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "device": "cpu",
+        "early_stopping": {"metric": "val_loss", "patience": 9},
+    }
+    raw = disc_cohort(tmp_path, "lpft-resume", ft, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    reference = train(load_config(path), progress=False)
+    run = tracking.get_run(reference)
+    assert [m for m in run["history"]["lpft_phase"]] == [0.0, 0.0, 1.0, 1.0]
+    head = run["history"]["trainable_params"]
+    assert head[0] == head[1] < head[2] == head[3]  # the head alone, then every layer
+    summary = json.loads((tracking.download_artifacts(reference, "training_summary.json", tmp_path)).read_text())
+    assert summary["trainable_by_phase"] == [head[0], head[2]]
+
+    logged = tracking.log_metrics
+
+    def log_then_die(metrics, step=None):  # epoch 4 (the second fine-tuning one) is logged, never checkpointed
+        logged(metrics, step=step)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.run.tracking.log_metrics", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(path), progress=False)
+    monkeypatch.setattr("pipeline.run.tracking.log_metrics", logged)
+    run_id = next(r for r in tracking.search_runs(run["experiment_id"]) if r["run_id"] != reference)["run_id"]
+    assert load_state(checkpoint_path(tmp_path / "manifest", run_id))["extra"]["lpft"]["phase"] == "finetune"
+    assert main(["-q", "train", str(path), "--resume", run_id]) == 0
+    assert capsys.readouterr().out.strip() == run_id
+    history, expected = _epoch_history(run_id), _epoch_history(reference)
+    for key, (steps, values) in history.items():
+        assert steps == [1, 2, 3, 4], key  # each epoch exactly once
+        if key != "epoch_seconds":
+            assert values == expected[key][1], key
+    for key, value in _state_dict(reference).items():
+        assert torch.equal(value, _state_dict(run_id)[key]), key
