@@ -234,3 +234,22 @@ def test_train_lp_ft_logs_both_phases_and_resumes_in_the_fine_tuning(tmp_path, m
             assert values == expected[key][1], key
     for key, value in _state_dict(reference).items():
         assert torch.equal(value, _state_dict(run_id)[key]), key
+
+
+def test_the_model_card_names_both_phases():
+    from pipeline.report.facts import Facts
+    from pipeline.report.sections import model_section
+
+    ft = {"strategy": "lp-ft", "lpft_probe_epochs": 4, "lpft_probe_lr": None, "head_lr": 0.01, "lr": 0.001}
+    adaptation = {"total_params": 3372994}
+    facts = Facts(config={"finetune": ft}, adaptation=adaptation, training={"trainable_by_phase": [1282, 3372994]})
+    card = json.dumps(model_section(facts), ensure_ascii=False)
+    assert "up to 4 epochs of the head alone at lr 0.01, then every layer from that head at lr 0.001" in card
+    assert "Trainable parameters per phase" in card and "100.0%" in card
+    from pipeline.report.sections import training_section
+
+    trained = Facts(config={"finetune": {**ft, "epochs": 10}}, metrics={"epochs_run": 14}, training={"history": {}})
+    assert '"4 probe + 10 / 14"' in json.dumps(training_section(trained))
+    linear = {**ft, "strategy": "linear-probe"}
+    probe = json.dumps(model_section(Facts(config={"finetune": linear}, adaptation=adaptation)))
+    assert "lp-ft probe" not in probe

@@ -212,6 +212,7 @@ def model_section(f: Facts) -> dict[str, Any]:
         ("Parameters", f"{count(a.get('total_params'))} in total"),
         ("BatchNorm", None if f.setting("finetune.strategy") == "linear-probe" else f.setting("finetune.bn")),
         ("Strategy", f.setting("finetune.strategy")),
+        ("lp-ft probe", _lpft_probe(f) if f.setting("finetune.strategy") == "lp-ft" else None),
     ]
     blocks: list[dict[str, Any]] = [kv(rows)]
     phases = t.get("trainable_by_phase") or []
@@ -238,6 +239,22 @@ def model_section(f: Facts) -> dict[str, Any]:
             )
         )
     return section("model", "Model card", blocks)
+
+
+def _configured_epochs(f: Facts) -> str:
+    """`finetune.epochs`, with lp-ft's probe epochs in front ('3 probe + 10')."""
+    epochs = f.setting("finetune.epochs", DASH)
+    if f.setting("finetune.strategy") == "lp-ft":
+        return f"{f.setting('finetune.lpft_probe_epochs', DASH)} probe + {epochs}"
+    return str(epochs)
+
+
+def _lpft_probe(f: Facts) -> str:
+    """'3 epochs of the head alone at lr 0.01, then every layer at lr 0.001' (lp-ft's two phases)."""
+    lr = f.setting("finetune.lr", DASH)
+    probe_lr = f.setting("finetune.lpft_probe_lr") or f.setting("finetune.head_lr") or lr
+    epochs = f.setting("finetune.lpft_probe_epochs", DASH)
+    return f"up to {epochs} epochs of the head alone at lr {probe_lr}, then every layer from that head at lr {lr}"
 
 
 def _inflation(a: dict[str, Any]) -> str:
@@ -269,7 +286,7 @@ def training_section(f: Facts) -> dict[str, Any]:
     stopped = "stopped early" if as_float(m.get("stopped_early")) else "ran all epochs"
     es = "finetune.early_stopping"
     rows = [
-        ("Epochs (configured / run)", f"{f.setting('finetune.epochs', DASH)} / {count(m.get('epochs_run'))}"),
+        ("Epochs (configured / run)", f"{_configured_epochs(f)} / {count(m.get('epochs_run'))}"),
         ("Best epoch (of the evaluated model, numbered from 1)", count(best) if best is not None else None),
         ("Best validation AUROC", num(max(val), 3) if val else None),
         (
