@@ -21,12 +21,15 @@ def group_of(name: str, groups: Groups) -> int:
     return best
 
 
-STRATEGIES = ("linear-probe", "finetune", "partial", "gradual")
+STRATEGIES = ("linear-probe", "finetune", "partial", "gradual", "lp-ft")
 
 
 def trainable_group_indices(strategy: str, n_groups: int, *, phase: int = 0, partial_freeze: int = 2) -> set[int]:
     """Which groups train: linear-probe → head; finetune → all; partial → all but the first N;
-    gradual → the head plus one more group (from the top) per phase."""
+    gradual → the head plus one more group (from the top) per phase; lp-ft → the head in its probe
+    phase (0), all groups after (`pipeline.finetune.lp_ft` runs the two phases)."""
+    if strategy == "lp-ft":
+        strategy = "linear-probe" if phase == 0 else "finetune"
     if strategy == "linear-probe":
         return {n_groups - 1}
     if strategy == "finetune":
