@@ -325,6 +325,7 @@ def test_a_tiny_study_is_fair_and_recorded(study_run, tmp_path) -> None:
             val[float(lr_key)] = run["history"]["val_auroc"][int(run["metrics"]["best_epoch"]) - 1]
         assert row["lr"] == max(val, key=val.get) and row["val_auroc"] == pytest.approx(max(val.values()))
         assert runs[row["run_id"]]["tags"]["study_role"] == "arm"
+        assert row["probe_epochs"] == 0  # linear-probe arms: no lp-ft probe before the budget
     # only the selected runs were evaluated, each exactly once; the others never opened the test split
     selected = {row["run_id"] for row in result["arms"]}
     for r in children:

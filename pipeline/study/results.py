@@ -139,6 +139,10 @@ def _row(a: dict[str, Any]) -> dict[str, Any]:
         "report": a["report"].name,
         "images_per_s": sum(history) / len(history) if history else None,
         "epochs_budget": int(float(run["params"].get("finetune.epochs", "nan"))),
+        # lp-ft: head-only probe epochs trained before the shared budget (Kumar et al.'s protocol)
+        "probe_epochs": int(float(run["params"].get("finetune.lpft_probe_epochs", "0")))
+        if run["params"].get("finetune.strategy") == "lp-ft"
+        else 0,
         "n_train": int(float(run["params"].get("n_train", "nan"))),
         "n_train_patients": a.get("n_train_patients"),
         "test_evaluations": run["tags"].get("test_evaluations"),
