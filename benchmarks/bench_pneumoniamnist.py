@@ -76,8 +76,6 @@ def write_study(
     (folder / "base.yaml").write_text(base)
     axes = {"weights": weights, "strategy": strategies, "seeds": args.seeds}
     body = f"name: {name}\nbase: base.yaml\naxes: {json.dumps(axes)}\nlr_grid: {json.dumps(args.lr_grid)}\n"
-    if "none" not in weights:
-        body += "reference: {}\n"
     (folder / "study.yaml").write_text(body)
     return folder / "study.yaml"
 
