@@ -83,6 +83,7 @@ def test_the_archive_is_a_dicom_export_with_the_official_val_split_and_a_stratif
 def test_a_study_on_real_chest_x_rays_runs_fair_and_transfer_is_far_above_chance(real_study, tmp_path) -> None:
     from pipeline import tracking
     from pipeline.ingest import load_manifest
+    from pipeline.ingest.pseudonym import load_or_create_key, pseudonym
 
     root, archive, result = real_study["root"], real_study["archive"], real_study["result"]
     assert {r["weights"] for r in result["arms"]} == {"imagenet", "none", "transfusion"}
@@ -91,9 +92,12 @@ def test_a_study_on_real_chest_x_rays_runs_fair_and_transfer_is_far_above_chance
     assert report["split_source"] == "labels.csv"
     manifest = load_manifest(root / "manifest")
     per_split = manifest.groupby("split")["subject_id"].nunique().to_dict()
-    assert (
-        per_split == {name: len(ids) for name, ids in archive.splits.items()} == {"train": 280, "val": 100, "test": 120}
-    )
+    expected = {name: len(ids) for name, ids in archive.splits.items()}
+    assert per_split == expected == {"train": 280, "val": 100, "test": 120}
+    key, _ = load_or_create_key(root / "key")  # by identity: each split's subjects are its labels.csv patients
+    for name, ids in archive.splits.items():
+        got = set(manifest.loc[manifest["split"] == name, "subject_id"])
+        assert got == {pseudonym(key, "subject", pid) for pid in ids}, name
     # every arm evaluated on the same test units: the manifest's test split
     test_ids = set(manifest.loc[manifest["split"] == "test", "image_id"])
     tracking.connect(f"sqlite:///{root / 'mlflow.db'}", existing=True)
