@@ -91,6 +91,21 @@ def run_study(path: Path, out: Path) -> tuple[dict[str, Any], float]:
     return json.loads((out / "study.json").read_text()), seconds
 
 
+def compare_with_main(main_result: dict[str, Any], result: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Paired ΔAUROC (clustered DeLong) of each arm against the main study's ImageNet arm of its strategy."""
+    from pipeline.cli import main
+
+    out = {}
+    for row in result["arms"]:
+        ref = next(r for r in main_result["arms"] if r["weights"] == "imagenet" and r["strategy"] == row["strategy"])
+        folder = work / f"compare-{ref['run_id'][:8]}-{row['run_id'][:8]}"
+        uri = f"sqlite:///{work}/mlflow.db"
+        code = main(["-q", "compare", ref["run_id"], row["run_id"], "--tracking-uri", uri, "--out", str(folder)])
+        if code == 0:
+            out[row["run_id"]] = json.loads((folder / "comparison.json").read_text())["pairs"][0]["auroc"]
+    return out
+
+
 def _ci(row: dict[str, Any]) -> str:
     return f"{row['test_auroc']:.3f} ({row['test_auroc_ci_low']:.3f}–{row['test_auroc_ci_high']:.3f})"
 
@@ -103,17 +118,18 @@ def _delta(row: dict[str, Any]) -> str:
     return f"{d['diff']:+.3f} ({d['ci_low']:+.3f} to {d['ci_high']:+.3f}), p={d['p']:.3g}{flag}"
 
 
-def table(rows: list[dict[str, Any]], extra: str = "") -> list[str]:
+def table(rows: list[dict[str, Any]], vs: dict[str, Any] | None = None) -> list[str]:
+    against = "ΔAUROC vs scratch (95% CI)" if vs is None else "ΔAUROC vs class_weights none, uniform sampler (95% CI)"
     lines = [
-        f"| arm{extra} | lr | val AUROC | test AUROC (95% CI) | ECE | Brier | sens | spec | epochs | train s | "
-        "ΔAUROC vs scratch (95% CI) |",
+        f"| arm | lr | val AUROC | test AUROC (95% CI) | ECE | Brier | sens | spec | epochs | train s | {against} |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['lr']:g} | {r['val_auroc']:.3f} | {_ci(r)} | {r['test_ece']:.3f} | "
             f"{r['test_brier']:.3f} | {r['test_sensitivity']:.3f} | {r['test_specificity']:.3f} | "
-            f"{int(r['epochs_run'])}/{int(r['epochs_budget'])} | {r['train_seconds']:.0f} | {_delta(r)} |"
+            f"{int(r['epochs_run'])}/{int(r['epochs_budget'])} | {r['train_seconds']:.0f} | "
+            f"{_delta(r) if vs is None else _delta({'delta_auroc': vs.get(r['run_id'])})} |"
         )
     return lines
 
@@ -129,7 +145,9 @@ def report(results: dict[str, Any], command: str) -> str:
         "",
         f"    {command}",
         "",
-        f"What ran: {results['what_ran']} Wall time: {results['total_seconds'] / 60:.1f} min on {results['machine']}.",
+        f"What ran: {results['what_ran']} Time: {results['total_seconds'] / 60:.1f} min in all ("
+        + ", ".join(f"study {k} {v / 60:.1f} min" for k, v in results["study_seconds"].items())
+        + f"; each study's first run: a rerun reuses its trainings) on {results['machine']}.",
         "",
         "Data: PneumoniaMNIST (MedMNIST v2, Yang et al. 2023, from Kermany et al. 2018; CC BY 4.0), 28×28 grey "
         "paediatric chest radiographs, written as one 8-bit MONOCHROME2 DX DICOM file per image (each image "
@@ -160,10 +178,11 @@ def report(results: dict[str, Any], command: str) -> str:
         lines += [
             f"## Class imbalance: {name} ({IMBALANCE[name]})",
             "",
-            "The ImageNet arms again, on the same manifest (so the same test units), compare with the "
-            "`weights=imagenet` rows above (class_weights none, uniform sampler).",
+            "The ImageNet arms again, on the same manifest (so the same test units); ΔAUROC: this arm − the "
+            "main study's `weights=imagenet` arm of the same strategy (class_weights none, uniform sampler), "
+            "paired by `medxfer compare` (patient-clustered DeLong).",
             "",
-            *table(res["arms"]),
+            *table(res["arms"], res.get("vs_main", {})),
             "",
         ]
     lines += [
@@ -204,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 1
     work = args.work.resolve()
-    t0 = time.perf_counter()
     if not (work / "cohort" / "labels.csv").is_file():
         archive = write_archive(work / "cohort", test_fraction=0.2, seed=0)
         counts = {k: len(v) for k, v in archive.splits.items()}
@@ -223,12 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     ]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch threads {_threads()}"
     command = ("nice .venv/bin/python benchmarks/bench_pneumoniamnist.py " + " ".join(argv or sys.argv[1:])).strip()
+    previous: dict[str, float] = {}
+    if args.out.with_suffix(".json").is_file():
+        previous = json.loads(args.out.with_suffix(".json").read_text()).get("study_seconds", {})
     for name, weights, cw, sampler in plan:  # the report is rewritten after each study: a cut-short run keeps its part
         strategies = args.strategies if name == "main" else args.imbalance_strategies
         path = write_study(work, name, args, weights, cw, sampler, strategies)
         studies[name], seconds[name] = run_study(path, work / f"out-{name}")
+        n_trainings = len(studies[name]["arms"]) * len(args.lr_grid)
+        if studies[name].get("reused_trainings") == n_trainings and name in previous:  # a rerun: keep the real cost
+            seconds[name] = previous[name]
+        if name != "main":
+            studies[name]["vs_main"] = compare_with_main(studies["main"], studies[name], work)
         print(f"study {name}: {seconds[name]:.0f} s", file=sys.stderr)
-        total = time.perf_counter() - t0
+        total = sum(seconds.values())
         done = [n for n in args.imbalance if n in studies]
         n_arms = sum(len(s["arms"]) for s in studies.values())
         what = (
