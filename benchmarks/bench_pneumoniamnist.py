@@ -161,7 +161,7 @@ def report(results: dict[str, Any], command: str) -> str:
         f"{fair['same_test_units']}; epoch budget {fair['epochs_budget']}; lr grid {fair['lr_grid']} selected on "
         f"{fair['lr_selected_on']}.",
         "",
-        "## Arms (tf_efficientnet_lite0, 64 px, class_weights none, uniform sampler)",
+        f"## Arms (tf_efficientnet_lite0, {results.get('size', 64)} px, class_weights none, uniform sampler)",
         "",
         *table(main_result["arms"]),
         "",
@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "published_medmnist_v2_official_test": [{"model": m, "auc": a, "acc": c} for m, a, c in PUBLISHED],
             "studies": studies,
             "command": command,
+            "size": args.size,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
