@@ -302,27 +302,6 @@ def _fit(
 
     total_epochs = ft.epochs + (ft.lpft_probe_epochs if ft.strategy == "lp-ft" else 0)
     ckpt = checkpoint_path(cohort.manifest_dir, run_id)
-    if ft.strategy == "lp-ft":
-        cached = not cfg.prepare.augment.enabled and world.size == 1  # the probe as linear-probe would run it
-
-        def on_phase(phase: str, first_epoch: int) -> None:
-            if world.lead:
-                log.info("lp-ft phase %s from epoch %d", phase, first_epoch + 1)
-
-        return lp_ft(
-            model,
-            layer_groups(model),
-            data["train"],
-            data["val"],
-            cohort.y(cohort.split("train")),
-            ft,
-            n_classes,
-            on_epoch,
-            on_phase,
-            checkpoint=ckpt,
-            resume=resume,
-            features=_features(cfg, cohort, model, spec, data) if cached else None,
-        )
     if ft.strategy == "linear-probe" and not cfg.prepare.augment.enabled:  # cached features: rank 0 alone
         if not world.lead:
             return None
@@ -330,18 +309,18 @@ def _fit(
         if ft.head == "logistic":
             return logistic_head(model, *feats, ft, n_classes, on_epoch)
         return linear_probe(model, *feats, ft, n_classes, on_epoch, checkpoint=ckpt, resume=resume)
-    return finetune(
-        model,
-        layer_groups(model),
-        data["train"],
-        data["val"],
-        cohort.y(cohort.split("train")),
-        ft,
-        n_classes,
-        on_epoch,
-        checkpoint=ckpt,
-        resume=resume,
-    )
+    y_train = cohort.y(cohort.split("train"))
+    loop_args = (model, layer_groups(model), data["train"], data["val"], y_train, ft, n_classes, on_epoch)
+    if ft.strategy == "lp-ft":
+        cached = not cfg.prepare.augment.enabled and world.size == 1  # the probe as linear-probe would run it
+
+        def on_phase(phase: str, first_epoch: int) -> None:
+            if world.lead:
+                log.info("lp-ft phase %s from epoch %d", phase, first_epoch + 1)
+
+        features = _features(cfg, cohort, model, spec, data) if cached else None
+        return lp_ft(*loop_args, on_phase, checkpoint=ckpt, resume=resume, features=features)
+    return finetune(*loop_args, checkpoint=ckpt, resume=resume)
 
 
 def _phase_text(row: dict[str, float]) -> str:
